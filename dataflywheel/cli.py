@@ -1,0 +1,112 @@
+"""``dataflywheel`` command line. User mistakes exit 2 with one line on stderr, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import UserError
+from .stats import ReconcileError
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .pipelines.job import run_job
+
+    cfg = load_config(args.config)
+    if args.engine:
+        cfg.runner.engine = args.engine
+    if args.workers:
+        cfg.runner.workers = args.workers
+        if cfg.runner.mode == "in_process" and args.workers > 1:
+            cfg.runner.mode = "multi_processing"
+    if args.engine == "dataflow" and cfg.runner.dataflow is None:
+        raise UserError(f"{args.config}: --engine dataflow needs a 'runner.dataflow' section")
+    if args.dry_run:
+        if cfg.runner.engine != "dataflow" or cfg.runner.dataflow is None:
+            raise UserError("--dry-run builds a Dataflow job graph: use it with runner engine dataflow")
+        cfg.runner.dataflow.dry_run = True
+    reports = []
+    for job in cfg.jobs:
+        print(f"== job {job.name}: {cfg.runner.engine} engine", flush=True)
+        report = run_job(job, cfg.runner)
+        reports.append(report)
+        if report.outputs.get("dry_run"):
+            print("dry run: the Dataflow job graph was built and validated; nothing was submitted")
+            continue
+        print(report.table())
+        path = report.save(Path(job.output.path) / "_report.json")
+        print(f"kept rows in {job.output.path}; report {path}", flush=True)
+    if cfg.report:
+        import json
+
+        Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.report).write_text(json.dumps([r.to_dict() for r in reports], indent=2, default=str))
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    names = ", ".join(f"{j.name} ({len(j.stages)} stages)" for j in cfg.jobs)
+    print(f"{args.config}: ok: engine {cfg.runner.engine}; jobs: {names}")
+    return 0
+
+
+def _stages(args: argparse.Namespace) -> int:
+    from .registry import load_builtins
+
+    for name, cls in sorted(load_builtins().items()):
+        doc = (cls.__doc__ or "").strip().splitlines()
+        kinds = "+".join(k for k, base in (("score", "Scorer"), ("filter", "Filter"), ("global", "GlobalStep"))
+                         if any(b.__name__ == base for b in cls.__mro__))
+        print(f"{name:<14} {kinds:<13} {doc[0] if doc else ''}")
+        if args.verbose:
+            for field, info in cls.Config.model_fields.items():
+                print(f"    {field}: {info.annotation!s} = {info.default!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dataflywheel", description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log Beam and library messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a pipeline config (read -> stages -> write) and print its report")
+    run.add_argument("config", help="YAML config file")
+    run.add_argument("--engine", choices=["local", "plain", "dataflow", "portable"], help="override runner.engine")
+    run.add_argument("--workers", type=int, help="local workers (> 1 uses multi_processing unless mode is set)")
+    run.add_argument("--dry-run", action="store_true", help="Dataflow: build and validate the job graph only")
+    run.set_defaults(func=_run)
+
+    val = sub.add_parser("validate", help="check a config file without running it")
+    val.add_argument("config")
+    val.set_defaults(func=_validate)
+
+    stages = sub.add_parser("stages", help="list the registered stages")
+    stages.add_argument("-v", "--verbose", action="store_true", help="show each stage's options")
+    stages.set_defaults(func=_stages)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"dataflywheel: error: {err}", file=sys.stderr)
+        return 2
+    except ReconcileError as err:
+        print(f"dataflywheel: run failed: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dataflywheel: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Curation stages: each module registers its stages (see registry.BUILTIN_MODULES)."""

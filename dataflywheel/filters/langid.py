@@ -1,0 +1,47 @@
+"""Language ID with fastText lid.176 (REFERENCES §1.3, §2.2): score, then decide.
+
+Scores ``lang_<code>`` for the top-k labels and sets ``lang``; the filter keeps rows whose top
+language is allowed with a score >= ``min_score`` (0.65: datatrove's LanguageFilter default and
+FineWeb's setting).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from ..models.lid import load_lid, predict_languages
+from ..registry import register
+from ..stages import Filter, Scorer, StageConfig
+from .text import row_text
+
+
+class LangIdConfig(StageConfig):
+    languages: list[str] = []  # ISO 639 codes to keep; empty keeps every language (score only)
+    min_score: float = Field(0.65, ge=0.0, le=1.0)  # datatrove LanguageFilter / FineWeb
+    top_k: int = Field(1, ge=1)
+    model_path: str | None = None  # lid.176.bin or GlotLID; default: lid.176.ftz from its wheel
+    batch_size: int = 512
+
+
+@register("langid")
+class LangId(Scorer, Filter):
+    Config = LangIdConfig
+
+    def setup(self) -> None:
+        self.model = load_lid(self.config.model_path)
+
+    def score(self, rows: list[dict]) -> list[dict]:
+        labels = predict_languages(self.model, [row_text(r) for r in rows], k=self.config.top_k)
+        out = []
+        for row, preds in zip(rows, labels):
+            scores = {**(row.get("scores") or {}), **{f"lang_{lang}": round(p, 4) for lang, p in preds}}
+            lang, score = preds[0] if preds else ("und", 0.0)
+            out.append({**row, "lang": lang, "scores": {**scores, "lang_score": round(score, 4)}})
+        return out
+
+    def keep(self, row: dict) -> tuple[bool, str | None]:
+        if self.config.languages and row["lang"] not in self.config.languages:
+            return False, "language"
+        if row["scores"]["lang_score"] < self.config.min_score:
+            return False, "language_score"
+        return True, None

@@ -1,0 +1,25 @@
+"""The text a stage looks at, for each record kind."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+_SPACE = re.compile(r"\s+")
+
+
+def row_text(row: dict) -> str:
+    """Document text; for chats, the message contents joined (prompt and responses alike)."""
+    if "text" in row:
+        return row["text"] or ""
+    if "messages" in row:
+        return "\n".join(m.get("content", "") for m in row["messages"])
+    if "chosen" in row:
+        msgs = list(row.get("prompt") or []) + list(row["chosen"]) + list(row.get("rejected") or [])
+        return "\n".join(m.get("content", "") for m in msgs)
+    return ""
+
+
+def normalize_for_hash(text: str) -> str:
+    """NFKC, lowercase, whitespace collapsed: copies that differ only in case or spacing collide."""
+    return _SPACE.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip()

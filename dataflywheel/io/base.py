@@ -1,0 +1,50 @@
+"""What every reader yields: a record dict, or a DeadLetter saying where and why a record was lost."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Union
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A record (or a whole file, ``records`` > 1) that could not be read or processed.
+
+    Exactly the fields a person needs to find the bad input: the file, the 1-based line, the byte
+    offset or the row number, a stable reason code and a human detail.
+    """
+
+    source: str
+    reason: str
+    detail: str = ""
+    line: int | None = None
+    offset: int | None = None
+    row: int | None = None
+    records: int = 1  # how many input records this report covers (file-level errors cover many)
+    stage: str = "read"
+    snippet: str | None = None  # first bytes of the bad record, for eyeballing (never the whole)
+
+    def to_row(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def where(self) -> str:
+        loc = self.source
+        for name in ("line", "row", "offset"):
+            value = getattr(self, name)
+            if value is not None:
+                loc += f":{name} {value}"
+        return loc
+
+    def __str__(self) -> str:
+        return f"{self.where()}: {self.reason}" + (f": {self.detail}" if self.detail else "")
+
+
+Item = Union[dict, DeadLetter]
+Items = Iterator[Item]
+
+
+def snippet(raw: bytes | str, limit: int = 120) -> str:
+    """A short printable prefix of a bad record for the dead-letter output."""
+    if isinstance(raw, bytes):
+        raw = raw[:limit].decode("utf-8", errors="backslashreplace")
+    return raw[:limit]
