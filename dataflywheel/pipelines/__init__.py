@@ -1,0 +1,1 @@
+"""Beam graphs that compose readers, stages and writers (plus the plain-loop engine)."""

@@ -1,0 +1,1 @@
+"""SFT data selection (IFD, InsTag, embedding diversity, Deita): lands with its issue."""

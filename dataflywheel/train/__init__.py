@@ -1,0 +1,1 @@
+"""Training stage (SFT with packing, RM, DPO, GRPO): lands with its issue."""
