@@ -33,6 +33,7 @@ class StageConfig(BaseModel):
 
     name: str | None = None  # instance name in reports; defaults to the registered stage name
     batch_size: int = 256  # rows per call of score(); Beam batches are capped at this
+    gpu: bool = False  # Dataflow: run this stage on accelerator workers (resource hint)
 
 
 class Stage:

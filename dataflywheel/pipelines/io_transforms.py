@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -54,10 +55,13 @@ class ReadFilesDoFn(beam.DoFn):
 
     def setup(self) -> None:
         ns = counter_name(self.stage)
-        self.rows_in, self.kept, self.dead = (Metrics.counter(ns, n) for n in ("in", "kept", "dead_letter"))
+        self.rows_in, self.kept, self.dead, self.busy_ms = (
+            Metrics.counter(ns, n) for n in ("in", "kept", "dead_letter", "busy_ms"))
 
     def process(self, path: str):
+        start = time.perf_counter()
         for what, batch, n in read_batches(path, self.fmt, self.kind, self.batch_rows, self.options):
+            self.busy_ms.inc(int((time.perf_counter() - start) * 1000))
             self.rows_in.inc(n)
             if what == "rows":
                 self.kept.inc(n)
@@ -65,6 +69,7 @@ class ReadFilesDoFn(beam.DoFn):
             else:
                 self.dead.inc(n)
                 yield beam.pvalue.TaggedOutput("dead_letter", batch)
+            start = time.perf_counter()  # time spent downstream of the yield is not ours
 
 
 class ReadFiles(beam.PTransform):
@@ -101,17 +106,17 @@ class _WriteBundleDoFn(beam.DoFn):
 
     def finish_bundle(self):
         if self.writer is not None:
-            shards = [(str(p), n) for p, n in self.writer.close()]
-            yield WindowedValue(shards, MIN_TIMESTAMP, [GlobalWindow()])
+            for shard in self.writer.close():
+                yield WindowedValue(shard, MIN_TIMESTAMP, [GlobalWindow()])
 
 
-def finalize_shards(out_dir: str, fmt: str, committed: list[list[tuple[str, int]]]) -> dict[str, Any]:
+def finalize_shards(out_dir: str, fmt: str, committed: list[tuple[str, int]]) -> dict[str, Any]:
     """Rename committed hidden shards to their final names, drop stale ones, write _SUCCESS last."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     success = out / SUCCESS
     success.unlink(missing_ok=True)  # the folder is incomplete from here until the new marker
-    shards = sorted(s for bundle in committed for s in bundle)
+    shards = sorted((str(path), int(n)) for path, n in committed)
     ext = extension(fmt)
     for old in out.glob(f"part-*{ext}"):
         old.unlink()

@@ -73,7 +73,7 @@ def _run_beam(job: JobConfig, stages: list[Stage], files: list[str], runner: Run
     read = p | "Read" >> ReadFiles(files, job.input.format, job.input.kind, job.input.batch_rows, job.input.options, READ)
     current, rejected, dead = read[KEPT], [], [read[DEAD]]
     for stage in stages:
-        outs = current | ApplyStage(stage, accelerator=accel if getattr(stage.config, "gpu", False) else None)
+        outs = current | ApplyStage(stage, accelerator=accel if stage.config.gpu else None)
         current = outs[KEPT]
         rejected.append(outs[REJECTED])
         dead.append(outs[DEAD])
@@ -116,8 +116,8 @@ class _Sinks:
         for which, d in self.dirs.items():
             if which == "rejected" and not self.job.output.write_rejected:
                 continue
-            shards = [(str(p), n) for p, n in self.writers[which].close()] if which in self.writers else []
-            finalize_shards(d, output_format(self.job, which), [shards])
+            shards = self.writers[which].close() if which in self.writers else []
+            finalize_shards(d, output_format(self.job, which), shards)
 
 
 def _run_plain(job: JobConfig, stages: list[Stage], files: list[str]) -> list[StageReport]:

@@ -1,0 +1,75 @@
+"""The CLI as a user meets it: --help, one-line errors with exit 2, and the demo config end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "dataflywheel.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_commands():
+    out = cli("--help")
+    assert out.returncode == 0 and "run" in out.stdout and "validate" in out.stdout
+    assert cli("run", "--help").returncode == 0
+
+
+def test_user_errors_are_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("input: {paths: x.jsonl}\nstages: [{stage: nope}]\noutput: {path: o}\n")
+    for args in (("run", str(bad)), ("run", str(tmp_path / "missing.yaml")), ("validate", str(bad))):
+        out = cli(*args)
+        assert out.returncode == 2, out.stderr
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+        assert out.stderr.startswith("dataflywheel: error: ")
+
+
+def test_missing_input_files_are_a_user_error(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"input: {{paths: {tmp_path}/none/*.jsonl}}\noutput: {{path: {tmp_path}/o}}\n")
+    out = cli("run", str(cfg))
+    assert out.returncode == 2 and "none/*.jsonl" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_stages_lists_builtins():
+    out = cli("stages")
+    assert out.returncode == 0
+    for name in ("extract", "langid", "length", "exact_dedup"):
+        assert name in out.stdout
+
+
+def test_demo_config_end_to_end(tmp_path):
+    cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    for job in cfg["jobs"]:
+        job["output"]["path"] = str(tmp_path / job["name"])
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = cli("run", str(path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "rejected by reason" in out.stdout
+    web = json.loads((tmp_path / "web" / "_report.json").read_text())
+    stages = {s["stage"]: s for s in web["stages"]}
+    assert stages["read"]["kept"] == 7
+    assert stages["extract"]["kept"] == 7  # the nav-only page yields its cookie banner...
+    assert stages["langid"]["rejected"] == {"language": 1}  # the German page
+    assert stages["length"]["rejected"] == {"too_short": 2}  # ...which is too short, like the teaser
+    assert stages["exact_dedup"]["rejected"] == {"duplicate": 1}
+    assert web["outputs"]["kept"]["rows"] == 3 and all(s["balanced"] for s in web["stages"])
+    inst = json.loads((tmp_path / "instructions" / "_report.json").read_text())
+    stages = {s["stage"]: s for s in inst["stages"]}
+    assert stages["read"]["dead_letter"] == 3  # a malformed line, a 'bot' role, no final assistant
+    assert stages["length"]["rejected"] == {"too_short": 1}
+    assert stages["langid"]["rejected"] == {"language": 1}
+    assert stages["exact_dedup"]["rejected"] == {"duplicate": 1}
+    assert inst["outputs"]["kept"]["rows"] == 4
