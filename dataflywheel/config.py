@@ -20,7 +20,6 @@ from .runner import RunnerConfig
 from .stages import Stage, StageConfig
 
 
-
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -7,7 +7,8 @@ Built-in stages register themselves with ``@register("name")`` in the modules li
 from __future__ import annotations
 
 import importlib
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from .errors import UserError
 from .stages import Stage

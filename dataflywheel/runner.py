@@ -118,8 +118,8 @@ def make_pipeline(cfg: RunnerConfig, job_name: str | None = None) -> Any:
         return beam.Pipeline(runner=FnApiRunner(), options=options)
     if cfg.engine == "dataflow":
         try:
-            from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner  # noqa: F401
             import apitools  # noqa: F401 - the [gcp] extra; without it Beam fails late and obscurely
+            from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner  # noqa: F401
         except ImportError:
             raise UserError("the dataflow engine needs the gcp extra: pip install 'dataflywheel[gcp]'") from None
     return beam.Pipeline(options=options)

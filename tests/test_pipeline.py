@@ -61,7 +61,7 @@ def test_beam_equals_plain_and_reconciles(tmp_path):
     assert rows_in(tmp_path / "plain") == rows_in(tmp_path / "beam")
     assert len(rows_in(tmp_path / "beam")) == 81
     kept_files = sorted(p.name for p in (tmp_path / "beam").glob("part-*"))
-    assert len(kept_files) >= 3 and all(f.endswith("of-%05d.jsonl" % len(kept_files)) for f in kept_files)
+    assert len(kept_files) >= 3 and all(f.endswith(f"of-{len(kept_files):05d}.jsonl") for f in kept_files)
     rejected = rows_in(tmp_path / "beam" / "_rejected")
     assert len(rejected) == 41 and {r["rejected"]["stage"] for r in rejected} == {"length", "exact_dedup"}
     reasons = sorted(d["reason"] for d in dead_rows(tmp_path / "beam"))

@@ -1,0 +1,184 @@
+"""Reading and writing datasets: JSONL(.gz/.zst), Parquet, Hugging Face folders, WARC and HTML.
+
+``read(patterns, kind=...)`` expands globs / folders, picks the reader by extension (or folder
+layout), and yields row dicts, validated as ``kind`` when given, or ``DeadLetter``s for what could
+not be read: nothing is dropped silently. Writers (``open_shard``, ``ShardWriter``,
+``write_success``) are atomic. Names starting with "." or "_" (temp files, markers) are never read.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from itertools import chain
+
+from .. import records
+from ..errors import RecordError, UserError
+from .base import DeadLetter, snippet
+from .sink import ShardWriter, open_shard, write_success
+
+__all__ = [
+    "FORMATS",
+    "DeadLetter",
+    "ShardWriter",
+    "detect_format",
+    "expand_paths",
+    "open_shard",
+    "read",
+    "read_file",
+    "write_success",
+]
+
+FORMATS = ("jsonl", "parquet", "hf", "warc", "html")
+_COMPRESSED = ("", ".gz", ".zst")
+_SUFFIXES = {
+    "jsonl": tuple(ext + c for ext in (".jsonl", ".json-lines", ".ndjson") for c in _COMPRESSED),
+    "parquet": (".parquet",),
+    "warc": (".warc", ".warc.gz", ".arc", ".arc.gz"),
+    "html": (".html", ".htm", ".html.gz", ".htm.gz"),
+}
+_READERS = {  # module, function: imported on first use (pyarrow, warc and html cost import time)
+    "jsonl": ("jsonl", "iter_jsonl"),
+    "parquet": ("parquet", "iter_parquet"),
+    "hf": ("hf", "iter_hf"),
+    "warc": ("warc", "iter_warc"),
+    "html": ("html", "iter_html"),
+}
+
+
+def _is_hf_folder(path: str) -> bool:
+    from .hf import is_hf_folder
+
+    return is_hf_folder(path)
+
+
+def detect_format(path: str) -> str:
+    """The reader for ``path``: from its extension, or "hf" for a Hugging Face dataset folder."""
+    if os.path.isdir(path):
+        if _is_hf_folder(path):
+            return "hf"
+        raise UserError(
+            f"{path}: a folder that is not a Hugging Face dataset folder (no state.json, dataset_dict.json, "
+            "README configs or data/ shards); pass it to expand_paths / read, or a glob of its files"
+        )
+    name = os.path.basename(path).lower()
+    for fmt, suffixes in _SUFFIXES.items():
+        if name.endswith(suffixes):
+            return fmt
+    hint = "; a .json file holding one JSON array is not supported: write one object per line (.jsonl)"
+    raise UserError(
+        f"{path}: unknown input format; expected one of {', '.join(FORMATS)} "
+        f"(extensions: {', '.join(s for sfx in _SUFFIXES.values() for s in sfx)}, or an HF dataset folder)"
+        + (hint if name.endswith(".json") else "")
+    )
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith((".", "_"))
+
+
+def _walk(folder: str) -> list[str]:
+    """Data files below ``folder``, sorted; an HF dataset folder inside counts as one source."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not _hidden(d))
+        for d in list(dirs):
+            if _is_hf_folder(os.path.join(root, d)):
+                found.append(os.path.join(root, d))
+                dirs.remove(d)
+        for name in files:
+            if not _hidden(name) and name.lower().endswith(tuple(chain(*_SUFFIXES.values()))):
+                found.append(os.path.join(root, name))
+    return sorted(found)
+
+
+def _magic_root(pattern: str) -> str:
+    """The part of a glob before its first wildcard component."""
+    parts = pattern.split(os.sep)
+    for i, part in enumerate(parts):
+        if glob.has_magic(part):
+            return os.sep.join(parts[:i])
+    return pattern
+
+
+def expand_paths(patterns: str | Sequence[str]) -> list[str]:
+    """Files and HF folders named by globs (``**`` allowed), folders and paths; UserError when one matches nothing.
+
+    A folder stands for the data files below it (sorted; names starting with "." or "_" skipped)
+    unless it is an HF dataset folder, which is one source. Duplicates are kept once, in order.
+    """
+    out: list[str] = []
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        if os.path.isdir(pattern):
+            hits = [pattern] if _is_hf_folder(pattern) else _walk(pattern)
+        elif os.path.isfile(pattern):
+            hits = [pattern]
+        else:
+            root = _magic_root(pattern)
+            hits = []
+            for hit in sorted(glob.glob(pattern, recursive=True)):
+                rel = os.path.relpath(hit, root) if root else hit
+                if any(_hidden(part) for part in rel.split(os.sep)):
+                    continue
+                if os.path.isdir(hit):
+                    hits.extend([hit] if _is_hf_folder(hit) else _walk(hit))
+                else:
+                    hits.append(hit)
+        if not hits:
+            raise UserError(f"no input files match {pattern!r}")
+        out.extend(hits)
+    return list(dict.fromkeys(out))
+
+
+def _reader(fmt: str):
+    if fmt not in _READERS:
+        raise UserError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)} or auto")
+    module, function = _READERS[fmt]
+    return getattr(importlib.import_module(f".{module}", __name__), function)
+
+
+def read_file(path: str, fmt: str = "auto", kind: str | None = None, **opts) -> Iterator[dict | DeadLetter]:
+    """Rows of one file (or HF folder) as dicts, validated as ``kind`` when given, or DeadLetters.
+
+    A row that fails ``records.validate(kind, row)`` becomes a DeadLetter at the row's location
+    (line / row / offset) with the RecordError's reason. Format and kind errors raise UserError now.
+    """
+    if kind is not None and kind not in records.KINDS:
+        raise UserError(f"unknown record kind {kind!r}; expected one of {', '.join(records.KINDS)}")
+    reader = _reader(detect_format(path) if fmt == "auto" else fmt)
+    return _validated(reader(path, **opts), path, kind)
+
+
+def _validated(items: Iterator, path: str, kind: str | None) -> Iterator[dict | DeadLetter]:
+    for item in items:
+        if isinstance(item, DeadLetter):
+            yield item
+            continue
+        loc, row = item
+        if kind is None:
+            yield row
+            continue
+        try:
+            yield records.validate(kind, row)
+        except RecordError as err:
+            source = os.path.join(path, loc["file"]) if "file" in loc else path
+            yield DeadLetter(
+                source,
+                err.reason,
+                str(err),
+                line=loc.get("line"),
+                offset=loc.get("offset"),
+                row=loc.get("row"),
+                snippet=snippet(json.dumps(row, ensure_ascii=False, default=str)),
+            )
+
+
+def read(
+    patterns: str | Sequence[str], fmt: str = "auto", kind: str | None = None, **opts
+) -> Iterator[dict | DeadLetter]:
+    """``read_file`` over every path of ``expand_paths(patterns)``; all paths are checked before reading."""
+    readers = [read_file(path, fmt, kind, **opts) for path in expand_paths(patterns)]
+    return chain.from_iterable(readers)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Union
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class DeadLetter:
         return f"{self.where()}: {self.reason}" + (f": {self.detail}" if self.detail else "")
 
 
-Item = Union[dict, DeadLetter]
+Item = dict | DeadLetter
 Items = Iterator[Item]
 
 
