@@ -174,9 +174,10 @@ def test_inflate_codings_and_lies():
     assert inflate(zstandard.ZstdCompressor().compress(html), "zstd") == (html, False)
     assert inflate(html, "gzip") == (html, True)  # plain markup labelled gzip: read as plain, flagged
     assert inflate(gzip.compress(html)[:60], "gzip")[0] == zlib.decompressobj(31).decompress(gzip.compress(html)[:60])
-    with pytest.raises(RecordError) as err:
-        inflate(b"\x1f\x8b\x08\x00garbage-not-deflate", "gzip")
-    assert err.value.reason == "content_encoding_mismatch"
+    for coding in ("gzip", "deflate", "br", "zstd", "compress"):
+        with pytest.raises(RecordError) as err:
+            inflate(b"\x1f\x8b\x08\x00\xff\xfegarbage-not-compressed" * 3, coding)
+        assert err.value.reason == "content_encoding_mismatch", coding
     with pytest.raises(RecordError) as err:
         inflate(gzip.compress(b"<p>" + b"a" * 3_000_000), "gzip", max_bytes=1_000_000)
     assert err.value.reason == "too_large"

@@ -40,6 +40,7 @@ _SUFFIXES = {
     "warc": (".warc", ".warc.gz", ".arc", ".arc.gz"),
     "html": (".html", ".htm", ".html.gz", ".htm.gz"),
 }
+_DATA_SUFFIXES = tuple(chain.from_iterable(_SUFFIXES.values()))
 _READERS = {  # module, function: imported on first use (pyarrow, warc and html cost import time)
     "jsonl": ("jsonl", "iter_jsonl"),
     "parquet": ("parquet", "iter_parquet"),
@@ -71,8 +72,7 @@ def detect_format(path: str) -> str:
     hint = "; a .json file holding one JSON array is not supported: write one object per line (.jsonl)"
     raise UserError(
         f"{path}: unknown input format; expected one of {', '.join(FORMATS)} "
-        f"(extensions: {', '.join(s for sfx in _SUFFIXES.values() for s in sfx)}, or an HF dataset folder)"
-        + (hint if name.endswith(".json") else "")
+        f"(extensions: {', '.join(_DATA_SUFFIXES)}, or an HF dataset folder){hint if name.endswith('.json') else ''}"
     )
 
 
@@ -90,7 +90,7 @@ def _walk(folder: str) -> list[str]:
                 found.append(os.path.join(root, d))
                 dirs.remove(d)
         for name in files:
-            if not _hidden(name) and name.lower().endswith(tuple(chain(*_SUFFIXES.values()))):
+            if not _hidden(name) and name.lower().endswith(_DATA_SUFFIXES):
                 found.append(os.path.join(root, name))
     return sorted(found)
 

@@ -35,7 +35,7 @@ from ..errors import UserError
 from .base import DeadLetter
 from .compress import MAX_LINE_BYTES
 from .jsonl import iter_jsonl
-from .parquet import _ARROW_ERRORS, BATCH_ROWS, batch_rows_as_dicts, iter_parquet, row_converter
+from .parquet import ARROW_ERRORS, BATCH_ROWS, batch_rows_as_dicts, iter_parquet, row_converter
 from .sink import ROWS_PER_SHARD, ShardWriter, atomic_path
 
 DEFAULT_SPLIT = "train"  # the split datasets.load_dataset returns for an unsplit folder
@@ -124,7 +124,7 @@ def _iter_arrow_stream(path: str, columns, batch_rows: int) -> Iterator:
                     for values in batch_rows_as_dicts(batch.slice(start, batch_rows), convert):
                         yield {"row": row}, values
                         row += 1
-    except _ARROW_ERRORS as err:
+    except ARROW_ERRORS as err:
         tail = f"; rows from {row} on are lost (count unknown)" if row else ""
         yield DeadLetter(path, "file_unreadable", f"not a readable Arrow stream: {err}{tail}", records=0 if row else 1)
 

@@ -14,6 +14,9 @@
 
 Label handling follows WHATWG: ISO-8859-1 / ASCII labels mean windows-1252, GB2312/GBK mean GB18030,
 Shift_JIS means cp932, EUC-KR means cp949. NUL characters are removed (never truncated at).
+
+Also here, because they turn a crawled HTTP response into page bytes (the WARC reader uses them):
+``parse_http``, ``header_fields``, ``dechunk`` and ``inflate`` (Content-Encoding, bounded).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import re
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+
+import zstandard
 
 from ..errors import RecordError
 from ..records import content_id
@@ -65,6 +70,7 @@ try:  # optional: only Content-Encoding: br needs it
     import brotli as _brotli
 except ImportError:  # pragma: no cover - depends on the environment
     _brotli = None
+_DECODE_ERRORS = (zlib.error, ValueError, OSError, zstandard.ZstdError) + ((_brotli.error,) if _brotli else ())
 
 
 def codec_name(label: str | None) -> str | None:
@@ -295,7 +301,7 @@ def inflate(body: bytes, coding: str, max_bytes: int = MAX_HTML_BYTES) -> tuple[
     try:
         for name in reversed([c.strip().lower() for c in coding.split(",") if c.strip()]):
             out = _inflate_one(out, name, max_bytes)
-    except (zlib.error, ValueError, OSError) as err:
+    except _DECODE_ERRORS as err:
         if body.lstrip()[:1] == b"<":
             return body, True
         raise RecordError("content_encoding_mismatch", "body", f"{coding}: {type(err).__name__}: {err}") from None
@@ -318,8 +324,6 @@ def _inflate_one(data: bytes, name: str, max_bytes: int) -> bytes:
             raise ValueError("Content-Encoding br needs the brotli package")
         return _brotli.Decompressor().process(data, output_buffer_limit=max_bytes + 1)
     if name == "zstd":
-        import zstandard  # a project dependency; imported here because few pages use it
-
         with zstandard.ZstdDecompressor().stream_reader(data) as reader:
             return reader.read(max_bytes + 1)
     raise ValueError(f"unsupported Content-Encoding {name!r}")

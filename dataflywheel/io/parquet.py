@@ -25,7 +25,7 @@ from .base import DeadLetter
 
 BATCH_ROWS = 1024  # rows turned into dicts at once: a few MB of text, so memory stays flat
 PARQUET_MAGIC = b"PAR1"
-_ARROW_ERRORS = (OSError, pa.ArrowException, ValueError)
+ARROW_ERRORS = (OSError, pa.ArrowException, ValueError)  # what pyarrow raises for bad bytes
 
 
 def iter_parquet(
@@ -34,7 +34,7 @@ def iter_parquet(
     """``({"row": i}, row)`` per row of ``path`` (0-based), or DeadLetters for unreadable parts."""
     try:
         pf = pq.ParquetFile(path, page_checksum_verification=True)
-    except _ARROW_ERRORS as err:
+    except ARROW_ERRORS as err:
         yield _file_report(path, err)
         return
     with pf:
@@ -57,7 +57,7 @@ def iter_parquet(
                     for i, row in enumerate(rows):
                         yield {"row": first + done + i}, row
                     done += len(rows)
-            except _ARROW_ERRORS as err:
+            except ARROW_ERRORS as err:
                 reason = "page_checksum_mismatch" if "checksum" in str(err).lower() else "corrupt_row_group"
                 detail = f"row group {group} unreadable: {err}"
                 for row_no in range(first + done, first + size):

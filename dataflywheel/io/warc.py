@@ -197,8 +197,10 @@ def _find_next(st: _Stream, frm: int, arc_tail: int | None, limit: int) -> int |
 
 
 def _boundary(st: _Stream, i: int, arc_tail: int | None) -> int | None:
-    """If a record's block really ends at buffer index i (line breaks, then a record or EOF): the index
-    of what follows, else None."""
+    """If a record's block really ends at buffer index i: the index of what follows, else None.
+
+    The spec wants exactly CRLF CRLF then ``WARC/`` or EOF; any short run of line breaks is accepted
+    (some writers add or drop one), since the next record's start is what proves the length right."""
     st.fill(i + 40)
     j = i
     while j < len(st.buf) and j - i < 32 and st.buf[j] in b"\r\n":
@@ -253,8 +255,8 @@ def _frames(st: _Stream, path: str, arc: bool, limit: int) -> Iterator[tuple | D
             first = None
             yield dead("corrupt_compression", detail + "; the records in it are lost", 1, compressed)
         st.gaps.clear()
-        while st.fill(1) and st.buf[0] in b" \t\r\n":  # stray line breaks between records
-            st.drop(1)
+        while st.fill(1) and st.buf[0] in b" \t\r\n\0":  # stray line breaks or NUL padding between records
+            st.drop(len(st.buf) - len(st.buf.lstrip(b" \t\r\n\0")))
         if not st.buf:
             return
         start, first = st.pos, snippet(bytes(st.buf[:120]))
@@ -282,7 +284,7 @@ def _frames(st: _Stream, path: str, arc: bool, limit: int) -> Iterator[tuple | D
         after = _boundary(st, end + n, arc_tail) if complete else None
         if after is not None:
             block = bytes(st.buf[end:end + n])
-            if headers["warc-type"] == "filedesc":
+            if headers.get("warc-type") == "filedesc":
                 arc_tail = 9 if block[:2] == b"2 " else 4
             yield start, headers, block
             st.drop(after)
@@ -374,7 +376,8 @@ def _open(path: str):
     if magic.startswith(b"\x04\x22\x4d\x18"):
         from fastwarc.stream_io import Lz4Reader  # only LZ4 input needs fastwarc
 
-        return Lz4Reader(fh), "lz4"
+        fh.close()
+        return Lz4Reader(path, fsspec_args=False), "lz4"
     return fh, "gzip" if magic.startswith(b"\x1f\x8b") else "plain"
 
 
