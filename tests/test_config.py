@@ -92,3 +92,11 @@ def test_stage_by_import_path(tmp_path):
 def test_shipped_configs_validate():
     for name in ("demo.yaml",):
         assert load_config(f"configs/{name}").jobs
+
+
+def test_secrets_are_masked_in_reports():
+    from dataflywheel.stats import redact
+
+    cfg = {"hub": {"hf_token": "hf_abc", "repo": "me/data"}, "judges": [{"api_key": "sk-1", "model": "m"}], "password": ""}
+    assert redact(cfg) == {"hub": {"hf_token": "***", "repo": "me/data"}, "judges": [{"api_key": "***", "model": "m"}],
+                           "password": ""}

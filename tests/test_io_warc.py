@@ -13,7 +13,8 @@ import pytest
 
 from dataflywheel import records
 from dataflywheel.io.base import DeadLetter
-from dataflywheel.io.warc import _arc_fields, iter_warc, target_uri, warc_stats
+from dataflywheel.io.warc import iter_warc, target_uri, warc_stats
+from dataflywheel.io.warc_frames import _arc_fields
 
 DOLMA = ("allenai_dolma/sample-0000.warc.gz", "allenai_dolma/sample-0001.warc.gz")
 
@@ -252,6 +253,16 @@ def test_truncation_at_any_point_never_crashes(shared_data, tmp_path):
         for cut in range(1, len(data), max(len(data) // 23, 1)):
             (tmp_path / "cut").write_bytes(data[:cut])
             read(tmp_path / "cut")
+
+
+def test_last_block_ending_exactly_at_eof_is_complete(shared_data, tmp_path):
+    data = sample(shared_data, "webrecorder_warcio/example.warc").read_bytes()
+    assert data.endswith(b"\r\n\r\n")
+    (tmp_path / "e.warc").write_bytes(data[:-4])  # the closing CRLF CRLF missing, the block whole
+    _, dead, stats = read(tmp_path / "e.warc")
+    assert dead == [] and stats["skipped"]["request"] == 2
+    (tmp_path / "f.warc").write_bytes(data[:-5])  # one byte of the block missing
+    assert [d.reason for d in read(tmp_path / "f.warc")[1]] == ["truncated"]
 
 
 def test_not_a_warc_and_empty_file(shared_data, tmp_path):

@@ -37,7 +37,7 @@ _COMPRESSED = ("", ".gz", ".zst")
 _SUFFIXES = {
     "jsonl": tuple(ext + c for ext in (".jsonl", ".json-lines", ".ndjson") for c in _COMPRESSED),
     "parquet": (".parquet",),
-    "warc": (".warc", ".warc.gz", ".arc", ".arc.gz"),
+    "warc": (".warc", ".warc.gz", ".warc.lz4", ".arc", ".arc.gz"),
     "html": (".html", ".htm", ".html.gz", ".htm.gz"),
 }
 _DATA_SUFFIXES = tuple(chain.from_iterable(_SUFFIXES.values()))

@@ -137,9 +137,7 @@ def single_byte_guess(sample: bytes) -> str:
 def _guess(raw: bytes) -> str:
     sample = raw[:SNIFF_BYTES]
     best = _detect(sample).best() if _detect is not None else None
-    if best is not None:
-        return codec_name(best.encoding) or best.encoding
-    return single_byte_guess(sample)
+    return (codec_name(best.encoding) if best is not None else None) or single_byte_guess(sample)
 
 
 def decode_html(raw: bytes, declared: str | None = None) -> tuple[str, str]:
