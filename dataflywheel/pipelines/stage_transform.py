@@ -54,8 +54,8 @@ def _emit(out: Outcome):
         yield beam.pvalue.TaggedOutput(DEAD, out.dead)
 
 
-class StageDoFn(beam.DoFn):
-    """Runs a Scorer/Filter over batches; models load once per worker in ``setup``."""
+class _StageFn(beam.DoFn):
+    """Holds a stage: its models load once per worker in ``setup``, its counters live per DoFn."""
 
     def __init__(self, stage: Stage):
         self.stage = stage
@@ -64,25 +64,22 @@ class StageDoFn(beam.DoFn):
         self.stage.setup()
         self.counters = StageCounters(self.stage.name)
 
+    def teardown(self) -> None:
+        self.stage.teardown()
+
+
+class StageDoFn(_StageFn):
+    """Runs a Scorer/Filter over batches, in chunks of the stage's ``batch_size``."""
+
     def process(self, batch: list[dict]):
         for chunk in batches(batch, self.stage.config.batch_size):
             out = process_batch(self.stage, chunk)
             self.counters.record(out)
             yield from _emit(out)
 
-    def teardown(self) -> None:
-        self.stage.teardown()
 
-
-class _KeyDoFn(beam.DoFn):
+class _KeyDoFn(_StageFn):
     """Keys rows for a GlobalStep; a row whose key() raises is a dead letter, not a crash."""
-
-    def __init__(self, stage: GlobalStep):
-        self.stage = stage
-
-    def setup(self) -> None:
-        self.stage.setup()
-        self.counters = StageCounters(self.stage.name)
 
     def process(self, batch: list[dict]):
         dead = []
@@ -98,14 +95,7 @@ class _KeyDoFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(DEAD, dead)
 
 
-class _GroupDoFn(beam.DoFn):
-    def __init__(self, stage: GlobalStep):
-        self.stage = stage
-
-    def setup(self) -> None:
-        self.stage.setup()
-        self.counters = StageCounters(self.stage.name)
-
+class _GroupDoFn(_StageFn):
     def process(self, keyed):
         _, rows = keyed
         out = process_group(self.stage, list(rows))
