@@ -148,3 +148,23 @@ def test_dataflow_dry_run_graph_contains_our_transforms(tmp_path):
               if t.environment_id]
     assert hinted and all("Stage[length]" in n for n in hinted)
     assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_apply_stage_on_single_rows_batches_them():
+    """A user's own PCollection of rows: BatchElements first, then the same three outputs."""
+    import apache_beam as beam
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from dataflywheel.filters.basic import Length
+    from dataflywheel.pipelines.stage_transform import ApplyStage
+
+    rows = [{"id": f"r{i}", "text": "w " * i} for i in range(30)] + [{"id": "bad", "text": 5}]  # unvalidated input: the stage raises on it
+    with beam.Pipeline(runner=FnApiRunner()) as p:
+        outs = p | beam.Create(rows) | ApplyStage(Length(min_words=10, batch_size=8), batched=False)
+        kept = outs["kept"] | "K" >> beam.FlatMap(lambda b: [r["id"] for r in b])
+        rejected = outs["rejected"] | "R" >> beam.FlatMap(lambda b: [r["rejected"]["reason"] for r in b])
+        dead = outs["dead_letter"] | "D" >> beam.FlatMap(lambda b: [d["record"]["id"] for d in b])
+        assert_that(kept, equal_to([f"r{i}" for i in range(10, 30)]), label="kept")
+        assert_that(rejected, equal_to(["too_short"] * 10), label="rejected")
+        assert_that(dead, equal_to(["bad"]), label="dead")
