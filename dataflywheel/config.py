@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from .errors import UserError
+from .io.sink import ROWS_PER_SHARD
 from .runner import RunnerConfig
 from .stages import Stage, StageConfig
 
@@ -40,7 +41,7 @@ class InputConfig(Strict):
 class OutputConfig(Strict):
     path: str
     format: Literal["jsonl", "jsonl.gz", "jsonl.zst", "parquet"] = "jsonl"
-    rows_per_shard: int = Field(100_000, gt=0)
+    rows_per_shard: int = Field(ROWS_PER_SHARD, gt=0)
     write_rejected: bool = True  # rejected rows go to <path>/_rejected, dead letters to <path>/_dead_letter
 
 

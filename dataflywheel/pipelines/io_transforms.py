@@ -24,6 +24,7 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from ..io import DeadLetter, ShardWriter, read_file, write_success
+from ..io.sink import ROWS_PER_SHARD
 from ..stats import counter_name
 
 TMP_PREFIX = ".tmp-"
@@ -136,7 +137,7 @@ def finalize_shards(out_dir: str, fmt: str, committed: list[tuple[str, int]]) ->
 class WriteShards(beam.PTransform):
     """PCollection of row batches -> ``out_dir/part-*.<fmt>`` + ``_SUCCESS.json``."""
 
-    def __init__(self, out_dir: str, fmt: str = "jsonl", rows_per_shard: int = 100_000):
+    def __init__(self, out_dir: str, fmt: str = "jsonl", rows_per_shard: int = ROWS_PER_SHARD):
         super().__init__()
         self.out_dir, self.fmt, self.rows_per_shard = out_dir, fmt, rows_per_shard
 
