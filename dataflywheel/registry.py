@@ -19,6 +19,8 @@ BUILTIN_MODULES = (
     "dataflywheel.filters.basic",
     "dataflywheel.filters.extract",
     "dataflywheel.filters.langid",
+    "dataflywheel.filters.url",
+    "dataflywheel.filters.safety",
 )
 
 
