@@ -19,6 +19,7 @@ BUILTIN_MODULES = (
     "dataflywheel.filters.basic",
     "dataflywheel.filters.extract",
     "dataflywheel.filters.langid",
+    "dataflywheel.filters.quality",
     "dataflywheel.filters.url",
     "dataflywheel.filters.safety",
 )
