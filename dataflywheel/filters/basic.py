@@ -9,7 +9,7 @@ from pydantic import Field
 
 from ..registry import register
 from ..stages import Filter, GlobalStep, Scorer, StageConfig
-from .text import normalize_for_hash, row_text
+from .text import normalize_for_hash, row_text, with_scores
 
 
 class LengthConfig(StageConfig):
@@ -27,7 +27,7 @@ class Length(Scorer, Filter):
         out = []
         for row in rows:
             text = row_text(row)
-            out.append({**row, "scores": {**(row.get("scores") or {}), "n_words": len(text.split()), "n_chars": len(text)}})
+            out.append(with_scores(row, {"n_words": len(text.split()), "n_chars": len(text)}))
         return out
 
     def keep(self, row: dict) -> tuple[bool, str | None]:

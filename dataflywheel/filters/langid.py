@@ -12,7 +12,7 @@ from pydantic import Field
 from ..models.lid import load_lid, predict_languages
 from ..registry import register
 from ..stages import Filter, Scorer, StageConfig
-from .text import row_text
+from .text import row_text, with_scores
 
 
 class LangIdConfig(StageConfig):
@@ -34,9 +34,9 @@ class LangId(Scorer, Filter):
         labels = predict_languages(self.model, [row_text(r) for r in rows], k=self.config.top_k)
         out = []
         for row, preds in zip(rows, labels):
-            scores = {**(row.get("scores") or {}), **{f"lang_{lang}": round(p, 4) for lang, p in preds}}
             lang, score = preds[0] if preds else ("und", 0.0)
-            out.append({**row, "lang": lang, "scores": {**scores, "lang_score": round(score, 4)}})
+            scores = {**{f"lang_{code}": round(p, 4) for code, p in preds}, "lang_score": round(score, 4)}
+            out.append({**with_scores(row, scores), "lang": lang})
         return out
 
     def keep(self, row: dict) -> tuple[bool, str | None]:

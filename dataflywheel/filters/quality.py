@@ -27,14 +27,7 @@ from ..errors import UserError
 from ..registry import register
 from ..stages import Filter, Scorer, StageConfig
 from . import quality_rules as rules
-from .text import row_text
-
-
-def _with_scores(row: dict, stats: dict, text: str | None = None) -> dict:
-    out = {**row, "scores": {**(row.get("scores") or {}), **stats}}
-    if text is not None and "text" in row:
-        out["text"] = text
-    return out
+from .text import row_text, with_scores
 
 
 def _first_failure(scores: dict, checks: list[tuple[str, str, float | None, str]]) -> tuple[bool, str | None]:
@@ -69,7 +62,7 @@ class GopherQuality(Scorer, Filter):
     Config = GopherQualityConfig
 
     def score(self, rows: list[dict]) -> list[dict]:
-        return [_with_scores(r, rules.gopher_quality_stats(row_text(r), self.config.stop_words)) for r in rows]
+        return [with_scores(r, rules.gopher_quality_stats(row_text(r), self.config.stop_words)) for r in rows]
 
     def keep(self, row: dict) -> tuple[bool, str | None]:
         c = self.config
@@ -120,7 +113,7 @@ class GopherRepetition(Scorer, Filter):
 
     def score(self, rows: list[dict]) -> list[dict]:
         c = self.config
-        return [_with_scores(r, rules.gopher_repetition_stats(row_text(r), c.top_n_grams, c.dup_n_grams)) for r in rows]
+        return [with_scores(r, rules.gopher_repetition_stats(row_text(r), c.top_n_grams, c.dup_n_grams)) for r in rows]
 
     def keep(self, row: dict) -> tuple[bool, str | None]:
         c = self.config
@@ -166,7 +159,7 @@ class C4(Scorer, Filter):
         out = []
         for row in rows:
             text, stats = rules.c4_clean(row_text(row), **opts)
-            out.append(_with_scores(row, stats, text))
+            out.append(with_scores(row, stats, text))
         return out
 
     def keep(self, row: dict) -> tuple[bool, str | None]:
@@ -200,7 +193,7 @@ class FineWebQuality(Scorer, Filter):
     def score(self, rows: list[dict]) -> list[dict]:
         c = self.config
         stops = tuple(c.stop_chars) if c.stop_chars else rules.TERMINAL_PUNCTUATION
-        return [_with_scores(r, rules.fineweb_stats(row_text(r), stops, c.short_line_length)) for r in rows]
+        return [with_scores(r, rules.fineweb_stats(row_text(r), stops, c.short_line_length)) for r in rows]
 
     def keep(self, row: dict) -> tuple[bool, str | None]:
         s, c = row["scores"], self.config
@@ -285,7 +278,7 @@ class LineFilter(Scorer, Filter):
                 f"{prefix}_removed_char_frac": n["chars_removed"] / len(source) if source else 0.0,
                 f"{prefix}_lines_left": n["n_lines"] - n["lines_removed"],
             }
-            out.append(_with_scores(row, stats, text))
+            out.append(with_scores(row, stats, text))
         return out
 
     def keep(self, row: dict) -> tuple[bool, str | None]:

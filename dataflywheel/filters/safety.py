@@ -26,8 +26,8 @@ from pydantic import Field
 from ..errors import UserError
 from ..registry import register
 from ..stages import Filter, Scorer, StageConfig
-from .text import row_text
-from .url import SHIPPED_LISTS, read_list
+from .text import row_text, with_scores
+from .url import list_files, read_list
 
 _SPACE = re.compile(r"\s+")
 _NUMBERED_BACKREF = re.compile(r"(?<!\\)(?:\\\\)*\\[1-9]")
@@ -137,8 +137,8 @@ class SensitiveContent(Scorer, Filter):
 
     def setup(self) -> None:
         cfg = self.config
-        keyword_files = [str(SHIPPED_LISTS / "sensitive_words.txt")] if cfg.keyword_files is None else cfg.keyword_files
-        regex_files = [str(SHIPPED_LISTS / "sensitive_regex.txt")] if cfg.regex_files is None else cfg.regex_files
+        keyword_files = list_files(cfg.keyword_files, "sensitive_words.txt")
+        regex_files = list_files(cfg.regex_files, "sensitive_regex.txt")
         self.keywords = keyword_automaton([read_list(p) for p in keyword_files])
         self.regexes = [compile_regex_list(p) for p in regex_files]
         self.names = score_names(keyword_files + regex_files)
@@ -154,7 +154,7 @@ class SensitiveContent(Scorer, Filter):
         }
 
     def score(self, rows: list[dict]) -> list[dict]:
-        return [{**row, "scores": {**(row.get("scores") or {}), **self.score_text(row_text(row))}} for row in rows]
+        return [with_scores(row, self.score_text(row_text(row))) for row in rows]
 
     def keep(self, row: dict) -> tuple[bool, str | None]:
         s = row["scores"]

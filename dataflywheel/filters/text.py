@@ -23,3 +23,11 @@ def row_text(row: dict) -> str:
 def normalize_for_hash(text: str) -> str:
     """NFKC, lowercase, whitespace collapsed: copies that differ only in case or spacing collide."""
     return _SPACE.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip()
+
+
+def with_scores(row: dict, scores: dict, text: str | None = None) -> dict:
+    """A copy of ``row`` with ``scores`` merged into its scores (and ``text`` replaced, for rows that have one)."""
+    out = {**row, "scores": {**(row.get("scores") or {}), **scores}}
+    if text is not None and "text" in row:
+        out["text"] = text
+    return out

@@ -41,6 +41,7 @@ from pydantic import Field
 from ..errors import UserError
 from ..registry import register
 from ..stages import Filter, Scorer, StageConfig
+from .text import with_scores
 
 SHIPPED_LISTS = Path(__file__).resolve().parent.parent / "data" / "blocklists"
 _NON_WORD = re.compile(r"[\W_]+")  # datatrove splits on [^a-zA-Z0-9]+; this is its unicode form
@@ -207,8 +208,9 @@ def _word_entry(line: str) -> str:
     return squash(match_text(line))  # entries are normalized like the URL text they are matched in
 
 
-def _shipped(name: str) -> list[str]:
-    return [str(SHIPPED_LISTS / name)]
+def list_files(value: list[str] | None, shipped: str) -> list[str]:
+    """The configured list files; None means the project's shipped file of that name."""
+    return [str(SHIPPED_LISTS / shipped)] if value is None else value
 
 
 class UrlFilterConfig(StageConfig):
@@ -234,14 +236,11 @@ class UrlFilter(Scorer, Filter):
     def setup(self) -> None:
         cfg = self.config
 
-        def files(value: list[str] | None, shipped: str) -> list[str]:
-            return _shipped(shipped) if value is None else value
-
-        self.domains = load_entries(files(cfg.domain_files, "domains.txt"), _domain_entry)
+        self.domains = load_entries(list_files(cfg.domain_files, "domains.txt"), _domain_entry)
         self.urls = load_entries(cfg.url_files, lambda line: normalize_url(line).key)
-        self.banned = load_entries(files(cfg.banned_word_files, "banned_words.txt"), _word_entry)
-        self.soft = load_entries(files(cfg.soft_word_files, "soft_banned_words.txt"), _word_entry)
-        self.substrings = substring_automaton(load_entries(files(cfg.banned_substring_files, "banned_substrings.txt"), _word_entry))
+        self.banned = load_entries(list_files(cfg.banned_word_files, "banned_words.txt"), _word_entry)
+        self.soft = load_entries(list_files(cfg.soft_word_files, "soft_banned_words.txt"), _word_entry)
+        self.substrings = substring_automaton(load_entries(list_files(cfg.banned_substring_files, "banned_substrings.txt"), _word_entry))
         self.allowed = load_entries(cfg.allow_domain_files, _domain_entry)
 
     def _url(self, row: dict) -> str:
@@ -286,10 +285,10 @@ class UrlFilter(Scorer, Filter):
         for row in rows:
             url = self._url(row)
             if not url.strip():
-                out.append({**row, "scores": {**(row.get("scores") or {}), "url_missing": 1.0}})
+                out.append(with_scores(row, {"url_missing": 1.0}))
                 continue
             scores, matches = self.score_url(url)
-            new = {**row, "scores": {**(row.get("scores") or {}), **scores}}
+            new = with_scores(row, scores)
             if matches:
                 new["meta"] = {**(row.get("meta") or {}), "url_matches": matches}
             out.append(new)
