@@ -105,7 +105,10 @@ def main() -> int:
             print(f"{name:<42}{t:>9.2f}{rows / t:>12,.0f}{t / best_plain:>9.2f}x")
         print(f"kept {kept:,} of {rows:,} rows on both engines")
         status = "PASS" if ratio <= target else "FAIL"
-        print(f"BENCH beam_overhead ours={best_beam:.2f} peer={best_plain:.2f} ratio={ratio:.2f} target<={target} {status}")
+        # The claim is about >= 200k rows; a --quick run is a smaller check where Beam's fixed
+        # start-up (~0.5 s) weighs more, so its line names its size instead of the claim's.
+        claim = "beam_overhead" if rows >= 200_000 else f"beam_overhead_{rows // 1000}k"
+        print(f"BENCH {claim} ours={best_beam:.2f} peer={best_plain:.2f} ratio={ratio:.2f} target<={target} {status}")
     return 0
 
 
