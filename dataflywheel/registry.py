@@ -17,6 +17,7 @@ S = TypeVar("S", bound=type[Stage])
 STAGES: dict[str, type[Stage]] = {}
 BUILTIN_MODULES = (
     "dataflywheel.filters.basic",
+    "dataflywheel.filters.dedup.stage",
     "dataflywheel.filters.extract",
     "dataflywheel.filters.langid",
     "dataflywheel.filters.quality",

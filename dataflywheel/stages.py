@@ -52,6 +52,11 @@ class Stage:
     def teardown(self) -> None:
         """Release what setup() took."""
 
+    def tally(self, rows: list[dict]) -> dict[str, int]:
+        """Counts for the run report beyond in/kept/rejected (e.g. rows per language), summed over
+        batches. Called on the rows a stage has scored or decided, before they are sorted."""
+        return {}
+
 
 class Scorer(Stage):
     def score(self, rows: list[dict]) -> list[dict]:
@@ -72,6 +77,12 @@ class GlobalStep(Stage):
         """Yield (row, None) to keep a row or (row, reason) to reject it; every input row once."""
         raise NotImplementedError
 
+    def beam_transform(self) -> Any:
+        """Optional Beam plan replacing key -> GroupByKey -> run, for a step that scales better
+        another way (MinHash dedup: band keys, not one group). A PTransform from batches to a dict
+        of ``kept`` / ``rejected`` / ``dead_letter`` batches, deciding exactly as ``run`` does."""
+        return None
+
 
 @dataclass
 class Outcome:
@@ -81,6 +92,7 @@ class Outcome:
     rejected: list[dict] = field(default_factory=list)
     dead: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    stats: dict[str, int] = field(default_factory=dict)  # the stage's tally()
 
     @property
     def rows_in(self) -> int:
@@ -115,12 +127,17 @@ def _score(stage: Scorer, rows: list[dict], out: Outcome) -> list[dict]:
     return [row for one in rows for row in _score(stage, [one], out)]
 
 
+def _tally(stage: Stage, rows: list[dict]) -> dict[str, int]:
+    return dict(stage.tally(rows)) if rows else {}
+
+
 def process_batch(stage: Stage, rows: list[dict]) -> Outcome:
     """Run a Scorer and/or Filter over a batch; every input row lands in exactly one output."""
     start = time.perf_counter()
     out = Outcome()
     if isinstance(stage, Scorer) and rows:
         rows = _score(stage, rows, out)
+    out.stats = _tally(stage, rows)
     for row in rows:
         if not isinstance(stage, Filter):
             out.kept.append(row)
@@ -149,6 +166,7 @@ def process_group(stage: GlobalStep, rows: list[dict]) -> Outcome:
     except Exception as err:  # noqa: BLE001
         out.dead.extend(dead_row(stage, row, err) for row in rows)
         decisions = []
+    out.stats = _tally(stage, [row for row, _ in decisions])
     for row, reason in decisions:
         if reason is None:
             out.kept.append(row)

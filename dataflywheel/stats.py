@@ -31,6 +31,7 @@ class StageReport:
     rejected: dict[str, int] = field(default_factory=dict)
     dead_letter: int = 0
     seconds: float = 0.0  # busy time summed over workers (wall time for the plain loop)
+    stats: dict[str, int] = field(default_factory=dict)  # the stage's own counts (Stage.tally)
 
     @property
     def rejected_total(self) -> int:
@@ -40,8 +41,11 @@ class StageReport:
     def balanced(self) -> bool:
         return self.rows_in == self.kept + self.rejected_total + self.dead_letter
 
-    def add(self, kept: int = 0, rejected: Counter | dict | None = None, dead: int = 0, seconds: float = 0.0) -> None:
+    def add(self, kept: int = 0, rejected: Counter | dict | None = None, dead: int = 0, seconds: float = 0.0,
+            stats: dict[str, int] | None = None) -> None:
         rejected = rejected or {}
+        for key, n in (stats or {}).items():
+            self.stats[key] = self.stats.get(key, 0) + n
         self.kept += kept
         self.dead_letter += dead
         for reason, n in rejected.items():
@@ -91,6 +95,10 @@ class RunReport:
                    for s in self.stages if s.rejected]
         if reasons:
             lines += ["rejected by reason:", *reasons]
+        stats = [f"  {s.stage}: " + ", ".join(f"{k}={n}" for k, n in sorted(s.stats.items(), key=lambda x: (-x[1], x[0])))
+                 for s in self.stages if s.stats]
+        if stats:
+            lines += ["counts:", *stats]
         lines.append(f"wall time {self.wall_seconds:.2f} s")
         return "\n".join(lines)
 
@@ -108,7 +116,9 @@ def reports_from_beam(result: Any, stage_names: list[str]) -> list[StageReport]:
         ns = c.key.metric.namespace
         if not ns.startswith(NAMESPACE_PREFIX):
             continue
-        report = by_stage.setdefault(ns[len(NAMESPACE_PREFIX):], StageReport(ns[len(NAMESPACE_PREFIX):]))
+        report = by_stage.get(ns[len(NAMESPACE_PREFIX):])
+        if report is None:  # another transform's metrics (e.g. dfw/components)
+            continue
         name, value = c.key.metric.name, c.committed if c.committed is not None else c.attempted
         if name == "in":
             report.rows_in += value
@@ -121,6 +131,9 @@ def reports_from_beam(result: Any, stage_names: list[str]) -> list[StageReport]:
             report.rejected[reason] = report.rejected.get(reason, 0) + value
         elif name == "busy_ms":
             report.seconds += value / 1000.0
+        elif name.startswith("stat/"):
+            key = name[len("stat/"):]
+            report.stats[key] = report.stats.get(key, 0) + value
     return list(by_stage.values())
 
 

@@ -7,6 +7,8 @@ FineWeb's setting).
 
 from __future__ import annotations
 
+from collections import Counter
+
 from pydantic import Field
 
 from ..models.lid import load_lid, predict_languages
@@ -38,6 +40,10 @@ class LangId(Scorer, Filter):
             scores = {**{f"lang_{code}": round(p, 4) for code, p in preds}, "lang_score": round(score, 4)}
             out.append({**with_scores(row, scores), "lang": lang})
         return out
+
+    def tally(self, rows: list[dict]) -> dict[str, int]:
+        """Rows per detected language (``lang/<code>``), for the run report."""
+        return dict(Counter(f"lang/{row['lang']}" for row in rows))
 
     def keep(self, row: dict) -> tuple[bool, str | None]:
         if self.config.languages and row["lang"] not in self.config.languages:

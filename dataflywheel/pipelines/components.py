@@ -22,7 +22,7 @@ input), so it costs a few empty stages, not a shuffle. If the last round still c
 pipeline fails with ``ComponentsNotConverged`` instead of returning wrong clusters: the cap counts
 the confirming round, so a graph needing k work rounds needs ``max_rounds >= k + 1``.
 
-Metrics (namespace ``dfw/components``): ``changed/rNN``, the edges re-linked in round NN (only rounds
+Metrics (namespace ``dfw/components``, or the caller's): ``changed/rNN``, the edges re-linked in round NN (only rounds
 that changed something report); ``components_metrics(result)`` turns them into rounds to converge,
 rounds run (+1, the confirming round) and total re-links, for the run report and the benchmark.
 
@@ -40,7 +40,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-NAMESPACE = "dfw/components"
+NAMESPACE, PREFIX = "dfw/components", "changed/r"  # counter names: <prefix><round, 2 digits>
 # 32 = 31 work rounds + the confirming one: a sorted chain of n ids needs ceil(log2 n) work rounds
 # (measured, see above), so this covers chains of 2**31 ids. Each unrolled round costs about 0.14 s
 # of fixed overhead on the local FnApiRunner even when bypassed (measured: 40 rounds 5.6 s, 10: 1.5 s).
@@ -89,11 +89,12 @@ class _Star(beam.DoFn):
     """One star step on a grouped node. Re-links are summed per bundle and emitted once, from
     ``finish_bundle``, so the next round's gate reads a handful of numbers, not one per node."""
 
-    def __init__(self, step, round_no: int):
-        self.step, self.round_no = step, round_no
+    def __init__(self, step, round_no: int, metric: tuple[str, str]):
+        self.step, self.round_no, self.metric = step, round_no, metric
 
     def setup(self):
-        self.counter = Metrics.counter(NAMESPACE, f"changed/r{self.round_no:02d}")
+        namespace, prefix = self.metric
+        self.counter = Metrics.counter(namespace, f"{prefix}{self.round_no:02d}")
 
     def start_bundle(self):
         self.changed = 0
@@ -129,9 +130,9 @@ def _check_converged(edge, last_changed: list[int], max_rounds: int):
 class _StarRound(beam.PTransform):
     """One large-star + small-star round: edges (larger, smaller) -> edges, and its change counts."""
 
-    def __init__(self, round_no: int, previous_changed=None):
+    def __init__(self, round_no: int, previous_changed, metric: tuple[str, str]):
         super().__init__()
-        self.round_no, self.previous_changed = round_no, previous_changed
+        self.round_no, self.previous_changed, self.metric = round_no, previous_changed, metric
 
     def expand(self, edges):
         bypass = None
@@ -142,10 +143,10 @@ class _StarRound(beam.PTransform):
         large = (edges
                  | "BothWays" >> beam.FlatMap(_both_ways)
                  | "GroupLarge" >> beam.GroupByKey()
-                 | "LargeStar" >> beam.ParDo(_Star(_large_star, self.round_no)).with_outputs(_CHANGED, main="edges"))
+                 | "LargeStar" >> beam.ParDo(_Star(_large_star, self.round_no, self.metric)).with_outputs(_CHANGED, main="edges"))
         small = (large.edges
                  | "GroupSmall" >> beam.GroupByKey()
-                 | "SmallStar" >> beam.ParDo(_Star(_small_star, self.round_no)).with_outputs(_CHANGED, main="edges"))
+                 | "SmallStar" >> beam.ParDo(_Star(_small_star, self.round_no, self.metric)).with_outputs(_CHANGED, main="edges"))
         changed = (large[_CHANGED], small[_CHANGED]) | "Changes" >> beam.Flatten()
         out = small.edges if bypass is None else (small.edges, bypass) | "Rejoin" >> beam.Flatten()
         return out, changed
@@ -159,18 +160,18 @@ class ConnectedComponents(beam.PTransform):
     and ids that appear only in edges are fine. The result equals ``union_find_components``.
     """
 
-    def __init__(self, max_rounds: int = DEFAULT_MAX_ROUNDS):
+    def __init__(self, max_rounds: int = DEFAULT_MAX_ROUNDS, namespace: str = NAMESPACE, prefix: str = PREFIX):
         super().__init__()
         if max_rounds < 1:
             raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
-        self.max_rounds = max_rounds
+        self.max_rounds, self.metric = max_rounds, (namespace, prefix)
 
     def expand(self, inputs):
         pipeline = inputs["edges"].pipeline
         split = inputs["edges"] | "Orient" >> beam.FlatMap(_split_edge).with_outputs("loops", main="edges")
         edges, previous = split.edges, None
         for r in range(1, self.max_rounds + 1):
-            edges, previous = edges | f"Round{r:02d}" >> _StarRound(r, previous)
+            edges, previous = edges | f"Round{r:02d}" >> _StarRound(r, previous, self.metric)
         edges = edges | "Converged" >> beam.FlatMap(
             _check_converged, beam.pvalue.AsList(previous), self.max_rounds)
         nodes = inputs["nodes"] if "nodes" in inputs else pipeline | "NoNodes" >> beam.Create([])
@@ -183,18 +184,18 @@ class ConnectedComponents(beam.PTransform):
                 | "Smallest" >> beam.CombinePerKey(min))
 
 
-def components_metrics(result) -> dict:
+def components_metrics(result, namespace: str = NAMESPACE, prefix: str = PREFIX) -> dict:
     """``{"rounds_to_converge", "rounds_run", "changed_edges", "changed_per_round"}`` from a run.
 
     Rounds re-link edges until one changes nothing; that confirming round is counted in
     ``rounds_run`` (= ``rounds_to_converge + 1``), the bypassed rounds after it are not.
     """
-    counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
+    counters = result.metrics().query(MetricsFilter().with_namespace(namespace))["counters"]
     per_round: dict[int, int] = {}
     for c in counters:  # one counter per round and step (large / small star)
         name = c.key.metric.name
-        if name.startswith("changed/r"):
-            r = int(name.removeprefix("changed/r"))
+        if name.startswith(prefix):
+            r = int(name.removeprefix(prefix))
             per_round[r] = per_round.get(r, 0) + c.committed
     changes = [per_round[r] for r in sorted(per_round)]
     return {"rounds_to_converge": len(changes), "rounds_run": len(changes) + 1,

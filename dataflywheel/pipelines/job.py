@@ -145,7 +145,8 @@ def _run_plain(job: JobConfig, stages: list[Stage], files: list[str]) -> list[St
             read_report.add(kept=kept, seconds=busy)
 
     def record(report: StageReport, out: Outcome) -> list[dict]:
-        report.add(len(out.kept), Counter(r["rejected"]["reason"] for r in out.rejected), len(out.dead), out.seconds)
+        report.add(len(out.kept), Counter(r["rejected"]["reason"] for r in out.rejected), len(out.dead), out.seconds,
+                   out.stats)
         sinks.write("rejected", out.rejected)
         sinks.write("dead_letter", out.dead)
         return out.kept

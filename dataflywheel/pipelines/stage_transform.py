@@ -33,6 +33,7 @@ class StageCounters:
         self.dead = Metrics.counter(ns, "dead_letter")
         self.busy_ms = Metrics.counter(ns, "busy_ms")
         self.rejected: dict[str, object] = {}
+        self.stats: dict[str, object] = {}
 
     def record(self, out: Outcome) -> None:
         self.rows_in.inc(out.rows_in)
@@ -43,6 +44,10 @@ class StageCounters:
             if reason not in self.rejected:
                 self.rejected[reason] = Metrics.counter(self.ns, f"rejected/{reason}")
             self.rejected[reason].inc(n)
+        for key, n in out.stats.items():
+            if key not in self.stats:
+                self.stats[key] = Metrics.counter(self.ns, f"stat/{key}")
+            self.stats[key].inc(n)
 
 
 def _emit(out: Outcome):
@@ -103,6 +108,20 @@ class _GroupDoFn(_StageFn):
         yield from _emit(out)
 
 
+class Rebatch(beam.PTransform):
+    """Batches -> batches of up to ``size`` rows. After a GroupByKey a step emits one small batch
+    per group; without this, every later stage would pay Beam's per-element cost on tiny lists."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def expand(self, pcoll):
+        return (pcoll
+                | "Rows" >> beam.FlatMap(lambda batch: batch)
+                | "Batch" >> beam.BatchElements(min_batch_size=self.size, max_batch_size=self.size))
+
+
 class ApplyStage(beam.PTransform):
     """``pcoll | ApplyStage(stage)`` -> outputs ``kept`` / ``rejected`` / ``dead_letter`` (batches).
 
@@ -118,12 +137,16 @@ class ApplyStage(beam.PTransform):
         if not self.batched:
             size = self.stage.config.batch_size
             pcoll = pcoll | "Batch" >> beam.BatchElements(min_batch_size=min(8, size), max_batch_size=size)
+        if isinstance(self.stage, GlobalStep) and self.stage.beam_transform() is not None:
+            return pcoll | "Run" >> self.stage.beam_transform()
         if isinstance(self.stage, GlobalStep):
             keyed = pcoll | "Key" >> beam.ParDo(_KeyDoFn(self.stage)).with_outputs(DEAD, main="keyed")
             grouped = keyed.keyed | "Group" >> beam.GroupByKey()
             outs = grouped | "Run" >> beam.ParDo(_GroupDoFn(self.stage)).with_outputs(REJECTED, DEAD, main=KEPT)
             dead = (keyed[DEAD], outs[DEAD]) | "Dead" >> beam.Flatten()
-            return {KEPT: outs[KEPT], REJECTED: outs[REJECTED], DEAD: dead}
+            size = self.stage.config.batch_size
+            return {KEPT: outs[KEPT] | "RebatchKept" >> Rebatch(size),
+                    REJECTED: outs[REJECTED] | "RebatchRejected" >> Rebatch(size), DEAD: dead}
         pardo = beam.ParDo(StageDoFn(self.stage))
         if self.accelerator:
             pardo = pardo.with_resource_hints(accelerator=self.accelerator)

@@ -10,7 +10,7 @@ LSH threshold set below the target (for recall) otherwise chains unrelated docum
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from itertools import combinations
 
@@ -72,9 +72,53 @@ def band_keys(signatures: np.ndarray, bands: int, rows: int) -> list[list[str]]:
             for i, doc in enumerate(raw)]
 
 
-def bucket_pairs(members: Sequence) -> Iterable[tuple]:
-    """Candidate pairs inside one bucket, each ordered (smaller id first)."""
-    return combinations(sorted(set(members)), 2)
+def first_shared_band(sig_a: np.ndarray, sig_b: np.ndarray, bands: int, rows: int) -> int:
+    """Index of the first band where two signatures agree (-1 if none)."""
+    n = bands * rows
+    equal = (sig_a[:n] == sig_b[:n]).reshape(bands, rows).all(axis=1)
+    hit = np.flatnonzero(equal)
+    return int(hit[0]) if len(hit) else -1
+
+
+Member = tuple[str, np.ndarray, "np.ndarray | None"]  # (id, signature, sorted shingle set or None)
+
+
+def member_order(member: Member) -> tuple[bytes, bytes]:
+    return member[1].tobytes(), b"" if member[2] is None else member[2].tobytes()
+
+
+def bucket_edges(band: int, members: Sequence[Member], bands: int, rows: int, threshold: float, *,
+                 verify: bool = True, max_exact: int = MAX_EXACT_SHINGLES) -> Iterator[tuple[str, str, float]]:
+    """Edges ``(id_a, id_b, similarity)`` (id_a < id_b) among the members of one bucket of ``band``.
+
+    A pair sharing several bands meets in several buckets; it is judged only in the bucket of the
+    first band it shares, so every candidate pair is verified once and emitted once, with no
+    global de-duplication step (the Beam path needs none, and both paths agree exactly).
+    Members with the same id (two rows sharing an id) count once: the one first in
+    ``member_order``, a choice that depends on content only, never on arrival order.
+    """
+    chosen: dict[str, Member] = {}
+    for m in members:
+        if m[0] not in chosen or member_order(m) < member_order(chosen[m[0]]):
+            chosen[m[0]] = m
+    unique = sorted(chosen.values(), key=lambda m: m[0])
+    for (id_a, sig_a, set_a), (id_b, sig_b, set_b) in combinations(unique, 2):
+        if first_shared_band(sig_a, sig_b, bands, rows) != band:
+            continue
+        if verify:
+            sim = pair_similarity(set_a, set_b, sig_a, sig_b, max_exact)
+            if sim < threshold:
+                continue
+        else:
+            sim = estimate_jaccard(sig_a, sig_b)
+        yield id_a, id_b, sim
+
+
+def lsh_params(threshold: float, num_perm: int, verify: bool, lsh_threshold: float | None = None) -> tuple[int, int]:
+    """(bands, rows): with verification the LSH runs at ``threshold - LSH_MARGIN`` for recall."""
+    if lsh_threshold is None:
+        lsh_threshold = max(threshold - LSH_MARGIN, 0.05) if verify else threshold
+    return optimal_params(lsh_threshold, num_perm)
 
 
 def exact_jaccard(set_a: np.ndarray, set_b: np.ndarray) -> float:
@@ -108,22 +152,16 @@ def near_duplicate_pairs(rows: Iterable[dict], threshold: float = THRESHOLD, *, 
     rows = list(rows)
     ids = [str(r["id"]) for r in rows]
     sigs, sets = document_signatures((r.get("text") or "" for r in rows), num_perm, seed, ngram, char_ngram)
-    if lsh_threshold is None:
-        lsh_threshold = max(threshold - LSH_MARGIN, 0.05) if verify else threshold
-    bands, band_rows = optimal_params(lsh_threshold, num_perm)
-    buckets: dict[str, list[int]] = defaultdict(list)
+    bands, band_rows = lsh_params(threshold, num_perm, verify, lsh_threshold)
+    buckets: dict[str, list[Member]] = defaultdict(list)
     for i, keys in enumerate(band_keys(sigs, bands, band_rows)):
         for key in keys:
-            buckets[key].append(i)
-    candidates = {p for members in buckets.values() if len(members) > 1 for p in bucket_pairs(members)}
-    edges = []
-    for i, j in candidates:
-        if verify:
-            sim = pair_similarity(sets[i], sets[j], sigs[i], sigs[j], max_exact)
-            if sim < threshold:
-                continue
-        else:
-            sim = estimate_jaccard(sigs[i], sigs[j])
-        a, b = sorted((ids[i], ids[j]))
-        edges.append((a, b, sim))
-    return sorted(edges)
+            buckets[key].append((ids[i], sigs[i], sets[i] if verify else None))
+    return sorted(edge for key, members in buckets.items() if len(members) > 1
+                  for edge in bucket_edges(band_of(key), members, bands, band_rows, threshold,
+                                           verify=verify, max_exact=max_exact))
+
+
+def band_of(key: str) -> int:
+    """The band index of a ``band_keys`` key."""
+    return int(key.split(":", 1)[0])
