@@ -13,9 +13,19 @@ from .stats import ReconcileError
 
 def _run(args: argparse.Namespace) -> int:
     from .config import load_config
+
+    return _execute(load_config(args.config), args)
+
+
+def _curate(args: argparse.Namespace) -> int:
+    from .pipelines.web import load_web_config
+
+    return _execute(load_web_config(args.config, args.input, args.output), args)
+
+
+def _execute(cfg, args: argparse.Namespace) -> int:
     from .pipelines.job import run_job
 
-    cfg = load_config(args.config)
     if args.engine:
         cfg.runner.engine = args.engine
     if args.workers:
@@ -31,6 +41,9 @@ def _run(args: argparse.Namespace) -> int:
     reports = []
     for job in cfg.jobs:
         print(f"== job {job.name}: {cfg.runner.engine} engine", flush=True)
+        for stage in job.build_stages():  # e.g. the LSH S-curve a dedup stage will run with
+            if hasattr(stage, "describe"):
+                print(stage.describe(), flush=True)
         report = run_job(job, cfg.runner)
         reports.append(report)
         if report.outputs.get("dry_run"):
@@ -70,6 +83,12 @@ def _stages(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=["local", "plain", "dataflow", "portable"], help="override runner.engine")
+    parser.add_argument("--workers", type=int, help="local workers (> 1 uses multi_processing unless mode is set)")
+    parser.add_argument("--dry-run", action="store_true", help="Dataflow: build and validate the job graph only")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dataflywheel", description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("-v", "--verbose", action="store_true", help="log Beam and library messages")
@@ -77,10 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a pipeline config (read -> stages -> write) and print its report")
     run.add_argument("config", help="YAML config file")
-    run.add_argument("--engine", choices=["local", "plain", "dataflow", "portable"], help="override runner.engine")
-    run.add_argument("--workers", type=int, help="local workers (> 1 uses multi_processing unless mode is set)")
-    run.add_argument("--dry-run", action="store_true", help="Dataflow: build and validate the job graph only")
+    _engine_options(run)
     run.set_defaults(func=_run)
+
+    cur = sub.add_parser("curate", help="run the web-curation pipeline of a web config (configs/web.yaml)")
+    cur.add_argument("config", help="web YAML config: input, output and per-step options")
+    cur.add_argument("--input", nargs="+", metavar="PATH", help="override input.paths (files, folders, globs)")
+    cur.add_argument("--output", metavar="DIR", help="override output.path")
+    _engine_options(cur)
+    cur.set_defaults(func=_curate)
 
     val = sub.add_parser("validate", help="check a config file without running it")
     val.add_argument("config")

@@ -110,7 +110,7 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def _expand_env(obj: Any, source: str) -> Any:
+def expand_env(obj: Any, source: str) -> Any:
     if isinstance(obj, str):
         def sub(m: re.Match) -> str:
             if m.group(1) not in os.environ:
@@ -118,16 +118,16 @@ def _expand_env(obj: Any, source: str) -> Any:
             return os.environ[m.group(1)]
         return _ENV.sub(sub, obj)
     if isinstance(obj, dict):
-        return {k: _expand_env(v, source) for k, v in obj.items()}
+        return {k: expand_env(v, source) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_expand_env(v, source) for v in obj]
+        return [expand_env(v, source) for v in obj]
     return obj
 
 
 def parse_config(data: Any, source: str = "<config>") -> RunConfig:
     if not isinstance(data, dict):
         raise UserError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-    data = _expand_env(data, source)
+    data = expand_env(data, source)
     if "jobs" not in data and "input" in data:  # single-job form
         job_keys = set(JobConfig.model_fields)
         job = {k: v for k, v in data.items() if k in job_keys}
@@ -159,7 +159,8 @@ def parse_config(data: Any, source: str = "<config>") -> RunConfig:
     return cfg
 
 
-def load_config(path: str | os.PathLike) -> RunConfig:
+def read_yaml(path: str | os.PathLike) -> Any:
+    """A YAML file's data; one-line errors for a missing file or bad YAML (with its line)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -168,10 +169,13 @@ def load_config(path: str | os.PathLike) -> RunConfig:
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot read config: {err}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise UserError(f"{path}{where}: invalid YAML: {problem}") from None
-    return parse_config(data, str(path))
+
+
+def load_config(path: str | os.PathLike) -> RunConfig:
+    return parse_config(read_yaml(path), str(path))

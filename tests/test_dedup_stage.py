@@ -8,14 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
+from test_pipeline import run
 
 from dataflywheel.filters.dedup.components import union_find_components
 from dataflywheel.filters.dedup.lsh import near_duplicate_pairs
 from dataflywheel.filters.dedup.stage import MinHashDedup
 from dataflywheel.io import read
 from dataflywheel.stages import process_group
-
-from test_pipeline import run
 
 BASE = ("the river bank was quiet in the early morning and a heron stood in the shallow water "
         "waiting for fish while the mist lifted slowly from the fields beyond the old stone bridge")
