@@ -23,6 +23,7 @@ BUILTIN_MODULES = (
     "dataflywheel.filters.quality",
     "dataflywheel.filters.url",
     "dataflywheel.filters.safety",
+    "dataflywheel.filters.decontam",
 )
 
 

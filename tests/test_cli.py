@@ -60,11 +60,13 @@ def test_demo_config_end_to_end(tmp_path):
     assert "rejected by reason" in out.stdout
     web = json.loads((tmp_path / "web" / "_report.json").read_text())
     stages = {s["stage"]: s for s in web["stages"]}
-    assert stages["read"]["kept"] == 7
-    assert stages["extract"]["kept"] == 7  # the nav-only page yields its cookie banner...
+    assert stages["read"]["kept"] == 9
+    assert stages["url_filter"]["rejected"] == {"domain_blocklist": 1}  # casino.html
+    assert stages["extract"]["rejected"] == {"no_text": 1}  # nav-only.html
     assert stages["langid"]["rejected"] == {"language": 1}  # the German page
-    assert stages["length"]["rejected"] == {"too_short": 2}  # ...which is too short, like the teaser
+    assert stages["langid"]["stats"] == {"lang/en": 6, "lang/de": 1}
     assert stages["exact_dedup"]["rejected"] == {"duplicate": 1}
+    assert stages["minhash_dedup"]["rejected"] == {"near_duplicate": 1}
     assert web["outputs"]["kept"]["rows"] == 3 and all(s["balanced"] for s in web["stages"])
     inst = json.loads((tmp_path / "instructions" / "_report.json").read_text())
     stages = {s["stage"]: s for s in inst["stages"]}

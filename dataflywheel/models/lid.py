@@ -71,12 +71,16 @@ def predict_languages(model: Any, texts: list[str], k: int = 1) -> list[list[tup
     space. A text that is empty after that gets ``[]`` instead of fastText's guess for nothing.
     """
     cleaned = [" ".join(text.split()) for text in texts]
-    out: list[list[tuple[str, float]]] = [[] for _ in cleaned]
     todo = [i for i, text in enumerate(cleaned) if text]
-    if not todo:
+    if len(todo) < len(cleaned):
+        out: list[list[tuple[str, float]]] = [[] for _ in cleaned]
+        for i, preds in zip(todo, predict_languages(model, [cleaned[i] for i in todo], k)):
+            out[i] = preds
         return out
-    labels, probs = model.predict([cleaned[i] for i in todo], k=k)
-    for i, row_labels, row_probs in zip(todo, labels, probs, strict=True):
-        # softmax rounding can give 1.00001; clamp so scores stay probabilities
-        out[i] = [(lab.removeprefix(_LABEL), min(float(p), 1.0)) for lab, p in zip(row_labels, row_probs, strict=True)]
-    return out
+    if not cleaned:
+        return []
+    labels, probs = model.predict(cleaned, k=k)
+    n = len(_LABEL)
+    # softmax rounding can give 1.00001; clamp so scores stay probabilities
+    return [[(lab[n:], p if p < 1.0 else 1.0) for lab, p in zip(row_labels, row_probs.tolist())]
+            for row_labels, row_probs in zip(labels, probs, strict=True)]
