@@ -6,8 +6,8 @@ signature figure.  Variants: ours (xxh32, per-document [n, 128] product), ours w
 ``minimum.reduceat`` over concatenated documents, ours with datasketch's sha1 hash; datasketch
 ``update`` per shingle, ``update_batch`` (default sha1 and xxh32), and ``MinHash.bulk``.
 Signatures are compared array for array with datasketch's for the same hash function.
-Then, when ../shared/data/neardup is present, pair F1 of ``near_duplicate_pairs`` + an inline
-union-find against the exact ground truth at J >= 0.8 and 0.7 (no BENCH line for it yet).
+Dedup quality on the shared neardup benchmark (pair F1 vs the exact ground truth, datasketch
+MinHashLSH beside it) is benchmarks/dedup_quality.py.
 
 Ends with ``BENCH minhash_signatures ours=<docs/s> peer=<update_batch docs/s> ratio=... target>=5``;
 the peer is datasketch ``update_batch`` as shipped (sha1); the same-hash ratio is printed above it.
@@ -16,12 +16,8 @@ the peer is datasketch ``update_batch`` as shipped (sha1); the same-hash ratio i
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import random
 import time
-from collections import Counter
-from pathlib import Path
 
 import numpy as np
 from datasketch import MinHash
@@ -31,7 +27,6 @@ from xxhash import xxh32_intdigest
 from dataflywheel.filters.dedup import lsh
 from dataflywheel.filters.dedup import minhash as mh
 
-NEARDUP = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "neardup"
 TARGET = 5.0  # issue #3: >= 5x datasketch update_batch
 
 
@@ -72,56 +67,10 @@ def ds_update_batch(shs, hashfunc=sha1_hash32):
     return np.array(out)
 
 
-def pair_f1(pred: dict, true: dict) -> tuple[float, float, float]:
-    """Pair precision / recall / F1 from the contingency table (data/neardup/README.md)."""
-    def pairs(counts):
-        return sum(c * (c - 1) // 2 for c in counts.values())
-
-    tp = pairs(Counter((pred[i], true[i]) for i in true))
-    p, r = tp / max(pairs(Counter(pred[i] for i in true)), 1), tp / max(pairs(Counter(true.values())), 1)
-    return p, r, 2 * p * r / max(p + r, 1e-12)
-
-
-def union_find(ids: list[str], edges) -> dict[str, str]:
-    """Inline union-find (the benchmark's own; not the components module): id -> smallest id of its cluster."""
-    parent = {i: i for i in ids}
-
-    def find(x):
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for a, b, _ in edges:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return {i: find(i) for i in ids}
-
-
-def neardup_check() -> None:
-    with gzip.open(NEARDUP / "corpus.jsonl.gz", "rt") as f:
-        rows = [{"id": r["id"], "text": r["text"]} for r in map(json.loads, f)]
-    print(f"\nneardup ({len(rows)} rows): near_duplicate_pairs (128 perm, LSH at t-0.2, exact verification)")
-    print(f"{'t':>4} {'LSH b x r':>10} {'edges':>6} {'time s':>7} {'pair P':>7} {'pair R':>7} {'F1':>7}")
-    for t in (0.8, 0.7):
-        with gzip.open(NEARDUP / f"clusters_{t}.jsonl.gz", "rt") as f:
-            true = {r["id"]: r["cluster"] for r in map(json.loads, f)}
-        start = time.perf_counter()
-        edges = lsh.near_duplicate_pairs(rows, t)
-        pred = union_find([r["id"] for r in rows], edges)
-        took = time.perf_counter() - start
-        p, r, f1 = pair_f1(pred, true)
-        b, rr = lsh.optimal_params(round(t - lsh.LSH_MARGIN, 2))
-        print(f"{t:>4} {f'{b} x {rr}':>10} {len(edges):>6} {took:>7.1f} {p:>7.4f} {r:>7.4f} {f1:>7.4f}")
-    print("baseline (README): datasketch MinHashLSH t=0.8, no verification: F1 0.8286 at 0.8, 0.7028 at 0.7, 9.1 s")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer docs for the slow peers, one repeat")
     ap.add_argument("--docs", type=int, default=2000)
-    ap.add_argument("--no-neardup", action="store_true", help="skip the pair-F1 check")
     args = ap.parse_args()
     repeats = 1 if args.quick else 3
     slow = 200 if args.quick else 500  # docs for datasketch's per-shingle update (~250 docs/s)
@@ -170,8 +119,6 @@ def main() -> int:
     same_hash = results["ours (xxh32, [n,128] per doc)"] / results["datasketch update_batch (xxh32)"]
     print(f"same-hash ratio, ours vs update_batch(xxh32): {same_hash:.2f}x")
     print("\n" + lsh.s_curve_table(*lsh.optimal_params(0.8)))
-    if not args.no_neardup and NEARDUP.is_dir():
-        neardup_check()
     ours_rate = results["ours (xxh32, [n,128] per doc)"]
     ratio = ours_rate / peer
     ok = ratio >= TARGET and all(same.values())

@@ -20,6 +20,7 @@ BUILTIN_MODULES = (
     "dataflywheel.filters.dedup.stage",
     "dataflywheel.filters.extract",
     "dataflywheel.filters.langid",
+    "dataflywheel.filters.perplexity",
     "dataflywheel.filters.quality",
     "dataflywheel.filters.url",
     "dataflywheel.filters.safety",
