@@ -72,46 +72,28 @@ def band_keys(signatures: np.ndarray, bands: int, rows: int) -> list[list[str]]:
             for i, doc in enumerate(raw)]
 
 
-def first_shared_band(sig_a: np.ndarray, sig_b: np.ndarray, bands: int, rows: int) -> int:
-    """Index of the first band where two signatures agree (-1 if none)."""
-    n = bands * rows
-    equal = (sig_a[:n] == sig_b[:n]).reshape(bands, rows).all(axis=1)
-    hit = np.flatnonzero(equal)
-    return int(hit[0]) if len(hit) else -1
-
-
 Member = tuple[str, np.ndarray, "np.ndarray | None"]  # (id, signature, sorted shingle set or None)
 
 
 def member_order(member: Member) -> tuple[bytes, bytes]:
+    """A content-only order: where two rows share an id, the first in this order stands for it."""
     return member[1].tobytes(), b"" if member[2] is None else member[2].tobytes()
 
 
-def bucket_edges(band: int, members: Sequence[Member], bands: int, rows: int, threshold: float, *,
-                 verify: bool = True, max_exact: int = MAX_EXACT_SHINGLES) -> Iterator[tuple[str, str, float]]:
-    """Edges ``(id_a, id_b, similarity)`` (id_a < id_b) among the members of one bucket of ``band``.
+def bucket_pairs(ids: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """Candidate pairs among the ids of one bucket, each (smaller, larger); repeated ids once."""
+    return combinations(sorted(set(ids)), 2)
 
-    A pair sharing several bands meets in several buckets; it is judged only in the bucket of the
-    first band it shares, so every candidate pair is verified once and emitted once, with no
-    global de-duplication step (the Beam path needs none, and both paths agree exactly).
-    Members with the same id (two rows sharing an id) count once: the one first in
-    ``member_order``, a choice that depends on content only, never on arrival order.
-    """
-    chosen: dict[str, Member] = {}
-    for m in members:
-        if m[0] not in chosen or member_order(m) < member_order(chosen[m[0]]):
-            chosen[m[0]] = m
-    unique = sorted(chosen.values(), key=lambda m: m[0])
-    for (id_a, sig_a, set_a), (id_b, sig_b, set_b) in combinations(unique, 2):
-        if first_shared_band(sig_a, sig_b, bands, rows) != band:
-            continue
-        if verify:
-            sim = pair_similarity(set_a, set_b, sig_a, sig_b, max_exact)
-            if sim < threshold:
-                continue
-        else:
-            sim = estimate_jaccard(sig_a, sig_b)
-        yield id_a, id_b, sim
+
+def judge(a: Member, b: Member, threshold: float, *, verify: bool = True,
+          max_exact: int = MAX_EXACT_SHINGLES) -> float | None:
+    """The similarity of a candidate pair if it is an edge, else None. With ``verify``: exact
+    Jaccard (MinHash estimate past ``max_exact`` shingles) must reach ``threshold``; without it
+    every candidate is an edge (datasketch MinHashLSH behaviour), with its MinHash estimate."""
+    if not verify:
+        return estimate_jaccard(a[1], b[1])
+    sim = pair_similarity(a[2], b[2], a[1], b[1], max_exact)
+    return sim if sim >= threshold else None
 
 
 def lsh_params(threshold: float, num_perm: int, verify: bool, lsh_threshold: float | None = None) -> tuple[int, int]:
@@ -153,15 +135,16 @@ def near_duplicate_pairs(rows: Iterable[dict], threshold: float = THRESHOLD, *, 
     ids = [str(r["id"]) for r in rows]
     sigs, sets = document_signatures((r.get("text") or "" for r in rows), num_perm, seed, ngram, char_ngram)
     bands, band_rows = lsh_params(threshold, num_perm, verify, lsh_threshold)
-    buckets: dict[str, list[Member]] = defaultdict(list)
+    buckets: dict[str, list[int]] = defaultdict(list)
     for i, keys in enumerate(band_keys(sigs, bands, band_rows)):
         for key in keys:
-            buckets[key].append((ids[i], sigs[i], sets[i] if verify else None))
-    return sorted(edge for key, members in buckets.items() if len(members) > 1
-                  for edge in bucket_edges(band_of(key), members, bands, band_rows, threshold,
-                                           verify=verify, max_exact=max_exact))
-
-
-def band_of(key: str) -> int:
-    """The band index of a ``band_keys`` key."""
-    return int(key.split(":", 1)[0])
+            buckets[key].append(i)
+    candidates = {p for members in buckets.values() if len(members) > 1 for p in combinations(members, 2)}
+    edges = []
+    for i, j in candidates:
+        sim = judge((ids[i], sigs[i], sets[i]), (ids[j], sigs[j], sets[j]), threshold, verify=verify,
+                    max_exact=max_exact)
+        if sim is not None:
+            a, b = sorted((ids[i], ids[j]))
+            edges.append((a, b, sim))
+    return sorted(edges)

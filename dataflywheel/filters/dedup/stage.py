@@ -4,13 +4,14 @@ Two executions of one algorithm, which must decide every row identically:
 
 - ``run(rows)`` (the plain engine, and a whole-dataset group anywhere): everything in memory, with
   union-find over the edges;
-- ``beam_transform()`` (every Beam engine): band keys as a keyed ``GroupByKey``, edges judged per
-  bucket, connected components by union-find on one worker or by distributed star rounds
-  (``components: beam``), joined back to the rows by id (``pipelines/dedup.py``).
+- ``beam_transform()`` (every Beam engine): band keys as a keyed ``GroupByKey``, candidate pairs
+  judged after joining each end's signature by id, connected components by union-find on one
+  worker or by distributed star rounds (``components: beam``), joined back to the rows by id
+  (``pipelines/dedup.py``).
 
-Both share ``sign`` (signatures + band keys), ``lsh.bucket_edges`` (pairs judged in the first band
-they share, so each pair once) and ``decide`` (the cluster's smallest id survives: deterministic,
-whatever the engine, order or sharding). Every row of a cluster of two or more gets
+Both share ``sign`` (signatures + band keys), ``lsh.bucket_pairs`` (candidates), ``is_edge``
+(exact Jaccard verification of a candidate) and ``decide`` (the cluster's smallest id survives:
+deterministic, whatever the engine, order or sharding). Every row of a cluster of two or more gets
 ``meta.cluster`` and ``meta.cluster_size`` for audit, and duplicates get ``meta.duplicate_of``, so
 the kept output and ``_rejected`` together hold the full cluster table.
 """
@@ -32,8 +33,8 @@ from .lsh import (
     THRESHOLD,
     Member,
     band_keys,
-    band_of,
-    bucket_edges,
+    bucket_pairs,
+    judge,
     lsh_params,
     member_order,
     s_curve_table,
@@ -91,11 +92,9 @@ class MinHashDedup(GlobalStep):
             out.append((rid, keys[i], (rid, sigs[i], sets[i] if c.verify else None)))
         return out
 
-    def edges(self, key: str, members: list[Member]) -> Iterator[tuple[str, str]]:
+    def is_edge(self, a: Member, b: Member) -> bool:
         c = self.config
-        for a, b, _ in bucket_edges(band_of(key), members, self.bands, self.rows_per_band, c.threshold,
-                                    verify=c.verify, max_exact=c.max_exact_shingles):
-            yield a, b
+        return judge(a, b, c.threshold, verify=c.verify, max_exact=c.max_exact_shingles) is not None
 
     def tally(self, rows: list[dict]) -> dict[str, int]:
         """``clusters`` (of two or more rows) and ``rows_in_clusters``: from the survivors' audit fields."""
@@ -111,11 +110,14 @@ class MinHashDedup(GlobalStep):
 
     def run(self, rows: list[dict]) -> Iterator[tuple[dict, str | None]]:
         firsts, repeats = self.split_repeated_ids(rows)
-        buckets: dict[str, list[Member]] = defaultdict(list)
-        for _, keys, member in self.sign(firsts):
+        signed = self.sign(firsts)
+        members = {rid: member for rid, _, member in signed}
+        buckets: dict[str, list[str]] = defaultdict(list)
+        for rid, keys, _ in signed:
             for key in keys:
-                buckets[key].append(member)
-        edges = [e for key, members in buckets.items() if len(members) > 1 for e in self.edges(key, members)]
+                buckets[key].append(rid)
+        candidates = {pair for ids in buckets.values() if len(ids) > 1 for pair in bucket_pairs(ids)}
+        edges = [(a, b) for a, b in candidates if self.is_edge(members[a], members[b])]
         assign = union_find_components((str(r["id"]) for r in firsts), edges)
         sizes = Counter(assign.values())
         for row in firsts:
