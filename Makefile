@@ -22,7 +22,7 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) install -q -e ".[models,dev,gcp,hub]"
+	$(PIP) install -q -e ".[models,dev,gcp,hub,extract]"
 	touch $@
 
 demo: $(VENV)/.base

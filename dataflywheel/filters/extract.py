@@ -1,63 +1,155 @@
-"""Main-content extraction from raw HTML with trafilatura (REFERENCES §2.4).
+"""Main-content extraction from raw HTML, in a killable sandbox (REFERENCES §2.4).
 
-Modes map to trafilatura's switches: ``precision`` (favor_precision), ``recall`` (favor_recall),
-``balanced`` (default) and ``fast`` (no fallback extractors). Pages over ``max_html_bytes`` are
-rejected before parsing, because parse time grows with page size.
+``backend`` picks the extractor (``filters/extract_backends.py``): ``trafilatura`` (default),
+``resiliparse`` (optional extra, faster, lower quality) or ``module:function``. Modes map to
+trafilatura's switches: ``precision`` (favor_precision), ``recall`` (favor_recall), ``balanced``
+(default) and ``fast`` (no fallback extractors).
+
+Extraction runs in a child process (``filters/sandbox.py``) started once per stage instance in
+``setup()`` and reused for every page, because trafilatura can hang on some pages
+(adbar/trafilatura#704) and a hung call cannot be stopped in-process. A page over ``timeout_s``
+is rejected ``timeout``; a page that kills the child (crash, OOM) is rejected
+``extractor_crashed``; both keep their ``html`` so they can be retried, and the child is
+respawned for the next pages. A backend that raises on a page makes that page a dead letter.
+``sandbox: false`` runs the backend in-process (debugging; no timeout). Pages over
+``max_html_bytes`` are rejected before they are sent, because parse time grows with page size.
+
+Kept rows get ``text`` and ``meta.title`` / ``meta.date`` / ``meta.url`` when known, and
+``meta.extractor`` (backend and mode), so a dataset records how its text was made.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-import trafilatura
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..registry import register
 from ..stages import Filter, Scorer, StageConfig
+from .extract_backends import backend_target, check_backend_spec, resolve_backend
+from .sandbox import CRASHED, ERROR, TIMEOUT, Answer, Sandbox
+
+# Extracted once at child start-up, so lazy initialisation is not timed as a page. The byline's
+# date goes to dateparser, whose first call compiles regexes for ~200 locales (~1.5-2 s of CPU,
+# measured): without this, the first dated page of every fresh child timed out at 1 s.
+WARMUP_HTML = ("<html><head><title>Warm up</title></head><body><article><p>" + "Warm up text. " * 20
+               + "</p><div class='byline'>Posted 3rd of Sept. 2019, 4pm</div></article></body></html>")
+
+
+class ExtractError(RuntimeError):
+    """The backend raised on a page; ``keep()`` raises it so the page becomes a dead letter."""
 
 
 class ExtractConfig(StageConfig):
+    backend: str = "trafilatura"  # trafilatura | resiliparse | module:function (extract_backends.py)
     mode: Literal["balanced", "precision", "recall", "fast"] = "balanced"
     include_comments: bool = False
     include_tables: bool = True
     max_html_bytes: int = Field(5_000_000, gt=0)
     keep_html: bool = False  # raw HTML is large; drop it once the text is out
-    batch_size: int = 32
+    batch_size: int = 32  # pages per score() call, sent to the sandbox as one message
+    sandbox: bool = True  # false: extract in-process, no timeout (debugging, overhead benchmark)
+    # Per page, in CPU seconds of the sandbox child (wall time where /proc is missing): datatrove's
+    # trafilatura extractor uses timeout=1 s per document (REFERENCES §2.4).
+    timeout_s: float = Field(1.0, gt=0)
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, value: str) -> str:
+        return check_backend_spec(value)
 
 
 @register("extract")
 class Extract(Scorer, Filter):
-    """``html`` -> ``text`` (+ ``meta.title``/``meta.date``); rejects pages with no main text."""
+    """``html`` -> ``text`` (+ ``meta.title``/``date``/``url``/``extractor``); rejects pages with no main text."""
 
     Config = ExtractConfig
 
-    def _extract(self, row: dict) -> dict:
-        html = row.get("html") or ""
+    def __init__(self, config: ExtractConfig | None = None, **kwargs):
+        super().__init__(config, **kwargs)
+        self._backend = None
+        self._sandbox: Sandbox | None = None
+
+    @property
+    def extractor_name(self) -> str:
+        backend = self.config.backend
+        return backend if backend == "resiliparse" else f"{backend}/{self.config.mode}"
+
+    @property
+    def _settings(self) -> dict:
+        c = self.config
+        return {"mode": c.mode, "include_comments": c.include_comments, "include_tables": c.include_tables}
+
+    def setup(self) -> None:
+        if self._backend is None:
+            self._backend = resolve_backend(self.config.backend)  # a missing extra fails here, in the parent
+        if self.config.sandbox and self._sandbox is None:
+            self._sandbox = Sandbox(backend_target(self.config.backend), self._settings, self.config.timeout_s,
+                                    warmup=(WARMUP_HTML, None))
+            self._sandbox.start()  # boots while the pipeline starts; the first batch waits for it
+
+    def teardown(self) -> None:
+        if self._sandbox is not None:
+            self._sandbox.stop()
+            self._sandbox = None
+
+    def __getstate__(self) -> dict:
+        # Beam pickles stages into DoFns; a live child process and its pipe stay behind.
+        return {**self.__dict__, "_backend": None, "_sandbox": None}
+
+    def _answers(self, tasks: list[tuple]) -> list[Answer]:
+        if self._sandbox is not None:
+            return self._sandbox.run(tasks)
+        answers = []
+        for task in tasks:
+            try:
+                answers.append(Answer(value=self._backend(*task, **self._settings)))
+            except Exception as err:  # noqa: BLE001 - the same outcome as in the sandbox
+                answers.append(Answer(error=ERROR, detail=f"{type(err).__name__}: {err}"))
+        return answers
+
+    def score(self, rows: list[dict]) -> list[dict]:
+        if self._backend is None or (self.config.sandbox and self._sandbox is None):
+            self.setup()  # called without a runner (a test, a notebook) or after teardown()
+        todo = [i for i, row in enumerate(rows) if self._small_enough(row.get("html") or "")]
+        answers = dict(zip(todo, self._answers([(rows[i].get("html") or "", rows[i].get("url")) for i in todo])))
+        return [self._finish(row, answers.get(i)) for i, row in enumerate(rows)]
+
+    def _small_enough(self, html: str) -> bool:
+        limit = self.config.max_html_bytes
+        if len(html) * 4 <= limit:  # a character is at most 4 bytes of UTF-8: no need to encode
+            return True
+        return len(html) <= limit and len(html.encode("utf-8", errors="ignore")) <= limit
+
+    def _finish(self, row: dict, answer: Answer | None) -> dict:
         meta = dict(row.get("meta") or {})
-        if len(html.encode("utf-8", errors="ignore")) > self.config.max_html_bytes:
+        meta.pop("extract_error", None)  # a row being re-extracted starts clean
+        meta.pop("extract_error_detail", None)
+        meta["extractor"] = self.extractor_name
+        if row.get("url"):
+            meta["url"] = row["url"]
+        text, keep_html = "", self.config.keep_html
+        if answer is None:
             meta["extract_error"] = "too_large"
-            text = ""
+        elif answer.error is not None:
+            meta["extract_error"] = answer.error
+            meta["extract_error_detail"] = answer.detail
+            keep_html = True  # a page that timed out or crashed can be retried with other settings
         else:
-            mode = self.config.mode
-            doc = trafilatura.bare_extraction(
-                html, url=row.get("url"), with_metadata=True,
-                include_comments=self.config.include_comments, include_tables=self.config.include_tables,
-                favor_precision=mode == "precision", favor_recall=mode == "recall", fast=mode == "fast",
-            )
-            text = (getattr(doc, "text", None) or "").strip() if doc is not None else ""
+            doc = answer.value or {}
+            text = (doc.get("text") or "").strip()
             for key in ("title", "date"):
-                value = getattr(doc, key, None) if doc is not None else None
-                if value:
-                    meta[key] = value
+                if doc.get(key):
+                    meta[key] = doc[key]
         out = {**row, "text": text, "meta": meta}
-        if not self.config.keep_html:
+        if not keep_html:
             out.pop("html", None)
         return out
 
-    def score(self, rows: list[dict]) -> list[dict]:
-        return [self._extract(row) for row in rows]
-
     def keep(self, row: dict) -> tuple[bool, str | None]:
-        if row["meta"].get("extract_error"):
-            return False, row["meta"]["extract_error"]
+        error = row["meta"].get("extract_error")
+        if error == ERROR:
+            raise ExtractError(row["meta"].get("extract_error_detail", ""))
+        if error in (TIMEOUT, CRASHED, "too_large"):
+            return False, error
         return (True, None) if row["text"] else (False, "no_text")
