@@ -28,7 +28,7 @@ class Strict(BaseModel):
 class InputConfig(Strict):
     paths: list[str]  # files, folders or globs
     format: Literal["auto", "jsonl", "parquet", "hf", "warc", "html"] = "auto"
-    kind: Literal["document", "conversation", "preference"] = "document"
+    kind: Literal["document", "conversation", "preference", "prompt"] = "document"
     batch_rows: int = Field(1000, gt=0)  # rows per element between Beam stages (amortizes per-element cost)
     options: dict[str, Any] = {}  # passed to the reader, e.g. max_line_bytes
 

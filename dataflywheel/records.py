@@ -28,7 +28,7 @@ from typing import Any
 
 from .errors import RecordError
 
-KINDS = ("document", "conversation", "preference")
+KINDS = ("document", "conversation", "preference", "prompt")
 ROLES = ("system", "user", "assistant")
 ID_HEX_CHARS = 16  # 64 bits of sha256: collisions are negligible below ~10^9 rows
 
@@ -135,6 +135,27 @@ def validate_conversation(row: Any) -> dict:
     return _with_id(row, row["messages"])
 
 
+def validate_prompt(row: Any) -> dict:
+    """A prompt to generate from (TRL's prompt-only form): ``prompt`` as messages ending with a user
+    turn, or as a string (one user turn); Alpaca-style ``instruction`` (+ ``input``) works too."""
+    row = _check_common(row)
+    if "prompt" not in row and "instruction" in row:
+        instruction = _require_str(row, "instruction")
+        extra = row.get("input") or ""
+        if not isinstance(extra, str):
+            raise RecordError("wrong_type", "input", f"expected a string, got {_type_name(extra)}")
+        row = {**row, "prompt": [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction}]}
+    if "prompt" not in row:
+        raise RecordError("missing_field", "prompt", "required (or instruction)")
+    if isinstance(row["prompt"], str):
+        _require_str(row, "prompt")
+        row = {**row, "prompt": [{"role": "user", "content": row["prompt"]}]}
+    check_messages(row["prompt"], "prompt", final_assistant=False)
+    if row["prompt"][-1]["role"] != "user":
+        raise RecordError("bad_turn_order", f"prompt[{len(row['prompt']) - 1}].role", "a prompt must end with a user turn")
+    return _with_id(row, row["prompt"])
+
+
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
@@ -204,6 +225,7 @@ VALIDATORS: dict[str, Callable[[Any], dict]] = {
     "document": validate_document,
     "conversation": validate_conversation,
     "preference": validate_preference,
+    "prompt": validate_prompt,
 }
 
 

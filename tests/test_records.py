@@ -105,3 +105,25 @@ def test_error_message_is_one_line_and_names_field():
 def test_unknown_kind():
     with pytest.raises(ValueError, match="unknown record kind"):
         validate("image", {})
+
+
+def test_prompt_rows_in_every_accepted_form():
+    as_messages = validate("prompt", {"prompt": [{"role": "system", "content": "Be brief."},
+                                                 {"role": "user", "content": "Name a colour."}]})
+    assert as_messages["prompt"][-1]["role"] == "user" and as_messages["id"]
+    assert validate("prompt", {"prompt": "Name a colour."})["prompt"] == [{"role": "user", "content": "Name a colour."}]
+    alpaca = validate("prompt", {"instruction": "Add the numbers.", "input": "2 and 3"})
+    assert alpaca["prompt"][0]["content"] == "Add the numbers.\n\n2 and 3"
+    assert validate("prompt", {"instruction": "Say hi.", "input": ""})["prompt"][0]["content"] == "Say hi."
+
+
+@pytest.mark.parametrize("row, reason, field", [
+    ({"text": "x"}, "missing_field", "prompt"),
+    ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "bad_turn_order", "prompt[1].role"),
+    ({"prompt": 3}, "wrong_type", "prompt"),
+    ({"instruction": "x", "input": 5}, "wrong_type", "input"),
+])
+def test_bad_prompt_rows(row, reason, field):
+    with pytest.raises(RecordError) as err:
+        validate("prompt", row)
+    assert (err.value.reason, err.value.field) == (reason, field)

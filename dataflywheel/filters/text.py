@@ -17,6 +17,8 @@ def row_text(row: dict) -> str:
     if "chosen" in row:
         msgs = list(row.get("prompt") or []) + list(row["chosen"]) + list(row.get("rejected") or [])
         return "\n".join(m.get("content", "") for m in msgs)
+    if isinstance(row.get("prompt"), list):  # a prompt-only row
+        return "\n".join(m.get("content", "") for m in row["prompt"])
     return ""
 
 
