@@ -22,7 +22,7 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) install -q -e ".[models,dev,gcp,hub,extract]"
+	$(PIP) install -q -e ".[models,dev,gcp,hub,extract,serving]"
 	touch $@
 
 demo: $(VENV)/.base
