@@ -23,6 +23,23 @@ def _curate(args: argparse.Namespace) -> int:
     return _execute(load_web_config(args.config, args.input, args.output), args)
 
 
+def _synth(args: argparse.Namespace) -> int:
+    import json
+
+    from .pipelines.synth import load_synth_config, run_synth
+
+    cfg = load_synth_config(args.config)
+    if args.engine:
+        cfg.runner.engine = args.engine
+    print(f"== synth {cfg.name}: {cfg.method} with {cfg.backend.kind}:{cfg.backend.model}", flush=True)
+    summary, report = run_synth(cfg)
+    print(json.dumps(summary, indent=2))
+    print(report.table())
+    path = report.save(Path(cfg.output.path) / "_report.json")
+    print(f"rows in {cfg.output.path}; rejected candidates in {cfg.output.path}/_synth; report {path}", flush=True)
+    return 0
+
+
 def _execute(cfg, args: argparse.Namespace) -> int:
     from .pipelines.job import run_job
 
@@ -105,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--output", metavar="DIR", help="override output.path")
     _engine_options(cur)
     cur.set_defaults(func=_curate)
+
+    syn = sub.add_parser("synth", help="synthesize instruction data (Self-Instruct / Evol-Instruct) from seeds")
+    syn.add_argument("config", help="synth YAML config (configs/synth.yaml)")
+    syn.add_argument("--engine", choices=["local", "plain", "dataflow", "portable"], help="override runner.engine")
+    syn.set_defaults(func=_synth)
 
     val = sub.add_parser("validate", help="check a config file without running it")
     val.add_argument("config")

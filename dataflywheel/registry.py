@@ -25,6 +25,7 @@ BUILTIN_MODULES = (
     "dataflywheel.filters.url",
     "dataflywheel.filters.safety",
     "dataflywheel.filters.decontam",
+    "dataflywheel.synth.generate",
 )
 
 

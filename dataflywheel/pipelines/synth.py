@@ -1,0 +1,131 @@
+"""The synthesis pipeline (``dataflywheel synth configs/synth.yaml``): seeds -> synthesized rows.
+
+    seeds --Self-Instruct or Evol-Instruct (rounds on the driver, every call through the backend)-->
+    candidates (+ every rejected candidate with its reason) --Beam job: [generate responses] ->
+    exact dedup -> MinHash dedup--> Conversation rows with lineage ``meta.synth``
+
+The methods are loops whose next round depends on the whole pool (novelty against every earlier
+instruction, evolved items replacing their parents), so they run on the driver, batched through
+the backend (vLLM / a server / transformers); the per-row work after them is an ordinary Beam job
+with the usual report and reconciliation. With ``backend.cache`` set, every call of both parts is
+cached by sample, so a re-run of the same config generates nothing (the summary counts hits,
+misses and tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from ..config import OutputConfig, RunConfig, Strict, expand_env, format_validation_error, parse_config, read_yaml
+from ..errors import UserError
+from ..runner import RunnerConfig
+from ..stats import RunReport
+from ..synth.backends.config import BackendConfig, build_backend
+
+
+class SynthConfig(Strict):
+    name: str = "synth"
+    runner: RunnerConfig = RunnerConfig()
+    method: Literal["self_instruct", "evol_instruct"]
+    seeds: str  # Self-Instruct: seed tasks JSONL (reference format); Evol: any readable rows or JSONL of instructions
+    backend: BackendConfig
+    self_instruct: dict[str, Any] = {}  # SelfInstructConfig options
+    evol_instruct: dict[str, Any] = {}  # EvolConfig options
+    responses: dict[str, Any] | None = None  # `generate` stage options: answer the synthesized prompts in the job
+    dedup: dict[str, Any] | bool = {}  # minhash_dedup options, or false (exact dedup always runs)
+    output: OutputConfig
+    report: str | None = None
+
+
+def load_synth_config(path: str | os.PathLike) -> SynthConfig:
+    data = expand_env(read_yaml(path), str(path))
+    try:
+        return SynthConfig.model_validate(data)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err, str(path), model=SynthConfig)) from None
+
+
+def _method_config(cls: type, options: dict, key: str) -> Any:
+    try:
+        return cls.model_validate(options)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err, "<config>", (key,), model=cls)) from None
+
+
+def synthesize(cfg: SynthConfig, backend: Any) -> tuple[list[dict], list[dict], Counter, str]:
+    """Run the method: (candidate rows, rejected rows, reason counts, record kind of the candidates)."""
+    prompts_only = cfg.responses is not None
+    if cfg.method == "self_instruct":
+        from ..synth.self_instruct import SelfInstruct, SelfInstructConfig, load_seed_tasks
+
+        try:
+            seeds = load_seed_tasks(cfg.seeds)
+        except (OSError, ValueError) as err:
+            raise UserError(f"seeds: {err}") from None
+        result = SelfInstruct(backend, seeds, _method_config(SelfInstructConfig, cfg.self_instruct,
+                                                              "self_instruct")).run(instances=not prompts_only)
+        rows = result.prompt_rows if prompts_only else result.instance_rows
+        rejected = [{**r, "rejected": {"stage": "self_instruct", "reason": r["reason"]}} for r in result.rejected]
+        return rows, rejected, result.rejections, "prompt" if prompts_only else "conversation"
+    from ..io import read
+    from ..synth.evol import EvolConfig, EvolInstruct, failure_row
+
+    options = {**cfg.evol_instruct, **({"generate_responses": False} if prompts_only else {})}
+    seeds = list(read(cfg.seeds)) if not cfg.seeds.endswith(".txt") else Path(cfg.seeds).read_text().splitlines()
+    result = EvolInstruct(backend, _method_config(EvolConfig, options, "evol_instruct")).run(seeds)
+    if prompts_only:
+        rows = [{"id": it.id, "prompt": [{"role": "user", "content": it.instruction}],
+                 "meta": {"synth": it.synth_meta()}} for it in result.evolved]
+    else:
+        rows = result.rows
+    return rows, [failure_row(f) for f in result.failures], result.reasons, "prompt" if prompts_only else "conversation"
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def job_config(cfg: SynthConfig, candidates: Path, kind: str) -> RunConfig:
+    stages: list[dict] = []
+    if cfg.responses is not None:
+        stages.append({"stage": "generate", "backend": cfg.backend.model_dump(), **cfg.responses})
+    stages.append({"stage": "exact_dedup"})
+    if cfg.dedup is not False:
+        stages.append({"stage": "minhash_dedup", **(cfg.dedup if isinstance(cfg.dedup, dict) else {})})
+    data = {"name": cfg.name, "runner": cfg.runner.model_dump(exclude_none=True),
+            "jobs": [{"name": cfg.name, "input": {"paths": [str(candidates)], "kind": kind},
+                      "stages": stages, "output": cfg.output.model_dump()}], "report": cfg.report}
+    return parse_config(data, "<synth>")
+
+
+def run_synth(cfg: SynthConfig) -> tuple[dict, RunReport]:
+    """Synthesize, write candidates and rejects under ``<output>/_synth``, then run the job."""
+    from .job import run_job
+
+    backend = build_backend(cfg.backend)
+    if hasattr(backend, "setup"):
+        backend.setup()
+    rows, rejected, reasons, kind = synthesize(cfg, backend)
+    work = Path(cfg.output.path) / "_synth"
+    _write_jsonl(work / "candidates.jsonl", rows)
+    _write_jsonl(work / "rejected.jsonl", rejected)
+    summary = {"method": cfg.method, "candidates": len(rows), "rejected": len(rejected),
+               "rejected_by_reason": dict(reasons), "backend": dict(backend.counts)}
+    if not rows:
+        raise UserError(f"{cfg.method} produced no candidates ({len(rejected)} rejected: "
+                        f"{dict(reasons.most_common(5))}); see {work / 'rejected.jsonl'}")
+    run = job_config(cfg, work / "candidates.jsonl", kind)
+    report = run_job(run.jobs[0], run.runner)
+    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary, report
