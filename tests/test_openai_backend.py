@@ -71,10 +71,16 @@ class _Handler(BaseHTTPRequestHandler):
             number = len(script.requests)
             script.active += 1
             script.peak = max(script.peak, script.active)
+        done = False
         try:
             status, headers, payload, delay = script.respond(self.path, body, number)
             time.sleep(delay)
             data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            # Leave the count before answering: once the client has the answer it may send the
+            # next request, which must not be counted as overlapping this one.
+            with script.lock:
+                script.active -= 1
+                done = True
             self.send_response(status)
             for k, v in headers.items():
                 self.send_header(k, v)
@@ -85,8 +91,9 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client timed out and left
         finally:
-            with script.lock:
-                script.active -= 1
+            if not done:
+                with script.lock:
+                    script.active -= 1
 
     def log_message(self, *args: Any) -> None:
         pass
