@@ -16,14 +16,12 @@ the backend is seeded from (config seed, round, item id), so a re-run replays fr
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import random
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -31,9 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dataflywheel.filters.text import normalize_for_hash
 from dataflywheel.records import content_id
+from dataflywheel.synth import templates
 from dataflywheel.synth.backends.base import Backend, Request, Sample, Sampling
 
-PROMPTS = Path(__file__).parent / "prompts"
 DEPTH_OPERATIONS = ("add_constraints", "deepening", "concretizing", "increased_reasoning_steps", "complicate_input")
 OPERATIONS = (*DEPTH_OPERATIONS, "breadth")  # the paper's six, drawn uniformly (REFERENCES §4.3)
 
@@ -69,18 +67,9 @@ REFERENCE_SAMPLING = Sampling(temperature=1.0, top_p=0.95, max_tokens=2048)
 JUDGE_SAMPLING = Sampling(temperature=0.0, max_tokens=16)
 
 
-@functools.cache
-def _template(name: str) -> Any:
-    import jinja2
-
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(PROMPTS), undefined=jinja2.StrictUndefined,
-                             keep_trailing_newline=True, autoescape=False)
-    return env.get_template(name)
-
-
 def render(name: str, **variables: str) -> str:
-    """Render ``prompts/<name>`` (values are inserted as they are, never parsed as template)."""
-    return _template(name).render(**variables)
+    """Render ``prompts/<name>`` keeping its trailing newline (the reference prompts end with one)."""
+    return templates.render(name, keep_trailing_newline=True, **variables)
 
 
 def evolve_prompt(operation: str, instruction: str) -> str:

@@ -15,7 +15,6 @@ files in ``prompts/self_instruct_*.jinja`` with their sources.
 
 from __future__ import annotations
 
-import functools
 import json
 import random
 import re
@@ -28,10 +27,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from dataflywheel.records import content_id
+from dataflywheel.synth import templates
 from dataflywheel.synth.backends.base import Backend, Request, Sample, Sampling, sample_seed
 from dataflywheel.synth.novelty import NoveltyIndex
 
-PROMPTS = Path(__file__).parent / "prompts"
 STAGE = "self_instruct"
 
 # Sampling of bootstrap_instructions.py (REFERENCES §4.1 item 3): stop at a blank line or at item 16.
@@ -94,18 +93,7 @@ class MachineTask:
         return content_id(STAGE, self.instruction)
 
 
-@functools.cache
-def _template(name: str) -> Any:
-    import jinja2
-
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(PROMPTS), undefined=jinja2.StrictUndefined,
-                             autoescape=False)
-    return env.get_template(name)
-
-
-def render(name: str, **variables: Any) -> str:
-    """Render ``prompts/<name>``; values are inserted as they are, never parsed as template."""
-    return _template(name).render(**variables)
+render = templates.render
 
 
 def load_seed_tasks(path: str | Path) -> list[dict]:
