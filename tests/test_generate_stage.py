@@ -112,3 +112,28 @@ def test_synth_evol_end_to_end_and_rerun_generates_nothing(tmp_path, model, caps
     second = json.loads((tmp_path / "out" / "_synth" / "summary.json").read_text())
     assert second["backend"].get("cache_misses", 0) == 0 and second["backend"].get("tokens", 0) == 0
     assert "evol_instruct" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("responses", [False, True])
+def test_synth_self_instruct_through_the_pipeline(tmp_path, model, monkeypatch, responses):
+    """Self-Instruct's rounds on a scripted backend (the test module's), then the Beam job: with
+    instances as Conversation rows, or with the bootstrap prompts answered by the `generate` stage."""
+    from test_self_instruct import ScriptedBackendForTests, full_script
+
+    import dataflywheel.pipelines.synth as synth
+
+    monkeypatch.setattr(synth, "build_backend", lambda cfg: ScriptedBackendForTests(full_script))
+    seeds = Path(__file__).resolve().parent.parent / "dataflywheel" / "data" / "demo" / "seed_tasks.jsonl"
+    cfg = synth.SynthConfig.model_validate({
+        "method": "self_instruct", "seeds": str(seeds),
+        "backend": {"kind": "transformers", "model": model},
+        "self_instruct": {"num_instructions": 3, "request_batch_size": 1},
+        "responses": {"sampling": {"max_tokens": 8, "seed": 1}, "reject_overlong": False} if responses else None,
+        "output": {"path": str(tmp_path / "out"), "format": "jsonl"}})
+    summary, report = synth.run_synth(cfg)
+    assert all(s.balanced for s in report.stages)
+    rows = list(read(str(tmp_path / "out")))
+    assert rows and all(r["messages"][-1]["role"] == "assistant" for r in rows)
+    assert {r["meta"]["synth"]["operation"] for r in rows} == {"bootstrap" if responses else "instances"}
+    assert summary["candidates"] == (3 if responses else 8)
+    assert [s.stage for s in report.stages][1:] == (["generate"] if responses else []) + ["exact_dedup", "minhash_dedup"]

@@ -70,7 +70,8 @@ def synthesize(cfg: SynthConfig, backend: Any) -> tuple[list[dict], list[dict], 
             raise UserError(f"seeds: {err}") from None
         result = SelfInstruct(backend, seeds, _method_config(SelfInstructConfig, cfg.self_instruct,
                                                               "self_instruct")).run(instances=not prompts_only)
-        rows = result.prompt_rows if prompts_only else result.instance_rows
+        rows = ([{**{k: v for k, v in r.items() if k != "messages"}, "prompt": r["messages"]} for r in result.prompt_rows]
+                if prompts_only else result.instance_rows)
         rejected = [{**r, "rejected": {"stage": "self_instruct", "reason": r["reason"]}} for r in result.rejected]
         return rows, rejected, result.rejections, "prompt" if prompts_only else "conversation"
     from ..io import read
