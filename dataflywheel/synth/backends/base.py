@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FINISH_REASONS = ("stop", "length", "error")  # OpenAI's, plus "error" for a sample that failed
+FINISH_REASONS = ("stop", "length", "error")
+_COUNTS_LOCK = threading.Lock()  # Beam threads may share one backend; Counter.update is not atomic  # OpenAI's, plus "error" for a sample that failed
 
 
 class Sampling(BaseModel):
@@ -167,9 +169,10 @@ class Backend:
                 fresh.append((keys[i], sample))
         if self.cache is not None and fresh:
             self.cache.put_many(fresh)
-        self.counts.update(cache_hits=len(todo) - len(missing), cache_misses=len(missing),
-                           samples=len(todo), tokens=sum(s.tokens for s in made),
-                           errors=sum(s.finish_reason == "error" for s in made))
+        with _COUNTS_LOCK:
+            self.counts.update(cache_hits=len(todo) - len(missing), cache_misses=len(missing),
+                               samples=len(todo), tokens=sum(s.tokens for s in made),
+                               errors=sum(s.finish_reason == "error" for s in made))
         out, at = [], 0
         for r in requests:
             out.append(Result(r.id, samples[at:at + r.sampling.n], self.model, self.name,
