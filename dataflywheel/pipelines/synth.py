@@ -115,8 +115,6 @@ def run_synth(cfg: SynthConfig) -> tuple[dict, RunReport]:
     from .job import run_job
 
     backend = build_backend(cfg.backend)
-    if hasattr(backend, "setup"):
-        backend.setup()
     rows, rejected, reasons, kind = synthesize(cfg, backend)
     work = Path(cfg.output.path) / "_synth"
     _write_jsonl(work / "candidates.jsonl", rows)
