@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+# Nothing may be fetched from a model or dataset hub in a test (the Makefile sets these too; this
+# covers a bare `pytest`). Set before any test module imports transformers or datasets.
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("DATAFLYWHEEL_SHARED_DATA", REPO.parent / "shared" / "data"))
 

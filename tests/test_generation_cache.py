@@ -81,8 +81,6 @@ def test_concurrent_writers_lose_nothing_and_never_fail(tmp_path):
 
 def test_rerun_through_a_backend_generates_nothing(tmp_path):
     pytest.importorskip("torch")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from dataflywheel.models.tiny_lm import build_tiny_causal_lm
     from dataflywheel.synth.backends.transformers import TransformersBackend
 

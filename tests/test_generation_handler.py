@@ -5,12 +5,8 @@ results must equal calling the backend directly, and a re-run must generate noth
 from __future__ import annotations
 
 import hashlib
-import os
 
 import pytest
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from dataflywheel.pipelines.generation_handler import BackendSpec, GenerationHandler  # noqa: E402
 from dataflywheel.synth.backends.base import Backend, Request, Sample, Sampling, Unit  # noqa: E402

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,6 @@ from dataflywheel.io import DeadLetter, detect_format, expand_paths, read, read_
 from dataflywheel.io.hf import iter_hf, write_hf_folder
 
 # datasets reads these when it is imported: nothing here may touch the network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 datasets = pytest.importorskip("datasets")
 
 ROWS = [

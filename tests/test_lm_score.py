@@ -4,13 +4,9 @@ on real tiny Llama and GPT-2 models built locally; nothing is downloaded."""
 from __future__ import annotations
 
 import math
-import os
 import random
 
 import pytest
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 torch = pytest.importorskip("torch")
 

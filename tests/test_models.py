@@ -32,8 +32,6 @@ from dataflywheel.models.tiny_lm import EOS
 
 # Set before anything imports huggingface_hub (the models package imports it lazily), so any
 # accidental Hub lookup fails fast instead of reaching for the network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 # --- cache -----------------------------------------------------------------------------------

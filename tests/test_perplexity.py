@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 
 import numpy as np
 import pytest
 from pydantic import ValidationError
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 pytest.importorskip("torch")
 

@@ -4,13 +4,9 @@ stop strings, EOS, context limits and bad prompts."""
 
 from __future__ import annotations
 
-import os
 import pickle
 
 import pytest
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 torch = pytest.importorskip("torch")
 
