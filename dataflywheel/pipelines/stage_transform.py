@@ -137,8 +137,9 @@ class ApplyStage(beam.PTransform):
         if not self.batched:
             size = self.stage.config.batch_size
             pcoll = pcoll | "Batch" >> beam.BatchElements(min_batch_size=min(8, size), max_batch_size=size)
-        if isinstance(self.stage, GlobalStep) and self.stage.beam_transform() is not None:
-            return pcoll | "Run" >> self.stage.beam_transform()
+        own_plan = self.stage.beam_transform() if isinstance(self.stage, GlobalStep) else None
+        if own_plan is not None:
+            return pcoll | "Run" >> own_plan
         if isinstance(self.stage, GlobalStep):
             keyed = pcoll | "Key" >> beam.ParDo(_KeyDoFn(self.stage)).with_outputs(DEAD, main="keyed")
             grouped = keyed.keyed | "Group" >> beam.GroupByKey()
