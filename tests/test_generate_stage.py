@@ -137,3 +137,14 @@ def test_synth_self_instruct_through_the_pipeline(tmp_path, model, monkeypatch, 
     assert {r["meta"]["synth"]["operation"] for r in rows} == {"bootstrap" if responses else "instances"}
     assert summary["candidates"] == (3 if responses else 8)
     assert [s.stage for s in report.stages][1:] == (["generate"] if responses else []) + ["exact_dedup", "minhash_dedup"]
+
+
+def test_bad_method_option_names_the_file_and_key(tmp_path):
+    from dataflywheel.errors import UserError
+    from dataflywheel.pipelines.synth import load_synth_config
+
+    path = tmp_path / "synth.yaml"
+    path.write_text(yaml.safe_dump({"method": "evol_instruct", "seeds": "s.jsonl", "backend": {"model": "m"},
+                                    "evol_instruct": {"roundz": 2}, "output": {"path": "o"}}))
+    with pytest.raises(UserError, match=r"synth\.yaml: evol_instruct\.roundz: unknown key; allowed: .*rounds"):
+        load_synth_config(path)

@@ -27,6 +27,8 @@ from ..errors import UserError
 from ..runner import RunnerConfig
 from ..stats import RunReport
 from ..synth.backends.config import BackendConfig, build_backend
+from ..synth.evol import EvolConfig, EvolInstruct, failure_row
+from ..synth.self_instruct import SelfInstruct, SelfInstructConfig, load_seed_tasks
 
 
 class SynthConfig(Strict):
@@ -35,8 +37,8 @@ class SynthConfig(Strict):
     method: Literal["self_instruct", "evol_instruct"]
     seeds: str  # Self-Instruct: seed tasks JSONL (reference format); Evol: any readable rows or JSONL of instructions
     backend: BackendConfig
-    self_instruct: dict[str, Any] = {}  # SelfInstructConfig options
-    evol_instruct: dict[str, Any] = {}  # EvolConfig options
+    self_instruct: SelfInstructConfig = SelfInstructConfig()
+    evol_instruct: EvolConfig = EvolConfig()
     responses: dict[str, Any] | None = None  # `generate` stage options: answer the synthesized prompts in the job
     dedup: dict[str, Any] | bool = {}  # minhash_dedup options, or false (exact dedup always runs)
     output: OutputConfig
@@ -51,35 +53,24 @@ def load_synth_config(path: str | os.PathLike) -> SynthConfig:
         raise UserError(format_validation_error(err, str(path), model=SynthConfig)) from None
 
 
-def _method_config(cls: type, options: dict, key: str) -> Any:
-    try:
-        return cls.model_validate(options)
-    except ValidationError as err:
-        raise UserError(format_validation_error(err, "<config>", (key,), model=cls)) from None
-
-
 def synthesize(cfg: SynthConfig, backend: Any) -> tuple[list[dict], list[dict], Counter, str]:
     """Run the method: (candidate rows, rejected rows, reason counts, record kind of the candidates)."""
     prompts_only = cfg.responses is not None
     if cfg.method == "self_instruct":
-        from ..synth.self_instruct import SelfInstruct, SelfInstructConfig, load_seed_tasks
-
         try:
             seeds = load_seed_tasks(cfg.seeds)
         except (OSError, ValueError) as err:
             raise UserError(f"seeds: {err}") from None
-        result = SelfInstruct(backend, seeds, _method_config(SelfInstructConfig, cfg.self_instruct,
-                                                              "self_instruct")).run(instances=not prompts_only)
+        result = SelfInstruct(backend, seeds, cfg.self_instruct).run(instances=not prompts_only)
         rows = ([{**{k: v for k, v in r.items() if k != "messages"}, "prompt": r["messages"]} for r in result.prompt_rows]
                 if prompts_only else result.instance_rows)
         rejected = [{**r, "rejected": {"stage": "self_instruct", "reason": r["reason"]}} for r in result.rejected]
         return rows, rejected, result.rejections, "prompt" if prompts_only else "conversation"
     from ..io import read
-    from ..synth.evol import EvolConfig, EvolInstruct, failure_row
 
-    options = {**cfg.evol_instruct, **({"generate_responses": False} if prompts_only else {})}
+    evol = cfg.evol_instruct.model_copy(update={"generate_responses": False}) if prompts_only else cfg.evol_instruct
     seeds = list(read(cfg.seeds)) if not cfg.seeds.endswith(".txt") else Path(cfg.seeds).read_text().splitlines()
-    result = EvolInstruct(backend, _method_config(EvolConfig, options, "evol_instruct")).run(seeds)
+    result = EvolInstruct(backend, evol).run(seeds)
     if prompts_only:
         rows = [{"id": it.id, "prompt": [{"role": "user", "content": it.instruction}],
                  "meta": {"synth": it.synth_meta()}} for it in result.evolved]
