@@ -20,7 +20,7 @@ import apache_beam as beam
 import numpy as np
 
 from ..filters.dedup.components import union_find_components
-from ..filters.dedup.lsh import bucket_pairs, member_order
+from ..filters.dedup.lsh import bucket_pairs
 from ..filters.dedup.stage import DUPLICATE_ID, MinHashDedup, _meta, decide
 from ..stages import Outcome, dead_row, rejected_row
 from ..stats import counter_name
@@ -41,8 +41,9 @@ def _unpack(packed: tuple):
 
 
 def _first(packed_members) -> tuple:
-    """The member standing for an id: where rows share an id, the first in ``member_order``."""
-    return min((_unpack(p) for p in packed_members), key=member_order)
+    """The (packed) member standing for an id: where rows share an id, the first in
+    ``member_order``, compared on the packed bytes (the same order, nothing unpacked)."""
+    return min(packed_members, key=lambda p: (p[1], p[2] if p[2] is not None else b""))
 
 
 class _SignFn(_StageFn):
@@ -80,7 +81,7 @@ def _half(keyed):
     """Pairs keyed by their first end + that end's member -> (second end, first end's member)."""
     _, joined = keyed
     if joined["pairs"] and joined[_MEMBERS]:
-        packed = _pack(_first(joined[_MEMBERS]))
+        packed = _first(joined[_MEMBERS])
         for other in joined["pairs"]:
             yield other, packed
 
@@ -90,7 +91,7 @@ class _JudgeFn(_StageFn):
         _, joined = keyed
         if not (joined["halves"] and joined[_MEMBERS]):
             return
-        b = _first(joined[_MEMBERS])
+        b = _unpack(_first(joined[_MEMBERS]))
         for packed in joined["halves"]:
             a = _unpack(packed)
             if self.stage.is_edge(a, b):
