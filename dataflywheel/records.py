@@ -127,10 +127,28 @@ def check_messages(messages: Any, field: str = "messages", *, final_assistant: b
     return messages
 
 
+def alpaca_user_turn(instruction: str, extra: str) -> str:
+    """Alpaca's instruction and optional input as one user turn (blank line between, as Alpaca renders them)."""
+    return f"{instruction}\n\n{extra}" if extra.strip() else instruction
+
+
+def _alpaca_messages(row: dict) -> list:
+    """Alpaca-style ``instruction`` (+ ``input``) + ``output`` as a user and an assistant turn."""
+    instruction, output = _require_str(row, "instruction"), _require_str(row, "output")
+    extra = row.get("input") or ""
+    if not isinstance(extra, str):
+        raise RecordError("wrong_type", "input", f"expected a string, got {_type_name(extra)}")
+    return [{"role": "user", "content": alpaca_user_turn(instruction, extra)}, {"role": "assistant", "content": output}]
+
+
 def validate_conversation(row: Any) -> dict:
+    """``messages``; an Alpaca-style row (instruction, input, output) gets them built from its fields,
+    which stay on the row (the Alpaca prompt template of IFD scoring reads them)."""
     row = _check_common(row)
+    if "messages" not in row and "instruction" in row:
+        row = {**row, "messages": _alpaca_messages(row)}
     if "messages" not in row:
-        raise RecordError("missing_field", "messages", "required")
+        raise RecordError("missing_field", "messages", "required (or instruction and output)")
     check_messages(row["messages"])
     return _with_id(row, row["messages"])
 
@@ -144,7 +162,7 @@ def validate_prompt(row: Any) -> dict:
         extra = row.get("input") or ""
         if not isinstance(extra, str):
             raise RecordError("wrong_type", "input", f"expected a string, got {_type_name(extra)}")
-        row = {**row, "prompt": [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction}]}
+        row = {**row, "prompt": [{"role": "user", "content": alpaca_user_turn(instruction, extra)}]}
     if "prompt" not in row:
         raise RecordError("missing_field", "prompt", "required (or instruction)")
     if isinstance(row["prompt"], str):
