@@ -23,6 +23,12 @@ def _curate(args: argparse.Namespace) -> int:
     return _execute(load_web_config(args.config, args.input, args.output), args)
 
 
+def _select(args: argparse.Namespace) -> int:
+    from .pipelines.sft import load_sft_config
+
+    return _execute(load_sft_config(args.config, args.input, args.output), args)
+
+
 def _synth(args: argparse.Namespace) -> int:
     import json
 
@@ -122,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--output", metavar="DIR", help="override output.path")
     _engine_options(cur)
     cur.set_defaults(func=_curate)
+
+    sel = sub.add_parser("select", help="select an SFT training set from an instruction pool (configs/sft_select.yaml)")
+    sel.add_argument("config", help="selection YAML config: input, output, scoring steps, select method, mixture")
+    sel.add_argument("--input", nargs="+", metavar="PATH", help="override input.paths (files, folders, globs)")
+    sel.add_argument("--output", metavar="DIR", help="override output.path")
+    _engine_options(sel)
+    sel.set_defaults(func=_select)
 
     syn = sub.add_parser("synth", help="synthesize instruction data (Self-Instruct / Evol-Instruct) from seeds")
     syn.add_argument("config", help="synth YAML config (configs/synth.yaml)")

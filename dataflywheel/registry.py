@@ -26,6 +26,13 @@ BUILTIN_MODULES = (
     "dataflywheel.filters.safety",
     "dataflywheel.filters.decontam",
     "dataflywheel.synth.generate",
+    "dataflywheel.selectors.instag",
+    "dataflywheel.selectors.tag_normalize",
+    "dataflywheel.selectors.tag_sample",
+    "dataflywheel.selectors.deita",
+    "dataflywheel.selectors.mixture",
+    "dataflywheel.selectors.ifd",
+    "dataflywheel.selectors.top",
 )
 
 

@@ -235,6 +235,7 @@ def answer_nll(
     separator: str = DEFAULT_SEPARATOR,
     prefix: Prefix = "bos",
     alone_prefix: Prefix = "bos",
+    alone_context: str = "",
 ) -> list[AnswerNLL]:
     """NLL of each answer's tokens given its prompt, and of the same tokens alone.
 
@@ -243,7 +244,9 @@ def answer_nll(
     or pass a message list) with the generation header; the answer is the assistant turn as the
     template writes it, end-of-turn token included (its BOS comes from the template: ``prefix``
     is not added again). The alone score puts ``alone_prefix`` before the answer; with "none" its
-    first token is not scored (Superfiltering's convention).
+    first token is not scored (Superfiltering's convention). ``alone_context`` is text put between
+    ``alone_prefix`` and the answer as unscored context: Cherry_LLM scores s(A) on
+    ``"### Response:" + answer`` (REFERENCES §3.1), so the response header is context on both sides.
 
     Truncation: when prompt + answer exceed ``max_length``, the answer keeps the tokens that fit
     after the prompt, both scores cover exactly those tokens, and ``truncated`` is set (Cherry_LLM
@@ -267,10 +270,12 @@ def answer_nll(
     # exact and both scores over the very same answer tokens, which the IFD ratio needs.
     prompt_ids = [head + ids for ids in _encode(tokenizer, prompt_texts)]
     answer_ids = _encode(tokenizer, answer_texts)
-    alone_head = _start(tokenizer, alone_prefix)
+    alone_head = _start(tokenizer, alone_prefix) + (_encode(tokenizer, [alone_context])[0] if alone_context else [])
     seqs: list[tuple[list[int], int]] = []
     for q, a in zip(prompt_ids, answer_ids):
-        kept = a[: max(0, max_length - len(q))]
+        # the answer keeps what fits after the longer of the two contexts, so both forwards stay
+        # within max_length and score the very same tokens
+        kept = a[: max(0, max_length - max(len(q), len(alone_head)))]
         seqs.append(((q + kept)[:max_length], len(q)))  # a prompt that fills the window: nothing to score
         seqs.append((alone_head + kept, len(alone_head)))
     scored = sequence_nll(model, seqs, batch_size)

@@ -15,20 +15,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from ..config import (
     InputConfig,
     OutputConfig,
     RunConfig,
     Strict,
-    expand_env,
-    format_validation_error,
-    parse_config,
     read_yaml,
 )
-from ..errors import UserError
 from ..runner import RunnerConfig
+from .steps import Step, expand_steps, one_job_run, parse_pipeline
 
 # (step key, registered stage, options applied under the user's); on/off defaults are in WebSteps
 WEB_STEPS: list[tuple[str, str, dict[str, Any]]] = [
@@ -47,9 +44,6 @@ WEB_STEPS: list[tuple[str, str, dict[str, Any]]] = [
     ("decontaminate", "decontaminate", {}),
     ("perplexity", "perplexity", {}),
 ]
-
-Step = dict[str, Any] | bool
-
 
 class WebSteps(Strict):
     url_filter: Step = True
@@ -79,41 +73,14 @@ class WebConfig(Strict):
 
 def web_stages(steps: WebSteps, source: str = "<config>") -> list[dict[str, Any]]:
     """The stage list of a web config: fixed order, defaults under user options, skipped steps out."""
-    from ..registry import stage_class
-
-    stages = []
-    for key, stage, defaults in WEB_STEPS:
-        value = getattr(steps, key)
-        if value is False:
-            continue
-        options = {**defaults, **(value if isinstance(value, dict) else {})}
-        try:  # validate here so a mistake is reported as steps.<key>.<option>, not stages[i]
-            stage_class(stage).Config.model_validate(options)
-        except ValidationError as err:
-            cls = stage_class(stage).Config
-            raise UserError(format_validation_error(err, source, ("steps", key), model=cls)) from None
-        stages.append({"stage": stage, **options})
-    return stages
+    return expand_steps(WEB_STEPS, steps, source)
 
 
 def web_run_config(data: Any, source: str = "<config>", inputs: list[str] | None = None,
                    output: str | None = None) -> RunConfig:
     """A web config (mapping) -> the equivalent run config; ``inputs`` / ``output`` override the file's."""
-    if not isinstance(data, dict):
-        raise UserError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-    data = expand_env(dict(data), source)
-    if inputs:
-        data["input"] = {**(data.get("input") or {}), "paths": inputs}
-    if output:
-        data["output"] = {**(data.get("output") or {}), "path": output}
-    try:
-        web = WebConfig.model_validate(data)
-    except ValidationError as err:
-        raise UserError(format_validation_error(err, source, model=WebConfig)) from None
-    job = {"name": web.name, "input": web.input.model_dump(), "output": web.output.model_dump(),
-           "stages": web_stages(web.steps, source) + web.extra_stages}
-    run = {"name": web.name, "runner": data.get("runner") or {}, "jobs": [job], "report": web.report}
-    return parse_config(run, source)
+    web = parse_pipeline(WebConfig, data, source, inputs, output)
+    return one_job_run(web, web_stages(web.steps, source), source)
 
 
 def load_web_config(path: str | os.PathLike, inputs: list[str] | None = None, output: str | None = None) -> RunConfig:

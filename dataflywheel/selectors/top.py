@@ -1,0 +1,87 @@
+"""Top-k selection by any stored score: the last step of IFD selection (REFERENCES §3.1 step 6:
+sort, keep the top k%), and as generic for reward, ``deita_score`` or tag count.
+
+``select_top`` keeps the ``budget`` rows, or the ``fraction`` of the rows it is given, with the
+highest ``scores.<field>`` (lowest with ``ascending``). The count is of the actual input:
+Superfiltering's ``select_data.py`` hard-codes ``int(52002 * sample_rate)`` (all of Alpaca) and
+so over-selects on any other pool (REFERENCES §3.2). A fraction rounds down, as their ``int()``.
+
+Ties are broken by row id (ascending), so the selection depends only on the set of rows, never on
+their order (Beam gives a group's rows in no fixed order). Rows without the field, or with a
+non-numeric or non-finite value, are rejected ``missing_score`` and do not count against the
+budget; the others not chosen are rejected ``not_selected``. It reads stored scores only: change
+the budget and run it again, no model is needed. Needs the whole set (key None): on Beam the one
+group is gathered on one worker, so it must fit in that worker's memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+from pydantic import Field, model_validator
+
+from ..registry import register
+from ..stages import GlobalStep, StageConfig
+
+_ROUNDING_SLACK = 1e-9  # fraction * n in floats: 0.29 * 100 = 28.999999999999996 must still give 29
+
+
+class SelectTopConfig(StageConfig):
+    field: str  # the score to rank by, read from row["scores"], e.g. "ifd", "reward", "deita_score"
+    budget: int | None = Field(None, ge=0)  # keep this many rows ...
+    fraction: float | None = Field(None, ge=0, le=1)  # ... or this share of the input rows (exactly one)
+    ascending: bool = False  # False: highest first (IFD, reward); True: lowest first (e.g. perplexity)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> SelectTopConfig:
+        if (self.budget is None) == (self.fraction is None):
+            raise ValueError("give exactly one of budget (rows) or fraction (of the input rows)")
+        return self
+
+
+def score_value(row: dict, field: str) -> float | None:
+    """``scores.<field>`` as a finite float, else None (missing, bool, text, NaN, inf)."""
+    value = (row.get("scores") or {}).get(field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+@register("select_top")
+class SelectTop(GlobalStep):
+    """Keeps the top ``budget`` rows (or ``fraction`` of the input) by ``scores.<field>``; ties by id."""
+
+    Config = SelectTopConfig
+
+    def key(self, row: dict) -> None:
+        return None
+
+    def target(self, n_rows: int) -> int:
+        """How many rows to keep out of ``n_rows`` input rows."""
+        c = self.config
+        if c.budget is not None:
+            return c.budget
+        return math.floor(n_rows * c.fraction + _ROUNDING_SLACK)  # type: ignore[operator]
+
+    def selected(self, rows: list[dict]) -> set[int]:
+        """Positions (in ``rows``) of the rows kept."""
+        sign = 1.0 if self.config.ascending else -1.0
+        ranked = [(sign * v, str(row.get("id", "")), i) for i, row in enumerate(rows)
+                  if (v := score_value(row, self.config.field)) is not None]
+        ranked.sort()
+        return {i for _, _, i in ranked[: self.target(len(rows))]}
+
+    def run(self, rows: list[dict]) -> Iterator[tuple[dict, str | None]]:
+        chosen = self.selected(rows)
+        for i, row in enumerate(rows):
+            if i in chosen:
+                yield row, None
+            elif score_value(row, self.config.field) is None:
+                yield row, "missing_score"
+            else:
+                yield row, "not_selected"
+
+    def tally(self, rows: list[dict]) -> dict[str, int]:
+        # the budget beside what was met: fewer rows with the score than asked for shows here
+        return {"selected": len(self.selected(rows)), "budget": self.target(len(rows))}
