@@ -142,7 +142,7 @@ def test_multi_turn_sum_of_products_and_means(any_arch):
     assert b["scores"]["deita_quality"] == pytest.approx(sum(q) / 2, abs=1e-5)
     a = by["a"]["scores"]
     assert a["deita_score"] == pytest.approx(a["deita_complexity"] * a["deita_quality"], rel=1e-9)
-    assert out.stats == {"fallback": 0, "truncated": 0}
+    assert out.stats == {"fallback": 0, "truncated": 0, "cache_hits": 0, "prompts_scored": 8}  # no cache: every distinct prompt computed
 
 
 def test_one_scorer_sums_its_own_turn_scores(model_dir):

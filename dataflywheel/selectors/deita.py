@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from ..errors import UserError
+from ..models.fingerprint import model_fingerprint
 from ..models.lm_score import DEFAULT_BATCH_SIZE, model_context, resolve_device, torch_dtype
 from ..models.score_cache import cache_key
 from ..registry import register
@@ -151,6 +152,7 @@ class DigitScorer:
 
         self.model, self.tokenizer = load_causal_lm(model_name, dtype=torch_dtype(dtype), device=resolve_device(device))
         self.template, self.batch_size, self.cache = template, batch_size, cache
+        self.counts: Counter = Counter()  # model work since the stage's last tally
         if template == "chat" and not getattr(self.tokenizer, "chat_template", None):
             raise UserError(f"template 'chat': the tokenizer of {model_name} has no chat template; use template 'deita'")
         if digit_ids is not None and len(digit_ids) != len(SCORE_VALUES):
@@ -161,9 +163,7 @@ class DigitScorer:
         if context is not None and self.max_length > context:
             raise UserError(f"max_length {self.max_length} exceeds the context of {model_name} ({context} positions)")
         self.what = f"deita:{template}:max_length={self.max_length}:dtype={dtype}:digits={self.digit_ids}"
-        # the cache key names the model: a local folder by its absolute path, a Hub model by its name
-        folder = Path(model_name).expanduser()
-        self.model_id = str(folder.resolve()) if folder.is_dir() else model_name
+        self.model_id = model_fingerprint(model_name, self.model)  # a retrained folder gets new keys
 
     def encode(self, prompt: str) -> list[int]:
         """Token ids as the scorer reads them: Deita's ``tokenizer.encode`` (special tokens on), or the
@@ -180,6 +180,8 @@ class DigitScorer:
         hits = self.cache.get_json(list(keys.values())) if self.cache is not None else {}
         found = {p: tuple(hits[k]) for p, k in keys.items() if k in hits}
         todo = [p for p in unique if p not in found]
+        self.counts["cache_hits"] += len(unique) - len(todo)
+        self.counts["prompts_scored"] += len(todo)
         if todo:
             full = [self.encode(p) for p in todo]
             seqs = [_cut_middle(ids, self.max_length) for ids in full]
@@ -284,8 +286,12 @@ class DeitaScore(Scorer):
 
     def tally(self, rows: list[dict]) -> dict[str, int]:
         metas = [(r.get("meta") or {}).get("deita") or {} for r in rows]
+        work: Counter = Counter()
+        for scorer in getattr(self, "scorers", {}).values():  # what the last score() call did
+            work.update(scorer.counts)
+            scorer.counts = Counter()
         return {"fallback": sum(m.get("fallback", 0) for m in metas),
-                "truncated": sum(m.get("truncated", 0) for m in metas)}
+                "truncated": sum(m.get("truncated", 0) for m in metas), **work}
 
 
 class CombineScoresConfig(StageConfig):

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -59,6 +60,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ..errors import UserError
+from ..models.fingerprint import model_fingerprint
 from ..models.lm_score import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH, AnswerNLL, answer_nll
 from ..registry import register
 from ..stages import Filter, Scorer, StageConfig
@@ -196,19 +198,6 @@ def chat_header(tokenizer: Any) -> str:
     return opened[len(closed):] if opened.startswith(closed) else ""
 
 
-def model_fingerprint(name: str, model: Any) -> str:
-    """What identifies the weights in cache keys: a local folder's content fingerprint, else the
-    Hub name plus the revision transformers resolved (when it says)."""
-    from pathlib import Path
-
-    from ..synth.backends.transformers import folder_fingerprint
-
-    folder = Path(name).expanduser()
-    if folder.is_dir():
-        return folder_fingerprint(folder)
-    return f"{name}@{getattr(model.config, '_commit_hash', None)}"
-
-
 @register("ifd")
 class IFD(Scorer, Filter):
     """Scores IFD (loss ratio) and its ppl-ratio variant per row; drops truncated rows and IFD > max_ifd."""
@@ -239,6 +228,7 @@ class IFD(Scorer, Filter):
         self.what = f"{_CACHE_VERSION}:{c.template}:max_length={c.max_length}:dtype={c.dtype}"
         self.fingerprint = model_fingerprint(c.model, self.model)
         self.cache = ScoreCache(c.cache) if c.cache else None
+        self.counts: Counter = Counter()  # model work since the last tally: pairs scored, cache hits
 
     def teardown(self) -> None:
         if getattr(self, "cache", None) is not None:
@@ -260,6 +250,8 @@ class IFD(Scorer, Filter):
         for key, pair in zip(keys, pairs):
             if key not in found:
                 todo.setdefault(key, pair)  # a pair seen twice in a batch is scored once
+        self.counts["cache_hits"] += len(keys) - len(todo)
+        self.counts["pairs_scored"] += len(todo)
         if todo:
             prompts, answers = zip(*todo.values())
             results = answer_nll(self.model, self.tokenizer, list(prompts), list(answers), max_length=c.max_length,
@@ -305,5 +297,7 @@ class IFD(Scorer, Filter):
     def tally(self, rows: list[dict]) -> dict[str, int]:
         # truncation is never silent: the run report counts it, as for perplexity
         p = self.config.scores_prefix
+        work, self.counts = dict(getattr(self, "counts", {})), Counter()  # what the last score() call did
         return {"truncated": sum(1 for r in rows if (r.get("scores") or {}).get(f"{p}ifd_truncated")),
-                "multi_turn": sum(1 for r in rows if len((r.get("meta") or {}).get(f"{p}ifd_turns") or []) > 1)}
+                "multi_turn": sum(1 for r in rows if len((r.get("meta") or {}).get(f"{p}ifd_turns") or []) > 1),
+                **work}

@@ -31,19 +31,18 @@ forward: they can change a token only at an exact near-tie, which the tests do n
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dataflywheel.models.cache import shared
+from dataflywheel.models.fingerprint import folder_fingerprint
 from dataflywheel.models.lm_score import DEFAULT_BATCH_SIZE, model_context
 from dataflywheel.models.tiny_lm import load_causal_lm
 
 from .base import Backend, Request, Result, Sample, Sampling, Unit
 
 GREEDY_BELOW = 1e-5  # vLLM _SAMPLING_EPS: temperatures below it sample greedily
-_FINGERPRINT_CHUNKS, _CHUNK = 16, 1 << 16  # bytes read per file to fingerprint a local model folder
 
 
 @dataclass
@@ -217,21 +216,6 @@ def decode(
             body = d.ids[:-1] if d.ids and d.ids[-1] in eos else d.ids
             d.text = tokenizer.decode(body, skip_special_tokens=True)
     return out
-
-
-def folder_fingerprint(folder: Path) -> str:
-    """A cheap content fingerprint of a local model folder (names, sizes and 16 spread 64 KiB
-    chunks of every file), so a model retrained into the same folder gets new cache keys. It tells
-    models apart; it is not an integrity check."""
-    digest = hashlib.blake2b(digest_size=12)
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        size = path.stat().st_size
-        digest.update(f"{path.name}\0{size}\0".encode())
-        with open(path, "rb") as f:
-            for i in range(_FINGERPRINT_CHUNKS):
-                f.seek(size * i // _FINGERPRINT_CHUNKS)
-                digest.update(f.read(_CHUNK))
-    return "local-" + digest.hexdigest()
 
 
 def _error(reason: str) -> Sample:

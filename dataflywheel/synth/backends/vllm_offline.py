@@ -30,9 +30,9 @@ from typing import Any
 
 from dataflywheel.errors import UserError
 from dataflywheel.models.cache import shared
+from dataflywheel.models.fingerprint import folder_fingerprint
 
 from .base import Backend, Sample, SampleCache, Unit
-from .transformers import folder_fingerprint
 
 INSTALL_HINT = "install the gpu extra: pip install 'dataflywheel[gpu]'"
 
