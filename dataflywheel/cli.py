@@ -64,7 +64,8 @@ def _execute(cfg, args: argparse.Namespace) -> int:
     reports = []
     for job in cfg.jobs:
         print(f"== job {job.name}: {cfg.runner.engine} engine", flush=True)
-        for stage in job.build_stages():  # e.g. the LSH S-curve a dedup stage will run with
+        stages = job.build_stages()
+        for stage in stages:  # e.g. the LSH S-curve a dedup stage will run with
             if hasattr(stage, "describe"):
                 print(stage.describe(), flush=True)
         report = run_job(job, cfg.runner)
@@ -73,6 +74,10 @@ def _execute(cfg, args: argparse.Namespace) -> int:
             print("dry run: the Dataflow job graph was built and validated; nothing was submitted")
             continue
         print(report.table())
+        stats = {s.stage: s.stats for s in report.stages}
+        for stage in stages:  # what a stage realized, e.g. the mixture per group beside the request
+            if hasattr(stage, "summarize") and stage.name in stats:
+                print(stage.summarize(stats[stage.name]), flush=True)
         path = report.save(Path(job.output.path) / "_report.json")
         print(f"kept rows in {job.output.path}; report {path}", flush=True)
     if cfg.report:
@@ -154,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # model-loading progress bars would interleave with the run report
+        import os
+
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return args.func(args)
     except UserError as err:

@@ -53,7 +53,7 @@ def test_weights_with_and_without_redistribution():
     kept, _, step = mix(rows, strategy="weights", weights={"A": 1, "B": 1, "C": 2}, budget=40, redistribute=False)
     assert kept == {"A": 10, "B": 10, "C": 10}
     stats = step.last_plan.stats()
-    assert step.describe().splitlines()[-1].endswith("ran short, pool below request (the rest went to other groups "
+    assert step.summarize().splitlines()[-1].endswith("ran short, pool below request (the rest went to other groups "
                                                      "if redistribute): C (10 < 20)")
     assert stats["requested/C"] == 20 and stats["mix/C"] == 10 and stats["pool/D"] == 5 and stats["mix/D"] == 0
 
@@ -73,7 +73,7 @@ def test_capped_water_filling_and_unmet_budget():
     # only A capped (5): B 30 and C 10 give all they have; 45 < 50 is all there is
     kept, _, step = mix(pool(ABC), strategy="capped", caps={"A": 5}, budget=50)
     assert kept == {"A": 5, "B": 30, "C": 10}
-    text = step.describe()
+    text = step.summarize()
     assert "budget 50 rows, realized 45" in text and "ran short" not in text  # capped, not short
 
 

@@ -306,8 +306,17 @@ class Mixture(GlobalStep):
             plan = self.plan(rows)
         return plan.stats()
 
-    def describe(self, stats: dict[str, int] | None = None) -> str:
-        """The requested vs realized mixture: from report counts, or from the last run here."""
+    def describe(self) -> str:
+        """The plan before a run (the CLI prints it first; ``summarize`` gives the realized mixture after)."""
+        c = self.config
+        size = f"budget {c.budget}" if c.budget is not None else f"fraction {c.fraction}"
+        line = f"{self.name}: groups by {c.group_by}, strategy {c.strategy}, {size} {c.unit}"
+        if c.replay_group:
+            line += f", replay {c.replay_group} at {c.replay_share:.0%}"
+        return line
+
+    def summarize(self, stats: dict[str, int] | None = None) -> str:
+        """The requested vs realized mixture: from the run report's counts, or from the last run here."""
         if stats is None:
             stats = self.last_plan.stats() if self.last_plan is not None else {}
         return describe_mixture(stats, self.config.unit)

@@ -127,12 +127,15 @@ class InsTagSample(GlobalStep):
     def describe(self) -> str:
         c = self.config
         size = f"budget {c.budget}" if c.budget is not None else f"fraction {c.fraction}"
-        line = f"{self.name}: InsTag complexity-first diverse sampling (Algorithm 1) of meta.{c.field}, {size}"
-        if self.last:
-            s = self.last
-            line += (f"\n  selected {s['selected']:.0f} of {s['pool']:.0f}: tag coverage {s['coverage']:.1%}, "
-                     f"mean tags {s['mean_selected']:.2f} (pool {s['mean_pool']:.2f})")
-        return line
+        return f"{self.name}: InsTag complexity-first diverse sampling (Algorithm 1) of meta.{c.field}, {size}"
+
+    def summarize(self, stats: dict[str, int]) -> str:
+        """The realized selection, from the run report's counts (``tally``)."""
+        if "coverage_permille" not in stats:
+            return f"{self.name}: nothing selected"
+        return (f"{self.name}: selected {stats.get('selected', 0)} ({stats.get('padded', 0)} padded): tag coverage "
+                f"{stats['coverage_permille'] / 10:.1f}%, mean tags {stats['mean_tags_selected_milli'] / 1000:.2f} "
+                f"(pool {stats['mean_tags_pool_milli'] / 1000:.2f})")
 
     def key(self, row: dict) -> None:
         return None
