@@ -32,6 +32,7 @@ BUILTIN_MODULES = (
     "dataflywheel.selectors.deita",
     "dataflywheel.selectors.mixture",
     "dataflywheel.selectors.ifd",
+    "dataflywheel.selectors.diversity_stage",
     "dataflywheel.selectors.top",
 )
 
