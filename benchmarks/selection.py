@@ -6,6 +6,8 @@
    answer alone, transformers' own loss over labels with the prompt masked (-100). The IFDs must
    agree to 1e-5 (``BENCH ifd_matches_reference``) and the stage must be no slower than the bare
    loop (``BENCH ifd_stage_vs_reference_loop``).
+   The same on HH-RLHF's multi-turn conversations (helpful-online test, the chosen side): every
+   assistant turn with its context, pooled over the row, against the same loop turn by turn.
 2. Embeddings: ``row_vectors`` (MiniLM from its wheel, through the score cache) vs calling
    ``SentenceTransformer.encode`` on the same texts; then a cached re-run, which embeds nothing.
 3. Selection over 100k synthetic rows (384-d unit vectors, clustered so similarity thresholds
@@ -105,6 +107,68 @@ def bench_ifd(n: int, tmp: Path) -> list[str]:
             f"BENCH ifd_stage_vs_reference_loop {speedup:.2f}x (target >= 0.9) {'PASS' if speedup >= 0.9 else 'FAIL'}"]
 
 
+def load_hh(n: int) -> list[dict]:
+    """Conversations from HH-RLHF's helpful-online test split: the chosen transcripts, multi-turn."""
+    import gzip
+
+    from dataflywheel.records import parse_hh_transcript, validate
+
+    rows = []
+    with gzip.open(DATA / "hh_rlhf" / "helpful-online_test.jsonl.gz", "rt") as f:
+        for i, line in enumerate(f):
+            try:
+                row = validate("conversation", {"id": f"hh{i}", "messages": parse_hh_transcript(json.loads(line)["chosen"], "chosen")})
+            except Exception:  # noqa: BLE001 - a transcript that is not a clean user/assistant alternation
+                continue
+            rows.append(row)
+            if len(rows) == n:
+                break
+    return rows
+
+
+def bench_ifd_multi_turn(n: int, tmp: Path) -> list[str]:
+    """Every assistant turn scored with its context: the stage vs the reference loop, turn by turn."""
+    import torch
+
+    from dataflywheel.models.tiny_lm import build_tiny_causal_lm, load_causal_lm
+    from dataflywheel.registry import stage_class
+    from dataflywheel.selectors.ifd import render_turns
+
+    rows = load_hh(n)
+    model_dir = str(build_tiny_causal_lm(tmp / "lm-hh", hidden=128, layers=4, max_positions=1024))
+    model, tok = load_causal_lm(model_dir)
+    stage = stage_class("ifd")(model=model_dir, template="plain", max_ifd=None, drop_truncated=False,
+                               max_length=1024, forward_batch_size=8, device="cpu")
+    stage.setup()
+    stage.score(rows[:2])
+    turns = sum(len(render_turns(r, "plain")) for r in rows)
+    start = time.perf_counter()
+    ref = []
+    for row in rows:  # pooled IFD: summed NLLs over every turn, as the stage's default
+        cond = alone = nc = na = 0.0
+        for prompt, answer in render_turns(row, "plain"):
+            q = tok(prompt, add_special_tokens=False)["input_ids"]
+            a = tok(answer, add_special_tokens=False)["input_ids"]
+            with torch.inference_mode():
+                lc = model(input_ids=torch.tensor([q + a]), labels=torch.tensor([[-100] * len(q) + a])).loss.item()
+                la = model(input_ids=torch.tensor([a]), labels=torch.tensor([a])).loss.item() if len(a) > 1 else 0.0
+            cond, nc = cond + lc * len(a), nc + len(a)
+            alone, na = alone + la * (len(a) - 1), na + len(a) - 1
+        ref.append((cond / nc) / (alone / na) if nc and na else None)
+    ref_s = time.perf_counter() - start
+    start = time.perf_counter()
+    scored = stage.score(rows)
+    ours_s = time.perf_counter() - start
+    fits = [i for i, r in enumerate(scored) if not r["scores"].get("ifd_truncated") and ref[i] is not None]
+    diff = max(abs(scored[i]["scores"]["ifd"] - ref[i]) for i in fits)
+    print(f"IFD, {len(rows)} HH-RLHF conversations ({turns} assistant turns), tiny Llama, max_length 1024:")
+    print(f"  reference (turn by turn):  {turns / ref_s:7.1f} turns/s")
+    print(f"  ifd stage (pooled):        {turns / ours_s:7.1f} turns/s   ({ref_s / ours_s:.2f}x)")
+    print(f"  max |IFD ours - reference| over {len(fits)} untruncated rows: {diff:.2e}")
+    ok = diff <= 1e-5
+    return [f"BENCH ifd_multi_turn_matches_reference max_abs_diff={diff:.2e} (target <= 1e-5) {'PASS' if ok else 'FAIL'}"]
+
+
 def bench_embed(n: int, tmp: Path) -> list[str]:
     from dataflywheel.models.embedder import load_embedder
     from dataflywheel.models.score_cache import ScoreCache
@@ -202,6 +266,7 @@ def main() -> int:
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         lines += bench_ifd(ifd_rows, Path(tmp))
+        lines += bench_ifd_multi_turn(ifd_rows // 2, Path(tmp))
         lines += bench_embed(texts, Path(tmp))
     lines += bench_selection(pool)
     print("\n".join(lines))
