@@ -117,6 +117,16 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="Dataflow: build and validate the job graph only")
 
 
+def _pipeline_command(sub, name: str, func, help_text: str, config_help: str) -> None:
+    """A named-steps pipeline command (curate, select): a config, input/output overrides, engine options."""
+    cmd = sub.add_parser(name, help=help_text)
+    cmd.add_argument("config", help=config_help)
+    cmd.add_argument("--input", nargs="+", metavar="PATH", help="override input.paths (files, folders, globs)")
+    cmd.add_argument("--output", metavar="DIR", help="override output.path")
+    _engine_options(cmd)
+    cmd.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dataflywheel", description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("-v", "--verbose", action="store_true", help="log Beam and library messages")
@@ -127,19 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_options(run)
     run.set_defaults(func=_run)
 
-    cur = sub.add_parser("curate", help="run the web-curation pipeline of a web config (configs/web.yaml)")
-    cur.add_argument("config", help="web YAML config: input, output and per-step options")
-    cur.add_argument("--input", nargs="+", metavar="PATH", help="override input.paths (files, folders, globs)")
-    cur.add_argument("--output", metavar="DIR", help="override output.path")
-    _engine_options(cur)
-    cur.set_defaults(func=_curate)
-
-    sel = sub.add_parser("select", help="select an SFT training set from an instruction pool (configs/sft_select.yaml)")
-    sel.add_argument("config", help="selection YAML config: input, output, scoring steps, select method, mixture")
-    sel.add_argument("--input", nargs="+", metavar="PATH", help="override input.paths (files, folders, globs)")
-    sel.add_argument("--output", metavar="DIR", help="override output.path")
-    _engine_options(sel)
-    sel.set_defaults(func=_select)
+    _pipeline_command(sub, "curate", _curate, "run the web-curation pipeline of a web config (configs/web.yaml)",
+                      "web YAML config: input, output and per-step options")
+    _pipeline_command(sub, "select", _select,
+                      "select an SFT training set from an instruction pool (configs/sft_select.yaml)",
+                      "selection YAML config: input, output, scoring steps, select method, mixture")
 
     syn = sub.add_parser("synth", help="synthesize instruction data (Self-Instruct / Evol-Instruct) from seeds")
     syn.add_argument("config", help="synth YAML config (configs/synth.yaml)")
