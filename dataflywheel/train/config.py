@@ -1,0 +1,96 @@
+"""The settings every training run shares: model, data, output and the loop's optimizer schedule.
+
+Each algorithm's module (sft.py, rm.py, dpo.py, grpo.py) subclasses ``TrainBase`` with its own
+fields; defaults are stated once, here or there, with their source.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dataflywheel.config import expand_env
+from dataflywheel.errors import UserError
+
+from .model import TinyInit
+
+
+class LoopConfig(BaseModel):
+    """The training loop (loop.py). Optimizer defaults are torch's AdamW (betas, eps) with TRL's
+    weight decay 0.0 and gradient clipping 1.0 (transformers TrainingArguments)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(2e-5, gt=0)  # TRL SFTConfig's override; DPO/RM/GRPO configs set their own
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)  # share of total steps spent warming up linearly from 0
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # the schedule decays to lr * min_lr_ratio
+    max_grad_norm: float | None = Field(1.0, gt=0)  # None: no clipping
+    batch_size: int = Field(8, ge=1)  # rows (or packed bins) per micro-batch
+    grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)  # overrides epochs
+    seed: int = 0
+    device: str = "auto"  # auto: CUDA when available
+    bf16: bool | None = None  # None: bf16 autocast on CUDA, fp32 on CPU
+    log_every: int = Field(1, ge=1)
+    save_every: int | None = Field(None, ge=1)  # checkpoint every N steps (and always at the end)
+    keep_checkpoints: int = Field(2, ge=1)  # older step checkpoints are deleted
+    stop_after: int | None = Field(None, ge=1)  # stop (with a checkpoint) after this step: split a run into sessions
+    progress: bool = True
+
+
+class TrainBase(BaseModel):
+    """What every training config has. ``data``: files, folders or globs of the pipeline's outputs
+    (JSONL / Parquet / HF folders); ``output``: the run folder (checkpoints/, final/, metrics.jsonl)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None  # a local folder or Hub id ...
+    tiny: TinyInit | None = None  # ... or a tiny model built into output/base (offline configs and tests)
+    data: list[str]
+    output: str
+    eval_data: list[str] = []  # held-out rows; empty: split off eval_fraction of data
+    eval_fraction: float = Field(0.05, ge=0, lt=1)
+    max_length: int = Field(1024, ge=8)  # TRL's default (REFERENCES §6.1)
+    chat_template: str | None = None  # a Jinja template overriding the tokenizer's
+    lint: Literal["fail", "drop"] = "fail"  # fail: any linter finding stops the run; drop: drop those rows, report
+    resume: bool = True  # continue from the latest checkpoint in output, if any
+    loop: LoopConfig = LoopConfig()
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output)
+
+
+def load_train_config(path: str | Path, cls: type[TrainBase], overrides: dict | None = None) -> TrainBase:
+    """Read a YAML config into ``cls`` (``${VAR}`` expanded; relative paths are from the working
+    directory, as in the other commands). Errors name the file and the key."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise UserError(f"config not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping at the top level")
+    raw = expand_env(raw, str(path))  # ${VAR}, as in every other config
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            raw[key] = value
+    if isinstance(raw.get("data"), str):
+        raw["data"] = [raw["data"]]
+    if isinstance(raw.get("eval_data"), str):
+        raw["eval_data"] = [raw["eval_data"]]
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UserError(f"{path}: {where}: {first['msg']}") from None
