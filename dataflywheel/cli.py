@@ -46,6 +46,32 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_ALGORITHMS = {"sft": "SftConfig", "rm": "RmConfig", "dpo": "DpoConfig", "grpo": "GrpoConfig"}
+
+
+def _train(args: argparse.Namespace) -> int:
+    import importlib
+    import json
+
+    from .train.config import load_train_config
+
+    module = importlib.import_module(f".train.{args.algorithm}", __package__)
+    cfg = load_train_config(args.config, getattr(module, TRAIN_ALGORITHMS[args.algorithm]),
+                            {"output": args.output, "model": args.model, "data": args.data})
+    if args.max_steps:
+        cfg.loop.max_steps = args.max_steps
+    if args.stop_after:
+        cfg.loop.stop_after = args.stop_after
+    if args.fresh:
+        cfg.resume = False
+    summary = module.run(cfg)
+    print(json.dumps(summary, indent=2, default=str))
+    done = "final" in summary
+    print(f"{'model in ' + summary['final'] if done else 'stopped at step ' + str(summary.get('steps'))}; "
+          f"metrics {cfg.out / 'metrics.jsonl'}", flush=True)
+    return 0
+
+
 def _execute(cfg, args: argparse.Namespace) -> int:
     from .pipelines.job import run_job
 
@@ -147,6 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("config", help="synth YAML config (configs/synth.yaml)")
     syn.add_argument("--engine", choices=["local", "plain", "dataflow", "portable"], help="override runner.engine")
     syn.set_defaults(func=_synth)
+
+    train = sub.add_parser("train", help="train a model: sft, rm (reward model), dpo or grpo (configs/train_*.yaml)")
+    train.add_argument("algorithm", choices=list(TRAIN_ALGORITHMS))
+    train.add_argument("config", help="training YAML config (configs/train_<algorithm>.yaml)")
+    train.add_argument("--output", metavar="DIR", help="override output (the run folder)")
+    train.add_argument("--model", help="override model (a folder or Hub id)")
+    train.add_argument("--data", nargs="+", metavar="PATH", help="override data (files, folders, globs)")
+    train.add_argument("--max-steps", type=int, help="override loop.max_steps")
+    train.add_argument("--stop-after", type=int, metavar="STEP", help="checkpoint and stop after this step")
+    train.add_argument("--fresh", action="store_true", help="ignore checkpoints in the output folder")
+    train.set_defaults(func=_train)
 
     val = sub.add_parser("validate", help="check a config file without running it")
     val.add_argument("config")

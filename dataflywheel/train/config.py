@@ -84,6 +84,8 @@ def load_train_config(path: str | Path, cls: type[TrainBase], overrides: dict | 
     for key, value in (overrides or {}).items():
         if value is not None:
             raw[key] = value
+    if (overrides or {}).get("model"):
+        raw.pop("tiny", None)  # a model given on the command line replaces the config's tiny init
     if isinstance(raw.get("data"), str):
         raw["data"] = [raw["data"]]
     if isinstance(raw.get("eval_data"), str):

@@ -180,6 +180,32 @@ def _trim_metrics(path: Path, upto: int) -> None:
     path.write_text("".join(ln + "\n" for ln in lines))
 
 
+def accumulate(model: torch.nn.Module, batches: list[Any], loss_fn: Callable[[Any, Any], LossOut],
+               params: list[torch.nn.Parameter], autocast: Callable[[], Any] = contextlib.nullcontext,
+               ) -> tuple[float, float, dict[str, list[float]]]:
+    """One step's gradient: backprop each micro-batch's summed loss, then divide the accumulated
+    gradient once by the step's total count, giving the gradient of Σ loss / N_global (module
+    docstring). Returns (Σ loss, N_global, metric sums)."""
+    loss_total, count_total = 0.0, 0.0
+    sums: dict[str, list[float]] = {}
+    for batch in batches:
+        with autocast():  # forward only: backward runs outside autocast (PyTorch AMP recipe)
+            out = loss_fn(model, batch)
+        if out.loss_sum.requires_grad:
+            out.loss_sum.backward()
+        loss_total += float(out.loss_sum.detach())
+        count_total += float(out.count)
+        for name, (s, c) in out.metrics.items():
+            acc = sums.setdefault(name, [0.0, 0.0])
+            acc[0] += float(s)
+            acc[1] += float(c)
+    if count_total > 0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.div_(count_total)
+    return loss_total, count_total, sums
+
+
 def train_loop(
     model: torch.nn.Module,
     cfg: LoopConfig,
@@ -215,32 +241,18 @@ def train_loop(
     if start == 0:
         metrics_path.unlink(missing_ok=True)
     _trim_metrics(metrics_path, start)
-    autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if bf16 and device.startswith("cuda")
-                else contextlib.nullcontext())
+    def autocast() -> Any:
+        if bf16 and device.startswith("cuda"):
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     last: dict[str, Any] = {"step": start}
     bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not cfg.progress, dynamic_ncols=True)
     step = start
     while step < total_steps:
         t0 = time.perf_counter()
         model.train()
-        loss_total, count_total = 0.0, 0.0
-        sums: dict[str, list[float]] = {}
-        for batch in step_batches(step):
-            with autocast:
-                out = loss_fn(model, batch)
-            if out.loss_sum.requires_grad:
-                out.loss_sum.backward()
-            loss_total += float(out.loss_sum.detach())
-            count_total += float(out.count)
-            for name, (s, c) in out.metrics.items():
-                acc = sums.setdefault(name, [0.0, 0.0])
-                acc[0] += float(s)
-                acc[1] += float(c)
-        # Σ loss / N_global: divide the summed gradient once by the step's count (module docstring).
-        if count_total > 0:
-            for p in params:
-                if p.grad is not None:
-                    p.grad.div_(count_total)
+        loss_total, count_total, sums = accumulate(model, step_batches(step), loss_fn, params, autocast)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         lr = opt.param_groups[0]["lr"]
         opt.step()
