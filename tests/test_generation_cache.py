@@ -18,7 +18,8 @@ WRITERS, THREADS, KEYS_EACH, STRIDE, BATCH = 4, 2, 300, 150, 7  # writer w write
 
 
 def sample_for(i: int) -> Sample:
-    return Sample(text=f"text {i} ✓", finish_reason="stop", tokens=i % 13, logprobs=[-0.5, -float(i)], seed=i)
+    return Sample(text=f"text {i} ✓", finish_reason="stop", tokens=i % 13, logprobs=[-0.5, -float(i)], seed=i,
+                  token_ids=[i, 2])
 
 
 def write_keys(cache: GenerationCache, writer: int) -> int:
@@ -67,6 +68,16 @@ def test_round_trip_first_writer_wins_and_stats(tmp_path):
     assert cache.get_many(["b"]) == {"b": sample_for(2)}  # reopens on use
 
 
+def test_entries_written_before_token_ids_existed_still_load(tmp_path):
+    cache = GenerationCache(tmp_path / "gen.sqlite")
+    old = '{"text":"hi","finish_reason":"stop","tokens":2,"logprobs":null,"seed":7,"error":null}'
+    cache.store.put_many([("old", old)])  # the JSON an earlier version stored: no token_ids key
+    cache.put_many([("new", sample_for(5))])
+    got = cache.get_many(["old", "new"])
+    assert got["old"] == Sample(text="hi", finish_reason="stop", tokens=2, seed=7) and got["old"].token_ids is None
+    assert got["new"].token_ids == [5, 2]
+
+
 def test_concurrent_writers_lose_nothing_and_never_fail(tmp_path):
     cache = GenerationCache(tmp_path / "gen.sqlite")  # fresh file: the writers also race to create it
     ctx = multiprocessing.get_context("spawn")
@@ -99,8 +110,9 @@ def test_rerun_through_a_backend_generates_nothing(tmp_path):
     replay = again.generate(requests)
     assert again.counts["cache_hits"] == 7 and again.counts["cache_misses"] == 0 and again.counts["tokens"] == 0
     assert all(s.cached for r in replay for s in r.samples)
-    assert [[(s.text, s.tokens, s.seed, s.logprobs) for s in r.samples] for r in replay] == [
-        [(s.text, s.tokens, s.seed, s.logprobs) for s in r.samples] for r in made]
+    assert [[(s.text, s.tokens, s.seed, s.logprobs, s.token_ids) for s in r.samples] for r in replay] == [
+        [(s.text, s.tokens, s.seed, s.logprobs, s.token_ids) for s in r.samples] for r in made]
+    assert all(s.token_ids for r in replay for s in r.samples)
     # unseeded samples and failed samples are never stored: they are made again every time
     extra = [Request("u", prompt="Hi", sampling=Sampling(n=2, max_tokens=4)),
              Request("e", prompt="", sampling=Sampling(max_tokens=4, seed=3))]

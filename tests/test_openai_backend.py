@@ -166,6 +166,23 @@ def test_logprobs_parsed_or_recorded_missing(fake):
     assert o.logprobs is None and g.logprobs is None and g.finish_reason == "stop" and g.error is None
 
 
+def test_token_ids_read_when_the_server_returns_them(fake):
+    """vLLM's server adds ``choices[i].token_ids`` when the request says ``return_token_ids``."""
+
+    def respond(path, body, n):
+        reply = _reply(body)
+        if body.get("return_token_ids"):
+            reply["choices"][0]["token_ids"] = [5, 9, 2] if body["prompt"] == "ok" else ["5", None]
+        return 200, {}, reply, 0.0
+
+    url, script = fake(respond)
+    asked = OpenAIBackend("m", url, extra_body={"return_token_ids": True})
+    ok, bad = (r.samples[0] for r in asked.generate([Request("a", prompt="ok"), Request("b", prompt="bad")]))
+    assert ok.token_ids == [5, 9, 2] and bad.token_ids is None and bad.finish_reason == "stop"
+    [plain] = OpenAIBackend("m", url).generate([Request("c", prompt="ok")])
+    assert plain.samples[0].token_ids is None and "return_token_ids" not in script.requests[-1][2]
+
+
 def test_finish_reasons_and_tokens(fake):
     cases = {"a": ("stop", 4), "b": ("length", 16), "c": ("content_filter", 3), "d": (None, 16), "e": ("eos", 1)}
 

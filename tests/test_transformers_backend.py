@@ -210,3 +210,84 @@ def test_pickles_without_the_model_and_reloads(llama):
     clone = pickle.loads(pickle.dumps(backend))
     assert clone._lm is None and clone.revision == backend.revision and clone.revision.startswith("local-")
     assert [s.text for s in clone.generate([request])[0].samples] == [s.text for s in before]
+
+
+# -- token ids and the live-model backend (GRPO rollouts) ----------------------------------------
+
+
+def test_token_ids_decode_back_to_the_text(llama, monkeypatch):
+    backend = TransformersBackend(llama)
+    model, tok = backend.load()
+    eos = eos_ids(model, tok)
+    (greedy,) = backend.generate([Request("g", prompt="Hi", sampling=Sampling(temperature=0, max_tokens=12))])[0].samples
+    # make the 4th greedy token an EOS: the sample ends there, and its ids keep the EOS the text drops
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [tok.eos_token_id, greedy.token_ids[3]])
+    requests = [Request("a", messages=CHAT, sampling=hot(n=3, logprobs=True)), Request("g", prompt="Hi",
+                sampling=Sampling(temperature=0, max_tokens=12))]
+    samples = [s for r in backend.generate(requests) for s in r.samples]
+    assert samples[-1].finish_reason == "stop" and samples[-1].token_ids == greedy.token_ids[:4]
+    for s in samples:
+        assert len(s.token_ids) == s.tokens > 0 and all(isinstance(t, int) for t in s.token_ids)
+        body = s.token_ids[:-1] if s.finish_reason == "stop" else s.token_ids
+        assert s.finish_reason == "length" or s.token_ids[-1] in eos | {greedy.token_ids[3]}
+        assert tok.decode(body, skip_special_tokens=True) == s.text
+    assert all(len(s.logprobs) == len(s.token_ids) for s in samples[:3])
+
+
+def _fresh_copy(folder):
+    """A model object of its own (``load_causal_lm`` shares one per process; we perturb this one)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def test_live_backend_matches_the_folder_backend_and_sees_weight_changes(llama):
+    model, tok = _fresh_copy(llama)
+    live = TransformersBackend.from_model(model, tok, "policy", batch_size=4)
+    requests = [Request("c", messages=CHAT, sampling=hot(n=3, logprobs=True)),
+                Request("g", prompt="Count to ten:", sampling=Sampling(temperature=0, max_tokens=12))]
+    got, want = live.generate(requests), TransformersBackend(llama).generate(requests)
+    for a, b in zip(got, want):
+        assert [(s.text, s.token_ids, s.seed) for s in a.samples] == [(s.text, s.token_ids, s.seed) for s in b.samples]
+    assert got[0].samples[0].logprobs == pytest.approx(want[0].samples[0].logprobs, abs=1e-4)
+    assert {r.model for r in got} == {"policy"} and not any(s.cached for r in got for s in r.samples)
+    # an optimizer step changes the weights in place: the very same backend samples from the new ones
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    live.sync_weights(model)  # a no-op, here for symmetry with the vLLM backend
+    moved = live.generate(requests[1:])[0].samples[0]
+    assert moved.token_ids != got[1].samples[0].token_ids
+
+
+def test_live_backend_decodes_in_eval_no_grad_and_restores_each_module_mode(llama):
+    model, tok = _fresh_copy(llama)
+    seen = []
+    model.register_forward_hook(lambda m, args, out: seen.append((m.training, torch.is_grad_enabled())))
+    live = TransformersBackend.from_model(model, tok, "policy")
+    model.train()
+    frozen = model.model.layers[0]
+    frozen.eval()  # a submodule the trainer keeps in eval: model.train() afterwards would flip it
+    sample = live.generate([Request("a", prompt="Hi", sampling=hot(n=2, max_tokens=5))])[0].samples[0]
+    assert sample.tokens == 5 and seen and set(seen) == {(False, False)}
+    assert model.training and model.model.layers[1].training and not frozen.training
+    # what was made under inference is not in the way of the next training step
+    ids = torch.tensor([tok("Hi there")["input_ids"]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.lm_head.parameters())
+    model.eval()
+    live.generate([Request("b", prompt="Hi", sampling=hot(n=1, max_tokens=2))])
+    assert not any(m.training for m in model.modules())
+
+
+def test_live_backend_refuses_a_cache_and_pickling(llama, tmp_path):
+    from dataflywheel.errors import UserError
+    from dataflywheel.synth.cache import GenerationCache
+
+    model, tok = _fresh_copy(llama)
+    with pytest.raises(UserError, match="weights change every step"):
+        TransformersBackend.from_model(model, tok, "policy", cache=GenerationCache(tmp_path / "c.sqlite"))
+    with pytest.raises(TypeError, match="does not pickle"):
+        pickle.dumps(TransformersBackend.from_model(model, tok, "policy"))

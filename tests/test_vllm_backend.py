@@ -30,9 +30,14 @@ class FakeVLLMForTests:
     sampling_params, use_tqdm=...)`` (one ``SamplingParams`` per prompt, outputs in input order),
     ``SamplingParams`` (validated as vLLM does), and ``RequestOutput.outputs[i]`` as a
     ``CompletionOutput`` with ``text``, ``token_ids``, ``finish_reason`` and ``logprobs`` (per
-    position, a dict token id -> ``Logprob``). The "model" writes words picked by a PRNG seeded from
-    the prompt and the request seed, so outputs are deterministic per (prompt, seed) and differ
-    across seeds. Like ``vllm.LLM`` it is not thread-safe; unlike it, it detects overlapping calls.
+    position, a dict token id -> ``Logprob``). For weight sync: ``LLM.collective_rpc(method,
+    timeout=None, args=(), kwargs=None)`` (a method name, or a callable that gets the worker as its
+    first argument; one result per worker) on one in-process worker whose ``model_runner.model``
+    has ``load_weights(weights)`` (raising on a name the model lacks, as vLLM's loaders do), and
+    ``LLM.reset_prefix_cache()``. The "model" writes words picked by a PRNG seeded from the prompt,
+    the request seed and a digest of its weights, so outputs are deterministic per (prompt, seed,
+    weights) and differ across seeds. Like ``vllm.LLM`` it is not thread-safe; unlike it, it
+    detects overlapping calls, weight loads included.
     """
 
     VOCAB = ["alpha", "beta", "gamma", "delta", "stop", "omega", "sigma", "tau", "\n\n", "16."]
@@ -92,6 +97,26 @@ class FakeVLLMForTests:
             if self.logprobs is not None and self.logprobs < -1:
                 raise ValueError(f"logprobs must be non-negative or -1, got {self.logprobs}.")
 
+    class Model:
+        """The worker's model: parameters by Hugging Face name, loaded in place as vLLM's do."""
+
+        def __init__(self) -> None:
+            self.params: dict[str, list[float]] = {"embed.weight": [0.0, 0.0], "head.weight": [0.0], "head.bias": [0.0]}
+            self.loaded: list[tuple[str, Any]] = []  # every (name, tensor) received, in order
+
+        def load_weights(self, weights: Any) -> set[str]:
+            done = set()
+            for name, tensor in weights:
+                if name not in self.params:
+                    raise KeyError(name)  # vLLM: params_dict[name] on a name the model lacks
+                self.loaded.append((name, tensor))
+                self.params[name] = [float(x) for x in tensor.detach().flatten().tolist()]
+                done.add(name)
+            return done
+
+        def digest(self) -> str:
+            return hashlib.sha256(repr(sorted(self.params.items())).encode()).hexdigest()[:16]
+
     class LLM:
         instances: list = []  # every engine built in this test
 
@@ -104,7 +129,29 @@ class FakeVLLMForTests:
             self.overlaps = 0
             self.dead = False
             self.finish_override: str | None = None
+            self.worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(model=FakeVLLMForTests.Model()))
+            self.events: list[str] = []  # weight loads and prefix-cache resets, in order
             FakeVLLMForTests.LLM.instances.append(self)
+
+        def collective_rpc(self, method: Any, timeout: float | None = None, args: tuple = (),
+                           kwargs: dict | None = None) -> list:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            if self.active > 1:
+                self.overlaps += 1
+            try:
+                time.sleep(0.002)
+                fn = getattr(self.worker, method) if isinstance(method, str) else method
+                result = fn(*args, **(kwargs or {})) if isinstance(method, str) else fn(self.worker, *args,
+                                                                                       **(kwargs or {}))
+                self.events.append(f"rpc:{getattr(method, '__name__', method)}")
+                return [result]  # one worker
+            finally:
+                self.active -= 1
+
+        def reset_prefix_cache(self) -> bool:
+            self.events.append("reset_prefix_cache")
+            return True
 
         def generate(self, prompts: Any, sampling_params: Any = None, *, use_tqdm: bool = True) -> list:
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -132,12 +179,13 @@ class FakeVLLMForTests:
                     if len(p.split()) > self.max_model_len:
                         raise ValueError(f"The decoder prompt (length {len(p.split())}) is longer than the "
                                          f"maximum model length of {self.max_model_len}.")
-                return [self._one(str(i), p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+                weights = self.worker.model_runner.model.digest()
+                return [self._one(str(i), p, sp, weights) for i, (p, sp) in enumerate(zip(prompts, params))]
             finally:
                 self.active -= 1
 
-        def _one(self, request_id: str, prompt: str, sp: Any) -> Any:
-            outs = [FakeVLLMForTests.complete(prompt, sp, j) for j in range(sp.n)]
+        def _one(self, request_id: str, prompt: str, sp: Any, weights: str) -> Any:
+            outs = [FakeVLLMForTests.complete(prompt, sp, j, weights) for j in range(sp.n)]
             if self.finish_override:
                 for o in outs:
                     o.finish_reason = self.finish_override
@@ -150,12 +198,14 @@ class FakeVLLMForTests:
             "<|im_start|>assistant\n"
 
     @staticmethod
-    def complete(prompt: str, sp: Any, index: int = 0) -> Any:
-        """One completion: deterministic for a given (prompt, seed); random when seed is None."""
+    def complete(prompt: str, sp: Any, index: int = 0, weights: str | None = None) -> Any:
+        """One completion: deterministic for a given (prompt, seed, weights); random when seed is
+        None. ``weights=None`` is the engine's weights as loaded."""
+        weights = weights or FakeVLLMForTests.Model().digest()
         if sp.seed is None:
             rng = random.Random()
         else:
-            rng = random.Random(hashlib.sha256(f"{sp.seed}|{index}|{prompt}".encode()).digest())
+            rng = random.Random(hashlib.sha256(f"{sp.seed}|{index}|{prompt}|{weights}".encode()).digest())
         V = FakeVLLMForTests
         token_ids, text, logprobs, finish = [], "", [], "length"
         for _ in range(sp.max_tokens):
@@ -276,10 +326,11 @@ def test_output_mapping_finish_reason_tokens_and_sampled_logprobs(fake_vllm):
         ref = fake_vllm.complete(req.prompt, fake_vllm.SamplingParams(seed=sample_seed(req.sampling.seed, 0),
                                                                       max_tokens=6, logprobs=0))
         assert s.text == ref.text and s.finish_reason == ref.finish_reason
-        assert s.tokens == len(ref.token_ids) > 0
+        assert s.tokens == len(ref.token_ids) > 0 and s.token_ids == ref.token_ids  # EOS included when made
         assert s.logprobs == [pos[t].logprob for t, pos in zip(ref.token_ids, ref.logprobs)]
         reasons.add(s.finish_reason)
     assert reasons == {"stop", "length"}  # both paths were exercised
+    assert any(r.samples[0].token_ids[-1] == fake_vllm.EOS for r in results)
     [plain] = b.generate([Request("x", prompt="no logprobs", sampling=Sampling(seed=1))])
     assert plain.samples[0].logprobs is None
     fake_vllm.LLM.instances[0].finish_override = "abort"
@@ -400,3 +451,81 @@ def test_handler_shares_a_vllm_backend_across_processes_by_default(fake_vllm):
     assert isinstance(model, VLLMBackend) and fake_vllm.LLM.instances[0].max_model_len == 64
     [res] = handler.run_inference([Request("a", messages=CHAT, sampling=Sampling(seed=1))], model)
     assert res.request_id == "a" and res.backend == "vllm" and res.samples[0].finish_reason in ("stop", "length")
+
+
+# -- weight sync for RL rollouts ------------------------------------------------------------------
+
+
+def _policy(fill: float):
+    torch = pytest.importorskip("torch")
+
+    class Policy(torch.nn.Module):  # Hugging Face-style names: what the engine's loader maps
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(1, 2)
+            self.head = torch.nn.Linear(1, 1)
+            for p in self.parameters():
+                torch.nn.init.constant_(p, fill)
+
+    return Policy()
+
+
+def test_sync_weights_loads_every_parameter_then_resets_the_prefix_cache(fake_vllm):
+    b = backend()
+    engine = fake_vllm.LLM.instances[0]
+    req = [Request("a", prompt="Tell me", sampling=Sampling(n=2, seed=3, max_tokens=8))]
+    before = [s.text for s in b.generate(req)[0].samples]
+    policy = _policy(0.5)
+    b.sync_weights(policy)
+    loaded = engine.worker.model_runner.model.loaded
+    assert [name for name, _ in loaded] == [name for name, _ in policy.named_parameters()]
+    for (_, sent), param in zip(loaded, policy.parameters()):
+        assert not sent.requires_grad and sent.data_ptr() == param.data_ptr()  # detached, not copied
+    assert engine.events == ["rpc:load_weights_on_worker", "reset_prefix_cache"]
+    assert b.counts["weight_syncs"] == 1 and b.counts["weights_synced"] == 3
+    after = [s.text for s in b.generate(req)[0].samples]
+    assert after != before  # the engine samples from the new weights
+    engine_weights = engine.worker.model_runner.model.digest()
+    assert after == [fake_vllm.complete("Tell me", fake_vllm.SamplingParams(seed=sample_seed(3, i), max_tokens=8), 0,
+                                        engine_weights).text for i in range(2)]
+    # (name, tensor) pairs from a generator work too; the original weights give the original samples
+    b.sync_weights((name, p) for name, p in _policy(0.0).named_parameters())
+    assert [s.text for s in b.generate(req)[0].samples] == before
+    assert engine.events[2:] == ["rpc:load_weights_on_worker", "reset_prefix_cache"]
+
+
+def test_sync_weights_refuses_a_cache_and_bad_weights(fake_vllm):
+    with pytest.raises(UserError, match="cache=None"):
+        backend(cache=DictCache()).sync_weights(_policy(1.0))
+    b = backend()
+    with pytest.raises(ValueError, match="no weights"):
+        b.sync_weights([])
+    torch = pytest.importorskip("torch")
+    with pytest.raises(KeyError, match="lm_head.weight"):  # the engine's loader names the stranger
+        b.sync_weights([("lm_head.weight", torch.zeros(2))])
+    assert fake_vllm.LLM.instances[-1].events == []  # the load raised: no reset, nothing half-reported
+
+
+def test_sync_never_overlaps_generation_in_the_engine(fake_vllm):
+    b = backend()
+    policies = [_policy(float(i)) for i in range(3)]
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            for j in range(4):
+                if k == 0:
+                    b.sync_weights(policies[j % 3])
+                else:
+                    b.generate([Request(f"{k}-{j}", prompt=f"p {k} {j}", sampling=Sampling(seed=j))])
+        except BaseException as err:  # noqa: B036 - surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    engine = fake_vllm.LLM.instances[0]
+    assert not errors and engine.events.count("reset_prefix_cache") == 4
+    assert engine.max_active == 1 and engine.overlaps == 0

@@ -37,6 +37,7 @@ class LoopConfig(BaseModel):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1)  # overrides epochs
     seed: int = 0
+    shuffle: bool = True  # False: items in data order every epoch (a curriculum; matching another trainer)
     device: str = "auto"  # auto: CUDA when available
     bf16: bool | None = None  # None: bf16 autocast on CUDA, fp32 on CPU
     log_every: int = Field(1, ge=1)

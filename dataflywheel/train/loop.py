@@ -54,9 +54,10 @@ def steps_for(n_items: int, cfg: LoopConfig) -> int:
     return max(1, math.ceil(cfg.epochs * n_items / (cfg.batch_size * cfg.grad_accum)))
 
 
-def index_plan(n_items: int, batch_size: int, grad_accum: int, seed: int) -> Callable[[int], list[list[int]]]:
-    """``step -> micro-batches of item indices``: the items in a fresh seeded shuffle per epoch,
-    laid end to end and cut into micro-batches; a pure function of the step (resume replays it)."""
+def index_plan(n_items: int, batch_size: int, grad_accum: int, seed: int,
+               shuffle: bool = True) -> Callable[[int], list[list[int]]]:
+    """``step -> micro-batches of item indices``: the items in a fresh seeded shuffle per epoch (or
+    in order), laid end to end and cut into micro-batches; a pure function of the step (resume replays it)."""
     if n_items < 1:
         raise ValueError("no training items")
     perms: dict[int, list[int]] = {}
@@ -65,7 +66,8 @@ def index_plan(n_items: int, batch_size: int, grad_accum: int, seed: int) -> Cal
         epoch, at = divmod(position, n_items)
         if epoch not in perms:
             order = list(range(n_items))
-            random.Random(seed * 1_000_003 + epoch).shuffle(order)
+            if shuffle:
+                random.Random(seed * 1_000_003 + epoch).shuffle(order)
             perms[epoch] = order
         return perms[epoch][at]
 
@@ -249,6 +251,7 @@ def train_loop(
     last: dict[str, Any] = {"step": start}
     bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not cfg.progress, dynamic_ncols=True)
     step = start
+    session = {"seconds": 0.0, "tokens": 0.0}  # this process's steps, for the run's throughput
     while step < total_steps:
         t0 = time.perf_counter()
         model.train()
@@ -263,7 +266,9 @@ def train_loop(
         last = {"step": step, "loss": loss_total / count_total if count_total else 0.0, "count": count_total,
                 "lr": lr, "grad_norm": float(grad_norm), "seconds": round(seconds, 4),
                 **{k: s / c for k, (s, c) in sums.items() if c}}
+        session["seconds"] += seconds
         if "tokens" in sums:
+            session["tokens"] += sums["tokens"][0]
             last["tokens"] = sums["tokens"][0]
             last["tokens_per_s"] = round(sums["tokens"][0] / seconds, 1)
         if step % cfg.log_every == 0 or step == total_steps:
@@ -277,4 +282,7 @@ def train_loop(
         if stopping:
             break
     bar.close()
-    return {**last, "resumed_from": start, "total_steps": total_steps}
+    out = {**last, "resumed_from": start, "total_steps": total_steps, "step_seconds": round(session["seconds"], 3)}
+    if session["tokens"] and session["seconds"]:
+        out["tokens_per_s_run"] = round(session["tokens"] / session["seconds"], 1)
+    return out

@@ -35,14 +35,14 @@ def sft_batches(examples: list[Example], cfg: SftConfig, pad_id: int) -> tuple[A
         bins = bfd(lengths, cfg.max_length)
         fill = [sum(lengths[i] for i in b) for b in bins]
         stats = {"bins": len(bins), "padding_fraction": padding_fraction(fill, cfg.max_length)}
-        plan = index_plan(len(bins), loop.batch_size, loop.grad_accum, loop.seed)
+        plan = index_plan(len(bins), loop.batch_size, loop.grad_accum, loop.seed, loop.shuffle)
 
         def step_batches(step: int) -> list[dict]:
             return [collate_packed([[examples[i] for i in bins[b]] for b in mb], pad_id, cfg.attention)
                     for mb in plan(step)]
 
         return step_batches, len(bins), stats
-    plan = index_plan(len(examples), loop.batch_size, loop.grad_accum, loop.seed)
+    plan = index_plan(len(examples), loop.batch_size, loop.grad_accum, loop.seed, loop.shuffle)
     first = plan(0)  # padding is per micro-batch: measure it over one epoch's worth of batches
     widths = [max(lengths[i] for i in mb) for mb in first]
     stats = {"padding_fraction": padding_fraction([sum(lengths[i] for i in mb) for mb in first],
@@ -109,6 +109,7 @@ def run(cfg: SftConfig) -> dict:
         "algorithm": "sft", "model": model_name, "rows": len(examples), "eval_rows": len(eval_examples),
         "lint": dict(lint.counts), "truncated": lint.truncated, "packing": cfg.packing, **pack_stats,
         "steps": last["step"], "train_loss": last.get("loss"), "seconds": round(time.perf_counter() - t0, 2),
+        "step_seconds": last.get("step_seconds"), "tokens_per_s": last.get("tokens_per_s_run"),
         "eval_loss": eval_loss(model, eval_examples, tok.pad_token_id, device, cfg.eval_batch_size),
     }
     if last["step"] >= total:

@@ -27,8 +27,8 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FINISH_REASONS = ("stop", "length", "error")
-_COUNTS_LOCK = threading.Lock()  # Beam threads may share one backend; Counter.update is not atomic  # OpenAI's, plus "error" for a sample that failed
+FINISH_REASONS = ("stop", "length", "error")  # OpenAI's, plus "error" for a sample that failed
+_COUNTS_LOCK = threading.Lock()  # Beam threads may share one backend; Counter.update is not atomic
 
 
 class Sampling(BaseModel):
@@ -76,6 +76,9 @@ class Sample:
     finish_reason: str  # one of FINISH_REASONS
     tokens: int = 0  # completion tokens (0 when the backend cannot tell)
     logprobs: list[float] | None = None  # per sampled token; None: not asked for, or not returned
+    # The generated token ids, EOS included when generated and, after a stop string, up to the token
+    # that completed it (vLLM's CompletionOutput.token_ids): what GRPO trains on. None: not returned.
+    token_ids: list[int] | None = None
     seed: int | None = None
     cached: bool = False
     error: str | None = None  # why, when finish_reason == "error"
@@ -148,6 +151,11 @@ class Backend:
         """One sample per unit, in order. Failures are ``Sample(finish_reason="error")``, not raises,
         unless the whole backend is unusable."""
         raise NotImplementedError
+
+    def sync_weights(self, weights: Any) -> None:
+        """Give the engine new weights (an ``nn.Module`` or its ``(name, tensor)`` pairs), for RL
+        rollouts from the policy being trained. Backends that serve a fixed checkpoint cannot."""
+        raise NotImplementedError(f"the {self.name} backend generates from a fixed model and cannot take new weights")
 
     def generate(self, requests: list[Request]) -> list[Result]:
         todo = units(requests)

@@ -208,8 +208,11 @@ class OpenAIBackend(Backend):
         reason = choice.get("finish_reason")
         if reason is None:  # not reported: infer from the budget
             reason = "length" if tokens >= unit.request.sampling.max_tokens else "stop"
+        # vLLM's server returns a choice's token ids when asked (extra_body {"return_token_ids": true})
+        ids = choice.get("token_ids")
+        token_ids = ids if isinstance(ids, list) and all(isinstance(t, int) for t in ids) else None
         if reason in FINISH_MAP:
-            return Sample(text, FINISH_MAP[reason], tokens=tokens, logprobs=logprobs)
+            return Sample(text, FINISH_MAP[reason], tokens=tokens, logprobs=logprobs, token_ids=token_ids)
         return Sample(text, "error", tokens=tokens, logprobs=logprobs, error=f"finish_reason {reason!r}")
 
     def _backoff(self, retry: int, headers: Any = None) -> float | None:

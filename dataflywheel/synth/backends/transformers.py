@@ -21,9 +21,9 @@ Conventions, stated once (vLLM's, so results compare across backends):
   without adding special tokens (the template writes them); a raw prompt is tokenized as is, with
   the tokenizer's default special tokens (vLLM's ``LLM.generate`` on a string).
 - ``text`` leaves out EOS, special tokens (vLLM's ``skip_special_tokens=True``) and the stop string
-  with all after it; ``tokens`` counts every generated token, EOS included, and ``logprobs`` has
-  one entry per token. ``finish_reason``: "stop" at EOS or a stop string, "length" at
-  ``max_tokens`` or at the model's context length.
+  with all after it; ``token_ids`` holds every generated token, EOS included (``tokens`` counts
+  them), and ``logprobs`` has one entry per token. ``finish_reason``: "stop" at EOS or a stop
+  string, "length" at ``max_tokens`` or at the model's context length.
 
 Batch invariance holds up to the last-bit float differences between a batched and an unbatched
 forward: they can change a token only at an exact near-tie, which the tests do not meet.
@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dataflywheel.errors import UserError
 from dataflywheel.models.cache import shared
 from dataflywheel.models.fingerprint import folder_fingerprint
 from dataflywheel.models.lm_score import DEFAULT_BATCH_SIZE, model_context
@@ -332,5 +333,57 @@ class TransformersBackend(Backend):
                 return [s for u in batch for s in self._run(model, tok, [u], encoded, context)]
             return [_error(f"generation failed: {type(err).__name__}: {err}")]
         return [Sample(text=d.text, finish_reason=d.finish_reason, tokens=len(d.ids),
-                       logprobs=d.logprobs if s.logprobs else None)
+                       logprobs=d.logprobs if s.logprobs else None, token_ids=d.ids)
                 for d, s in zip(done, settings)]
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, name: str, batch_size: int = DEFAULT_BATCH_SIZE,
+                   cache: Any = None) -> LiveTransformersBackend:
+        """A backend over an already-loaded model that keeps changing (``LiveTransformersBackend``)."""
+        return LiveTransformersBackend(model, tokenizer, name, batch_size=batch_size, cache=cache)
+
+
+class LiveTransformersBackend(TransformersBackend):
+    """``generate`` with a model object already in memory whose weights change between calls: the
+    policy of an RL loop (GRPO rollouts). ``name`` is what results report as the model.
+
+    Nothing is loaded and nothing is cached: a cached sample would be the text of older weights, so
+    passing a cache is an error. Each call decodes in eval mode (no dropout while sampling) under
+    ``torch.no_grad``, then gives every submodule back the train/eval flag it had, because the
+    trainer calls it mid-training. The backend reads the module itself, so it always sees the
+    current weights and ``sync_weights`` has nothing to do.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, name: str, batch_size: int = DEFAULT_BATCH_SIZE,
+                 cache: Any = None):
+        if cache is not None:
+            raise UserError(f"live model backend {name!r} takes no generation cache: its weights change every "
+                            f"step, so a cached sample would come from older weights (got cache={cache!r})")
+        super().__init__(name, batch_size=batch_size)
+        self._lm = (model, tokenizer)
+
+    def __getstate__(self) -> dict:
+        raise TypeError("a live model backend holds the model being trained and does not pickle; "
+                        "build it in the process that trains")
+
+    def generate(self, requests: list[Request]) -> list[Result]:
+        return Backend.generate(self, requests)  # no folder to fingerprint, no cache to key
+
+    def load(self) -> tuple[Any, Any]:
+        return self._lm  # type: ignore[return-value]
+
+    def sync_weights(self, weights: Any = None) -> None:
+        """Nothing to do: generation runs on the trained module itself."""
+
+    def _complete(self, todo: list[Unit]) -> list[Sample]:
+        import torch
+
+        model = self._lm[0]  # type: ignore[index]
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            with torch.no_grad():
+                return super()._complete(todo)
+        finally:  # restore flag by flag: model.train(flag) would also flip submodules the trainer froze
+            for module, training in modes:
+                module.training = training

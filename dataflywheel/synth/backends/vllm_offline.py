@@ -18,6 +18,19 @@ One engine per process: engines are keyed by (model, revision or folder fingerpr
 ``models/cache.shared``, so every backend object, DoFn instance and thread of a worker uses the
 same ``LLM``. ``LLM`` is not thread-safe (its ``generate`` adds requests then steps the engine
 until *all* unfinished requests are done), so a lock per engine serializes the calls.
+
+GRPO rollouts sample from the policy being trained, so ``sync_weights`` loads the trainer's weights
+into the engine after each optimizer step, as TRL's colocate mode does (``trl/generation/
+vllm_generation.py``, ``sync_weights``): each worker's ``model.load_weights(pairs)`` (the model's own
+loader maps Hugging Face names onto vLLM's fused, sharded layers), reached through the documented
+``LLM.collective_rpc`` (a callable gets the worker as its first argument), then
+``LLM.reset_prefix_cache()`` so no KV block computed by the old weights is reused. It is meant for
+an engine in the trainer's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; TRL uses
+``distributed_executor_backend="external_launcher"``): the tensors are then passed by reference.
+With the engine core in another process, vLLM serializes the callable (it needs
+``VLLM_ALLOW_INSECURE_SERIALIZATION=1``) and copies every weight through its RPC channel, which the
+``collective_rpc`` docs advise against for data. A synced engine is the shared engine of its
+(model, version, kwargs) key in this process: every backend on that key sees the new weights.
 """
 
 from __future__ import annotations
@@ -32,7 +45,7 @@ from dataflywheel.errors import UserError
 from dataflywheel.models.cache import shared
 from dataflywheel.models.fingerprint import folder_fingerprint
 
-from .base import Backend, Sample, SampleCache, Unit
+from .base import _COUNTS_LOCK, Backend, Sample, SampleCache, Unit
 
 INSTALL_HINT = "install the gpu extra: pip install 'dataflywheel[gpu]'"
 
@@ -98,7 +111,8 @@ def to_sample(output: Any, want_logprobs: bool) -> Sample:
     reason = _FINISH.get(c.finish_reason)
     if reason is None:
         return Sample(c.text, "error", tokens=tokens, error=f"vllm finish_reason={c.finish_reason!r}")
-    return Sample(c.text, reason, tokens=tokens, logprobs=_sampled_logprobs(c) if want_logprobs else None)
+    return Sample(c.text, reason, tokens=tokens, logprobs=_sampled_logprobs(c) if want_logprobs else None,
+                  token_ids=[int(t) for t in c.token_ids])
 
 
 def _sampled_logprobs(c: Any) -> list[float] | None:
@@ -113,6 +127,12 @@ def _sampled_logprobs(c: Any) -> list[float] | None:
             return None
         out.append(float(entry.logprob))
     return out
+
+
+def load_weights_on_worker(worker: Any, weights: list[tuple[str, Any]]) -> None:
+    """Run inside each vLLM worker by ``LLM.collective_rpc``: load ``(name, tensor)`` pairs into its
+    model (``load_weights`` copies into the existing parameters, converting dtype and device)."""
+    worker.model_runner.model.load_weights(weights=weights)
 
 
 def _is_fatal(err: BaseException) -> bool:
@@ -152,6 +172,24 @@ class VLLMBackend(Backend):
             self._vllm = import_vllm()
             self._engine = _get_engine(self._vllm, self.model, self._hub_revision, self.revision, self.engine_kwargs)
         return self._engine  # type: ignore[return-value]
+
+    def sync_weights(self, weights: Any) -> None:
+        """Load ``weights`` (an ``nn.Module``, whose ``named_parameters()`` are sent as TRL does, or
+        ``(name, tensor)`` pairs with Hugging Face names) into the engine and reset its prefix cache.
+        Holds the engine lock, so no generation runs on half-loaded weights."""
+        if self.cache is not None:
+            raise UserError(f"vllm backend for {self.model!r}: sync_weights with a generation cache would replay "
+                            "samples of older weights under the same key; build the backend with cache=None")
+        pairs = weights.named_parameters() if hasattr(weights, "named_parameters") else weights
+        batch = [(str(name), tensor.detach()) for name, tensor in pairs]  # detach: no autograd graph to vLLM
+        if not batch:
+            raise ValueError("sync_weights got no weights")
+        engine = self._engine_now()
+        with engine.lock:
+            engine.llm.collective_rpc(load_weights_on_worker, args=(batch,))
+            engine.llm.reset_prefix_cache()
+        with _COUNTS_LOCK:
+            self.counts.update(weight_syncs=1, weights_synced=len(batch))
 
     def _complete(self, todo: list[Unit]) -> list[Sample]:
         out: list[Sample | None] = [None] * len(todo)

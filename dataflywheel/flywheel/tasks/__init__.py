@@ -1,0 +1,1 @@
+"""Small tasks with checkable answers: prompt rows plus a reward (``synth/verifiers.RewardFn``)."""
