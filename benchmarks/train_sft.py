@@ -68,8 +68,8 @@ def main() -> int:
         print(f"SKIP train_sft: shared data not found at {DATA}")
         return 0
     try:
-        from trl_peer import trl_sft
         import trl  # noqa: F401
+        from trl_peer import trl_sft
     except ImportError:
         trl_sft = None
     from dataflywheel.models.tiny_lm import build_tiny_causal_lm

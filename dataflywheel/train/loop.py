@@ -99,6 +99,14 @@ def pick_device(cfg: LoopConfig) -> tuple[str, bool]:
     return device, bf16
 
 
+def autocast(device: str, bf16: bool) -> Any:
+    """bf16 autocast on CUDA when asked, else nothing: the loop's forwards and any outside it (eval,
+    scoring, reference passes), so all see the same precision."""
+    if bf16 and device.startswith("cuda"):
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
     """Dropout off (TRL's ``disable_dropout=True`` for DPO/RM): also makes CPU runs deterministic."""
     for module in model.modules():
@@ -243,10 +251,6 @@ def train_loop(
     if start == 0:
         metrics_path.unlink(missing_ok=True)
     _trim_metrics(metrics_path, start)
-    def autocast() -> Any:
-        if bf16 and device.startswith("cuda"):
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     last: dict[str, Any] = {"step": start}
     bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not cfg.progress, dynamic_ncols=True)
@@ -255,7 +259,8 @@ def train_loop(
     while step < total_steps:
         t0 = time.perf_counter()
         model.train()
-        loss_total, count_total, sums = accumulate(model, step_batches(step), loss_fn, params, autocast)
+        loss_total, count_total, sums = accumulate(model, step_batches(step), loss_fn, params,
+                                                   lambda: autocast(device, bf16))
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         lr = opt.param_groups[0]["lr"]
         opt.step()

@@ -1,0 +1,214 @@
+"""DPO on preference pairs: summed completion log-probs, reference log-probs precomputed and cached.
+
+The reference model is used once, before training: one no-grad pass over every train and held-out
+pair, whose summed completion log-probs go to a cache on disk keyed by the reference's fingerprint,
+max_length, chat template, precision and the pairs' token ids (``models/score_cache.py``). Then the
+reference is dropped, so training holds one model; a re-run, or a resume, computes no reference
+forward at all. When the reference is the starting policy (``ref_model: null``, the usual case),
+that pass runs on the policy itself before its first update, and no second model is ever built.
+``reference: live`` keeps a reference model and runs it on every micro-batch (TRL's default; kept
+to measure what precomputing saves). Missing reference values are an error, never 0.0 (trl PR #5563).
+
+Simplifications, stated: single process; full fine-tuning; chosen and rejected are one forward,
+stacked on the batch dim and right-padded; one loss type at a time (TRL can mix several).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from dataflywheel.errors import UserError
+from dataflywheel.models.fingerprint import model_fingerprint
+from dataflywheel.models.score_cache import ScoreCache, cache_key
+
+from .config import LoopConfig, TrainBase
+from .data import Lint, PairExample, check_chat_template, pair_examples, read_rows, split_rows
+from .loop import LossOut, autocast, index_plan, pick_device, steps_for, train_loop
+from .losses import dpo_loss, sequence_logps
+from .model import load_for_training, resolve_model, save_final, to_device
+from .pack import collate_padded
+
+
+class DpoLoop(LoopConfig):
+    lr: float = Field(1e-6, gt=0)  # TRL DPOConfig (REFERENCES §6.4)
+
+
+class DpoConfig(TrainBase):
+    loop: DpoLoop = DpoLoop()
+    beta: float = Field(0.1, gt=0)  # TRL DPOConfig (τ for ipo), REFERENCES §6.4
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # TRL's default
+    reference: Literal["precompute", "live"] = "precompute"
+    ref_model: str | None = None  # a folder or Hub id; None: the starting policy
+    ref_cache: str | None = None  # the reference log-prob cache; None: output/ref_logps.sqlite
+    eval_batch_size: int = Field(16, ge=1)  # pairs per batch in the reference pass and the held-out eval
+
+
+def pair_batch(pairs: Sequence[PairExample], pad_id: int, ref: torch.Tensor | None = None) -> dict:
+    """Chosen rows then rejected rows, right-padded with a mask; ``ref``: [P, 2] reference log-probs."""
+    batch = collate_padded([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    if ref is not None:
+        batch["ref"] = ref
+    return batch
+
+
+def pair_logps(model: Any, batch: dict) -> tuple[torch.Tensor, ...]:
+    """One forward over the stacked batch -> [P] summed completion log-probs of chosen and rejected,
+    and their [P] completion token counts."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logps, counts = sequence_logps(logits, batch["labels"])
+    (pol_c, pol_r), (len_c, len_r) = logps.chunk(2), counts.chunk(2)
+    return pol_c, pol_r, len_c, len_r
+
+
+def pair_loss(model: Any, batch: dict, cfg: DpoConfig, ref_model: Any = None) -> LossOut:
+    """The loss of one micro-batch; reference log-probs from ``batch["ref"]`` or a live ``ref_model``."""
+    pol_c, pol_r, len_c, len_r = pair_logps(model, batch)
+    if ref_model is None:
+        ref_c, ref_r = batch["ref"].unbind(-1)
+    else:
+        with torch.no_grad():
+            ref_c, ref_r, _, _ = pair_logps(ref_model, batch)
+    total, n, metrics = dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.beta, cfg.loss_type, len_c, len_r)
+    return LossOut(total, n, {**metrics, "tokens": (batch["num_tokens"], 1)})
+
+
+def dpo_loss_fn(device: str, cfg: DpoConfig, ref_model: Any = None) -> Callable[[Any, dict], LossOut]:
+    return lambda model, batch: pair_loss(model, to_device(batch, device), cfg, ref_model)
+
+
+def ref_key_prefix(ref_name: str, cfg: DpoConfig, tok: Any, bf16: bool, loaded: Any = None) -> tuple[str, str]:
+    """(model id, settings) for the cache keys: what decides a reference log-prob besides the tokens.
+    ``loaded``: the reference when already loaded (a Hub model's id then includes its revision)."""
+    template = cfg.chat_template or tok.chat_template or ""
+    digest = hashlib.sha256(template.encode()).hexdigest()[:16]
+    return model_fingerprint(ref_name, loaded), f"dpo_ref:max_length={cfg.max_length}:template={digest}:bf16={bf16}"
+
+
+@torch.no_grad()
+def reference_logps(load_ref: Callable[[], Any], pair_lists: Sequence[Sequence[PairExample]], cfg: DpoConfig,
+                    pad_id: int, cache: ScoreCache, prefix: tuple[str, str]) -> tuple[list[torch.Tensor], int]:
+    """[N, 2] reference log-probs (chosen, rejected) per list, from the cache or one no-grad pass of the
+    reference (built by ``load_ref`` only when something is missing; dropped on return). Also returns
+    the number of reference forwards run."""
+    device, bf16 = pick_device(cfg.loop)
+    keyed = [[cache_key(*prefix, json.dumps([p.chosen.input_ids, p.chosen.labels, p.rejected.input_ids,
+                                             p.rejected.labels])) for p in pairs] for pairs in pair_lists]
+    found = cache.get_json([k for keys in keyed for k in keys])
+    missing = {k: p for pairs, keys in zip(pair_lists, keyed) for p, k in zip(pairs, keys) if k not in found}
+    todo = sorted(missing.items(), key=lambda kp: len(kp[1].chosen.input_ids) + len(kp[1].rejected.input_ids))
+    forwards = 0
+    if todo:
+        ref = load_ref().to(device).eval()
+        for at in range(0, len(todo), cfg.eval_batch_size):
+            part = todo[at:at + cfg.eval_batch_size]  # sorted by length: little padding
+            with autocast(device, bf16):
+                ref_c, ref_r, _, _ = pair_logps(ref, to_device(pair_batch([p for _, p in part], pad_id), device))
+            new = [(key, [c, r]) for (key, _), c, r in zip(part, ref_c.tolist(), ref_r.tolist())]
+            cache.put_json(new)
+            found.update(new)
+            forwards += 1
+        del ref
+    return [torch.tensor([found[k] for k in keys], dtype=torch.float32).view(-1, 2) for keys in keyed], forwards
+
+
+@torch.no_grad()
+def evaluate(model: Any, pairs: Sequence[PairExample], ref: torch.Tensor | None, cfg: DpoConfig, pad_id: int,
+             ref_model: Any = None) -> dict[str, float]:
+    """Held-out loss and metrics (``eval_`` + the training metric names)."""
+    if not pairs:
+        return {}
+    device, bf16 = pick_device(cfg.loop)
+    was_training = model.training
+    model.eval()
+    sums: dict[str, list[float]] = {"loss": [0.0, 0.0]}
+    for at in range(0, len(pairs), cfg.eval_batch_size):
+        part = slice(at, at + cfg.eval_batch_size)
+        batch = to_device(pair_batch(pairs[part], pad_id, None if ref is None else ref[part]), device)
+        with autocast(device, bf16):
+            out = pair_loss(model, batch, cfg, ref_model)
+        for name, (s, c) in {"loss": (float(out.loss_sum), out.count), **out.metrics}.items():
+            sums.setdefault(name, [0.0, 0.0])
+            sums[name][0] += s
+            sums[name][1] += c
+    model.train(was_training)
+    return {f"eval_{k}": s / c for k, (s, c) in sums.items() if k != "tokens" and c}
+
+
+def run(cfg: DpoConfig) -> dict:
+    """Train; returns the summary also written to ``output/summary.json``."""
+    lint = Lint()
+    rows = read_rows(cfg.data, "preference", lint)
+    if cfg.eval_data:
+        train_rows, held = rows, read_rows(cfg.eval_data, "preference", lint)
+    else:
+        train_rows, held = split_rows(rows, cfg.eval_fraction)
+    texts = (m["content"] for r in train_rows for k in ("prompt", "chosen", "rejected") for m in r[k])
+    model_name = resolve_model(cfg.model, cfg.tiny, cfg.out, texts)
+    model, tok = load_for_training(model_name)
+    check_chat_template(tok, cfg.chat_template, model_name)
+    pairs = pair_examples(train_rows, tok, cfg.max_length, lint, cfg.chat_template)
+    eval_pairs = pair_examples(held, tok, cfg.max_length, lint, cfg.chat_template)
+    lint.enforce(cfg.lint, "dpo data")
+    if not pairs:
+        raise UserError("no training pairs left after the data lint")
+    device, bf16 = pick_device(cfg.loop)
+    ref_name = cfg.ref_model or model_name
+
+    def load_ref() -> Any:
+        ref, ref_tok = load_for_training(ref_name)
+        if ref_tok.get_vocab() != tok.get_vocab():
+            raise UserError(f"ref_model {ref_name} has another tokenizer than the policy {model_name}")
+        return ref.requires_grad_(False)
+
+    t0 = time.perf_counter()
+    live, forwards, ref_logps, eval_ref_logps = None, 0, None, None
+    if cfg.reference == "live":
+        live = load_ref().to(device).eval()
+    else:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        cache = ScoreCache(cfg.ref_cache or cfg.out / "ref_logps.sqlite")
+        # the starting policy is its own reference: precompute on it before its first update
+        own = None if cfg.ref_model else model
+        prefix = ref_key_prefix(ref_name, cfg, tok, bf16, own)
+        (ref_logps, eval_ref_logps), forwards = reference_logps(
+            load_ref if own is None else lambda: own, [pairs, eval_pairs], cfg, tok.pad_token_id, cache, prefix)
+        cache.close()
+        gc.collect()  # the reference model is gone before training starts
+    ref_seconds = time.perf_counter() - t0
+    loop = cfg.loop
+    plan = index_plan(len(pairs), loop.batch_size, loop.grad_accum, loop.seed, loop.shuffle)
+
+    def step_batches(step: int) -> list[dict]:
+        return [pair_batch([pairs[i] for i in mb], tok.pad_token_id, None if ref_logps is None else ref_logps[mb])
+                for mb in plan(step)]
+
+    total = steps_for(len(pairs), loop)
+    print(f"dpo: {len(pairs)} pairs, {len(eval_pairs)} held out, {total} steps, {cfg.loss_type} beta {cfg.beta}, "
+          f"reference {cfg.reference} ({forwards} reference forwards, {ref_seconds:.1f}s)", flush=True)
+    t0 = time.perf_counter()
+    last = train_loop(model, loop, cfg.out, total_steps=total, step_batches=step_batches,
+                      loss_fn=dpo_loss_fn(device, cfg, live), tokenizer=tok, resume=cfg.resume, desc="dpo")
+    seconds = time.perf_counter() - t0
+    metrics = {k: v for k, v in last.items() if k.startswith(("rewards/", "logps/"))}
+    summary = {
+        "algorithm": "dpo", "model": model_name, "ref_model": ref_name, "reference": cfg.reference,
+        "loss_type": cfg.loss_type, "beta": cfg.beta, "pairs": len(pairs), "eval_pairs": len(eval_pairs),
+        "lint": dict(lint.counts), "ref_forwards": forwards, "ref_seconds": round(ref_seconds, 2),
+        "steps": last["step"], "train_loss": last.get("loss"), **metrics, "seconds": round(seconds, 2),
+        "step_seconds": last.get("step_seconds"), "tokens_per_s": last.get("tokens_per_s_run"),
+        "seconds_per_step": round(last.get("step_seconds", 0.0) / max(1, last["step"] - last["resumed_from"]), 4),
+        **evaluate(model, eval_pairs, eval_ref_logps, cfg, tok.pad_token_id, live),
+    }
+    if last["step"] >= total:
+        if cfg.chat_template:
+            tok.chat_template = cfg.chat_template
+        summary["final"] = str(save_final(model, tok, cfg.out, summary))
+    return summary

@@ -1,0 +1,234 @@
+"""Reward model: a 1-logit head on a causal LM's backbone, trained with Bradley–Terry on preference pairs.
+
+The reward of a conversation is the head applied to the hidden state of its last real token, found
+from the attention mask (rows are right-padded). We run the backbone and the head ourselves rather
+than calling ``...ForSequenceClassification.forward``: transformers finds the last token as the last
+one that is not ``pad_token_id``, which is the wrong token whenever pad == eos and a chat ends with
+eos (REFERENCES §6.9, trl#1623). The same function scores pairs in training and rows in ``score``.
+
+Simplifications, stated: single process; full fine-tuning; chosen and rejected share one forward,
+stacked on the batch dim (TRL, REFERENCES §6.3); over-long pairs are dropped by the linter, not cut.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from dataflywheel.errors import UserError
+from dataflywheel.models.cache import shared
+
+from .config import LoopConfig, TrainBase
+from .data import Example, Lint, PairExample, check_chat_template, pair_examples, read_rows, split_rows, tokenize_chat
+from .loop import LossOut, autocast, index_plan, latest_checkpoint, pick_device, steps_for, train_loop
+from .losses import bradley_terry
+from .model import load_for_training, resolve_model, save_final, to_device
+from .pack import collate_padded
+
+EVAL_FILE = "eval.jsonl"
+
+
+class RmLoop(LoopConfig):
+    lr: float = Field(1e-4, gt=0)  # TRL RewardConfig (REFERENCES §6.3)
+
+
+class RmConfig(TrainBase):
+    loop: RmLoop = RmLoop()
+    margin_field: str | None = None  # a numeric row field used as the margin m (Llama 2); None: no margin
+    center_rewards_coefficient: float | None = Field(None, ge=0)  # TRL: None; 0.01 recommended (arXiv 2312.09244)
+    eval_every: int | None = Field(None, ge=1)  # held-out accuracy every N steps (eval.jsonl); always at the end
+    eval_batch_size: int = Field(16, ge=1)  # pairs per held-out batch
+
+
+def _head(model: Any) -> torch.nn.Module:
+    for name in ("score", "classifier"):  # Llama / Qwen / Mistral / GPT-2 use score; BERT-likes classifier
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    raise UserError(f"{type(model).__name__} has no score/classifier head to read rewards from")
+
+
+def last_token_rewards(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] right-padded ids and mask -> [B] rewards: the head at each row's last real token."""
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    last = attention_mask.sum(-1) - 1
+    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return _head(model)(picked).squeeze(-1).float()
+
+
+def pair_batch(pairs: Sequence[PairExample], pad_id: int, margins: Sequence[float] | None = None) -> dict:
+    """Chosen rows then rejected rows, right-padded into one batch (one forward for both halves)."""
+    batch = collate_padded([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    batch.pop("labels")  # the reward reads every token; labels are for the LM losses
+    if margins is not None:
+        batch["margin"] = torch.tensor(margins, dtype=torch.float32)
+    return batch
+
+
+def rm_loss_fn(device: str, center: float | None) -> Callable[[Any, dict], LossOut]:
+    def loss_fn(model: Any, batch: dict) -> LossOut:
+        batch = to_device(batch, device)
+        rewards = last_token_rewards(model, batch["input_ids"], batch["attention_mask"])
+        r_c, r_r = rewards.chunk(2)
+        total, n = bradley_terry(r_c, r_r, batch.get("margin"), center)
+        r_c, r_r = r_c.detach(), r_r.detach()
+        return LossOut(total, n, {"accuracy": (float((r_c > r_r).sum()), n), "margin": (float((r_c - r_r).sum()), n),
+                                  "reward_mean": (float((r_c + r_r).sum()), 2 * n),
+                                  "tokens": (batch["num_tokens"], 1)})
+
+    return loss_fn
+
+
+@torch.no_grad()
+def evaluate(model: Any, pairs: Sequence[PairExample], margins: Sequence[float] | None, cfg: RmConfig,
+             pad_id: int) -> dict[str, float | None]:
+    """Held-out loss and accuracy (a tie counts as wrong)."""
+    if not pairs:
+        return {"eval_loss": None, "eval_accuracy": None}
+    device, bf16 = pick_device(cfg.loop)
+    was_training = model.training
+    model.eval()
+    loss, right = 0.0, 0
+    for at in range(0, len(pairs), cfg.eval_batch_size):
+        part = slice(at, at + cfg.eval_batch_size)
+        batch = to_device(pair_batch(pairs[part], pad_id, margins[part] if margins else None), device)
+        with autocast(device, bf16):
+            r_c, r_r = last_token_rewards(model, batch["input_ids"], batch["attention_mask"]).chunk(2)
+        loss += float(bradley_terry(r_c, r_r, batch.get("margin"), cfg.center_rewards_coefficient)[0])
+        right += int((r_c > r_r).sum())
+    model.train(was_training)
+    return {"eval_loss": loss / len(pairs), "eval_accuracy": right / len(pairs)}
+
+
+def _margins(rows: Sequence[dict], pairs: Sequence[PairExample], field: str | None) -> list[float] | None:
+    if field is None:
+        return None
+    by_id = {}
+    for row in rows:
+        if not isinstance(row.get(field), (int, float)):
+            raise UserError(f"row {row['id']}: margin_field {field!r} is missing or not a number")
+        by_id[row["id"]] = float(row[field])
+    return [by_id[p.id] for p in pairs]
+
+
+def run(cfg: RmConfig) -> dict:
+    """Train; returns the summary also written to ``output/summary.json``."""
+    lint = Lint()
+    rows = read_rows(cfg.data, "preference", lint)
+    if cfg.eval_data:
+        train_rows, held = rows, read_rows(cfg.eval_data, "preference", lint)
+    else:
+        train_rows, held = split_rows(rows, cfg.eval_fraction)
+    texts = (m["content"] for r in train_rows for k in ("prompt", "chosen", "rejected") for m in r[k])
+    model_name = resolve_model(cfg.model, cfg.tiny, cfg.out, texts)
+    torch.manual_seed(cfg.loop.seed)  # the new head's random init
+    model, tok = load_for_training(model_name, head="seq_cls")
+    check_chat_template(tok, cfg.chat_template, model_name)
+    pairs = pair_examples(train_rows, tok, cfg.max_length, lint, cfg.chat_template)
+    eval_pairs = pair_examples(held, tok, cfg.max_length, lint, cfg.chat_template)
+    lint.enforce(cfg.lint, "rm data")
+    if not pairs:
+        raise UserError("no training pairs left after the data lint")
+    margins, eval_margins = _margins(train_rows, pairs, cfg.margin_field), _margins(held, eval_pairs, cfg.margin_field)
+    device, _ = pick_device(cfg.loop)
+    loop = cfg.loop
+    plan = index_plan(len(pairs), loop.batch_size, loop.grad_accum, loop.seed, loop.shuffle)
+
+    if cfg.eval_every:  # eval.jsonl continues a resumed run's lines, else starts afresh
+        ckpt = latest_checkpoint(cfg.out) if cfg.resume else None
+        start = int(ckpt.name.split("-")[1]) if ckpt else 0
+        path = cfg.out / EVAL_FILE
+        lines = path.read_text().splitlines() if start and path.is_file() else []
+        kept = [ln for ln in lines if json.loads(ln)["step"] < start]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(ln + "\n" for ln in kept))
+
+    def step_batches(step: int) -> list[dict]:
+        if cfg.eval_every and step and step % cfg.eval_every == 0:
+            with open(cfg.out / EVAL_FILE, "a") as f:  # before the step: the weights after `step` updates
+                f.write(json.dumps({"step": step, **evaluate(model, eval_pairs, eval_margins, cfg, tok.pad_token_id)})
+                        + "\n")
+        return [pair_batch([pairs[i] for i in mb], tok.pad_token_id, [margins[i] for i in mb] if margins else None)
+                for mb in plan(step)]
+
+    total = steps_for(len(pairs), loop)
+    print(f"rm: {len(pairs)} pairs, {len(eval_pairs)} held out, {total} steps", flush=True)
+    t0 = time.perf_counter()
+    last = train_loop(model, loop, cfg.out, total_steps=total, step_batches=step_batches,
+                      loss_fn=rm_loss_fn(device, cfg.center_rewards_coefficient), tokenizer=tok,
+                      resume=cfg.resume, desc="rm")
+    seconds = time.perf_counter() - t0
+    summary = {
+        "algorithm": "rm", "model": model_name, "pairs": len(pairs), "eval_pairs": len(eval_pairs),
+        "lint": dict(lint.counts), "steps": last["step"], "train_loss": last.get("loss"),
+        "train_accuracy": last.get("accuracy"), "seconds": round(seconds, 2),
+        "step_seconds": last.get("step_seconds"), "tokens_per_s": last.get("tokens_per_s_run"),
+        "seconds_per_step": round(last.get("step_seconds", 0.0) / max(1, last["step"] - last["resumed_from"]), 4),
+        **evaluate(model, eval_pairs, eval_margins, cfg, tok.pad_token_id),
+    }
+    if last["step"] >= total:
+        if cfg.chat_template:  # score() must render chats exactly as training did
+            tok.chat_template = cfg.chat_template
+        summary["final"] = str(save_final(model, tok, cfg.out, summary))
+    return summary
+
+
+class RewardModel:
+    """A trained reward model folder as a scorer: ``.score(rows) -> [reward]``, for pair generation.
+
+    Rows are Conversation rows (``messages``) or prompt + completion rows (each a string or messages).
+    A conversation's reward is the head at the last token of its rendered chat, as in training. Rows
+    are sorted by length and batched (little padding); the model loads once per process.
+    """
+
+    def __init__(self, path: str | Path, device: str = "auto", batch_size: int = 16, chat_template: str | None = None):
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.batch_size, self.chat_template = batch_size, chat_template
+        folder = Path(path).expanduser()
+        name = str(folder.resolve()) if folder.is_dir() else str(path)
+
+        def load() -> tuple[Any, Any]:
+            model, tok = load_for_training(name, head="seq_cls")
+            return model.to(self.device).eval(), tok
+
+        self.model, self.tok = shared(f"reward_model:{name}:{self.device}", load)
+        # rewards are read at the last token: an over-long chat keeps its end
+        self.max_tokens = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
+
+    def encode(self, row: dict) -> list[int]:
+        if "messages" in row:
+            messages = list(row["messages"])
+        elif "prompt" in row and "completion" in row:
+            prompt, completion = row["prompt"], row["completion"]
+            messages = ([{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)) + (
+                [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion))
+        else:
+            raise UserError(f"row {row.get('id', '?')}: a reward needs messages, or prompt and completion")
+        ex, _ = tokenize_chat(self.tok, messages, 1 << 30, train_from=len(messages), template=self.chat_template)
+        return ex.input_ids[-self.max_tokens:]
+
+    @torch.no_grad()
+    def score(self, rows: Sequence[dict]) -> list[float]:
+        seqs = [self.encode(r) for r in rows]
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        out = [0.0] * len(seqs)
+        for at in range(0, len(order), self.batch_size):
+            idx = order[at:at + self.batch_size]
+            batch = to_device(collate_padded([Example("", seqs[i], seqs[i]) for i in idx], self.tok.pad_token_id),
+                              self.device)
+            with autocast(self.device, self.device.startswith("cuda")):
+                rewards = last_token_rewards(self.model, batch["input_ids"], batch["attention_mask"])
+            for i, r in zip(idx, rewards.tolist()):
+                out[i] = r
+        return out
+
+
+def score_rows(path: str | Path, rows: Sequence[dict], **kwargs: Any) -> list[float]:
+    """Rewards of ``rows`` under the reward model at ``path`` (see ``RewardModel``)."""
+    return RewardModel(path, **kwargs).score(rows)

@@ -1,0 +1,155 @@
+"""DPO (train/dpo.py): ln 2 at step 0, the loss against a plain per-token computation, and the
+precomputed, cached reference (equal to a live one, never recomputed, not in memory while training)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+from dataflywheel.models.tiny_lm import build_tiny_causal_lm
+from dataflywheel.train import dpo
+from dataflywheel.train.config import load_train_config
+from dataflywheel.train.data import Lint, pair_examples
+from dataflywheel.train.dpo import DpoConfig, DpoLoop, pair_batch, pair_loss, run
+from dataflywheel.train.losses import IGNORE
+from dataflywheel.train.model import load_for_training
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "dataflywheel" / "data" / "demo" / "prefs.jsonl"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP threads
+    contending with other processes made each step ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Two tiny models with one tokenizer (same text): the policy, and a differently seeded reference."""
+    tmp = tmp_path_factory.mktemp("dpo")
+    rows = [json.loads(line) for line in DEMO.read_text().splitlines()]
+    texts = [m["content"] for r in rows for k in ("prompt", "chosen", "rejected") for m in r[k]]
+    kw = {"texts": texts, "hidden": 32, "layers": 2, "heads": 2, "vocab_size": 400}
+    return build_tiny_causal_lm(tmp / "policy", seed=0, **kw), build_tiny_causal_lm(tmp / "ref", seed=1, **kw), rows
+
+
+def config(policy: Path, out: Path, **kw) -> DpoConfig:
+    loop = DpoLoop(lr=1e-3, batch_size=4, grad_accum=2, max_steps=kw.pop("steps", 2), progress=False)
+    return DpoConfig(model=str(policy), data=[str(DEMO)], output=str(out), eval_fraction=0.2, max_length=128,
+                     loop=loop, **kw)
+
+
+def plain_logps(model, ex) -> tuple[float, int]:
+    """Summed completion log-prob of one unpadded sequence, token by token."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ex.input_ids])).logits[0].double(), -1)
+    total, n = 0.0, 0
+    for t in range(1, len(ex.input_ids)):
+        if ex.labels[t] != IGNORE:
+            total += float(logp[t - 1, ex.input_ids[t]])
+            n += 1
+    return total, n
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_dpo_loss_equals_a_plain_computation(models, tmp_path, loss_type):
+    policy_dir, ref_dir, rows = models
+    policy, tok = load_for_training(str(policy_dir))
+    ref, _ = load_for_training(str(ref_dir))
+    pairs = pair_examples(rows[:6], tok, 128, Lint())
+    beta = 0.5
+    cfg = config(policy_dir, tmp_path, beta=beta, loss_type=loss_type)
+    out = pair_loss(policy, pair_batch(pairs, tok.pad_token_id), cfg, ref_model=ref)
+    expected, right = 0.0, 0
+    for p in pairs:
+        (pc, nc), (pr, nr) = plain_logps(policy, p.chosen), plain_logps(policy, p.rejected)
+        (rc, _), (rr, _) = plain_logps(ref, p.chosen), plain_logps(ref, p.rejected)
+        h = (pc - rc) - (pr - rr)
+        if loss_type == "sigmoid":
+            expected += math.log1p(math.exp(-beta * h))
+        elif loss_type == "hinge":
+            expected += max(0.0, 1 - beta * h)
+        else:  # TRL: each log-ratio divided by its completion length
+            expected += ((pc - rc) / nc - (pr - rr) / nr - 1 / (2 * beta)) ** 2
+        right += beta * (pc - rc) > beta * (pr - rr)
+    assert out.count == len(pairs) == 6
+    assert float(out.loss_sum.detach()) == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    s, c = out.metrics["rewards/accuracies"]
+    assert (s, c) == (right, 6)
+    s, _ = out.metrics["rewards/margins"]
+    margins = sum(beta * ((plain_logps(policy, p.chosen)[0] - plain_logps(ref, p.chosen)[0])
+                          - (plain_logps(policy, p.rejected)[0] - plain_logps(ref, p.rejected)[0])) for p in pairs)
+    assert s == pytest.approx(margins, abs=1e-4)
+
+
+def step_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_step0_is_ln2_and_a_rerun_hits_the_cache(models, tmp_path):
+    policy_dir, _, _ = models
+    cache = tmp_path / "ref.sqlite"
+    first = run(config(policy_dir, tmp_path / "a", ref_cache=str(cache)))
+    m = step_metrics(tmp_path / "a")[0]
+    assert abs(m["loss"] - math.log(2)) < 1e-6  # reference == policy at step 0 (trl#1962 / PR #5563 guard)
+    assert abs(m["rewards/chosen"]) < 1e-6 and abs(m["rewards/margins"]) < 1e-6
+    assert first["ref_forwards"] > 0
+    second = run(config(policy_dir, tmp_path / "b", ref_cache=str(cache)))
+    assert second["ref_forwards"] == 0
+    assert [x["loss"] for x in step_metrics(tmp_path / "b")] == [x["loss"] for x in step_metrics(tmp_path / "a")]
+
+
+def test_precomputed_reference_equals_live_and_is_freed(models, tmp_path, monkeypatch):
+    """Another model as reference: precompute and live give the same training; with precompute the
+    reference model is dead (weakref) when training starts; with ref == policy none is built."""
+    policy_dir, ref_dir, _ = models
+    loaded: list[weakref.ref] = []
+    alive_at_train: list[int] = []
+    real_load, real_loop = dpo.load_for_training, dpo.train_loop
+
+    def load(*a, **kw):
+        model, tok = real_load(*a, **kw)
+        loaded.append(weakref.ref(model))
+        return model, tok
+
+    def loop(*a, **kw):
+        gc.collect()
+        alive_at_train.append(sum(r() is not None for r in loaded))
+        return real_loop(*a, **kw)
+
+    monkeypatch.setattr(dpo, "load_for_training", load)
+    monkeypatch.setattr(dpo, "train_loop", loop)
+    pre = run(config(policy_dir, tmp_path / "pre", ref_model=str(ref_dir), steps=3))
+    assert len(loaded) == 2 and alive_at_train == [1]  # the policy only
+    live = run(config(policy_dir, tmp_path / "live", ref_model=str(ref_dir), reference="live", steps=3))
+    assert live["ref_forwards"] == 0 and alive_at_train[-1] == 2
+    a, b = step_metrics(tmp_path / "pre"), step_metrics(tmp_path / "live")
+    assert abs(a[0]["rewards/margins"]) > 1e-3  # a different reference: the test is not trivially 0 == 0
+    for x, y in zip(a, b):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-5), key
+    assert pre["eval_loss"] == pytest.approx(live["eval_loss"], rel=1e-5)
+    loaded.clear()
+    run(config(policy_dir, tmp_path / "self", steps=1))
+    assert len(loaded) == 1  # ref_model: null precomputes on the policy itself, before its first update
+
+
+def test_train_dpo_config_runs_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the config's data path is relative to the repository
+    cfg = load_train_config(REPO / "configs" / "train_dpo.yaml", DpoConfig, {"output": str(tmp_path / "dpo")})
+    cfg.loop.max_steps, cfg.loop.progress = 2, False
+    summary = run(cfg)
+    assert summary["steps"] == 2 and summary["pairs"] + summary["eval_pairs"] == 100
+    assert abs(step_metrics(tmp_path / "dpo")[0]["loss"] - math.log(2)) < 1e-6
+    assert (tmp_path / "dpo" / "ref_logps.sqlite").is_file() and (tmp_path / "dpo" / "final").is_dir()
