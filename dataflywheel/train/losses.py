@@ -49,3 +49,164 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     and [B] target counts (IPO's length normalisation needs them)."""
     logps = token_logps(logits, labels)
     return logps.sum(-1), (shifted_targets(labels) != IGNORE).sum(-1)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """[N] rewards (NaN = could not score), groups of ``group_size`` adjacent samples of one prompt -> [N] advantages.
+
+    A_i = r_i − mean_group(r), divided by std + eps unless ``scale == "none"`` (TRL ``scale_rewards``,
+    eps 1e-4, REFERENCES §6.5): "group" uses the group's std (GRPO), "batch" the std of all rewards
+    (TRL), "none" no division (Dr. GRPO: dividing by a small std up-weights near-unanimous groups).
+    Stds are unbiased (torch.std, as TRL and veRL). NaN rewards are left out of the mean and std
+    (TRL's nan-aware reductions) and get advantage 0, so an unscorable sample trains nothing.
+    """
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    r = rewards.float().view(-1, group_size)
+    valid = ~torch.isnan(r)
+    n = valid.sum(-1, keepdim=True)
+    mean = torch.where(valid, r, 0.0).sum(-1, keepdim=True) / n.clamp(min=1)
+    centred = torch.where(valid, r - mean, 0.0)
+    if scale == "none":
+        return centred.view(-1)
+    if scale == "group":
+        std = (centred.square().sum(-1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+    elif scale == "batch":
+        scored = r[valid]
+        std = scored.std() if scored.numel() > 1 else r.new_zeros(())
+    else:
+        raise ValueError(f"scale must be group, batch or none, got {scale!r}")
+    return (centred / (std + eps)).view(-1)
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(π || π_ref) (Schulman's; TRL, veRL ``low_var_kl``):
+    exp(ref − logp) − (ref − logp) − 1, which is >= 0 everywhere and 0 where the two agree."""
+    d = ref_logps - logps
+    return torch.exp(d) - d - 1
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    ref_logps: torch.Tensor | None = None,
+    loss_type: str = "dapo",
+    max_completion_length: int | None = None,
+    is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float, dict[str, tuple[float, float]]]:
+    """PPO-clip policy loss of GRPO (TRL ``grpo_trainer._compute_loss``, REFERENCES §6.5) as ``(sum, count, metrics)``.
+
+    Shapes: ``logps`` (with grad), ``old_logps``, ``ref_logps``, ``is_weights`` and ``mask`` [B, T]
+    (log-probs of the completion tokens, mask 1 on trained completion tokens); ``advantages`` [B].
+    Per token: ρ = exp(logp − old), ℓ = −min(ρA, clip(ρ, 1−ε, 1+ε_high)A), times the sampler
+    importance weight when given (TIS), plus β·k3 KL to the reference when β > 0.
+
+    The three normalisations as (sum, count), so the loop's Σsum / Σcount over the step's
+    micro-batches is the whole step's loss:
+    - dapo:    (Σ ℓM, ΣM) — every completion token of the step weighs the same (TRL's default).
+    - grpo:    (Σ_seq Σ_t ℓM / Σ_t M, number of sequences) — the per-sequence mean of the paper; it
+               gives each token of a short answer more weight (the length bias Dr. GRPO points out).
+    - dr_grpo: (Σ ℓM, sequences × max_completion_length) — a constant denominator, so no length bias.
+    Metrics, each (sum, count) over masked tokens: clip_ratio (low, high and either: the share of
+    tokens whose gradient the clip removed), kl (with a reference), is_weight (with IS weights).
+    """
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    mask = mask.to(logps.dtype)
+    adv = advantages.to(logps.dtype).unsqueeze(-1)
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    if is_weights is not None:
+        per_token = per_token * is_weights
+    metrics: dict[str, tuple[float, float]] = {}
+    tokens = float(mask.sum())
+    if beta > 0 or ref_logps is not None:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs ref_logps")
+        kl = k3_kl(logps, ref_logps)
+        if beta > 0:
+            per_token = per_token + beta * kl
+        metrics["kl"] = (float((kl.detach() * mask).sum()), tokens)
+    with torch.no_grad():  # clipped regions: where min() picked the clipped, constant term
+        low = ((ratio < 1 - epsilon) & (adv < 0)).to(mask.dtype) * mask
+        high = ((ratio > 1 + eps_high) & (adv > 0)).to(mask.dtype) * mask
+        metrics["clip_ratio/low"] = (float(low.sum()), tokens)
+        metrics["clip_ratio/high"] = (float(high.sum()), tokens)
+        metrics["clip_ratio"] = (float((low + high).sum()), tokens)
+        if is_weights is not None:
+            metrics["is_weight"] = (float((is_weights * mask).sum()), tokens)
+    masked = per_token * mask
+    rows = float(logps.shape[0])
+    if loss_type == "dapo":
+        return masked.sum(), tokens, metrics
+    if loss_type == "grpo":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum(), rows, metrics
+    if loss_type == "dr_grpo":
+        if not max_completion_length:
+            raise ValueError("loss_type dr_grpo needs max_completion_length")
+        return masked.sum(), rows * max_completion_length, metrics
+    raise ValueError(f"loss_type must be dapo, grpo or dr_grpo, got {loss_type!r}")
+
+
+def bradley_terry(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
+                  center_coef: float | None = None) -> tuple[torch.Tensor, int]:
+    """Reward-model loss summed over pairs, and the number of pairs. [P] rewards (and [P] margins) in.
+
+    Per pair: −log σ(r_c − r_r − m) (Bradley–Terry; the margin m is Llama 2's), plus η·(r_c + r_r)²
+    when ``center_coef`` η is set (arXiv 2312.09244 Eq. 2: pulls rewards towards zero mean, so the
+    scale stays usable as a score). Summed, not averaged: the loop divides by the step's pairs, which
+    is TRL's mean over the batch when there is no accumulation (REFERENCES §6.3).
+    """
+    r_chosen, r_rejected = r_chosen.float(), r_rejected.float()
+    diff = r_chosen - r_rejected
+    if margin is not None:
+        diff = diff - margin.to(diff)
+    loss = -F.logsigmoid(diff)
+    if center_coef:
+        loss = loss + center_coef * (r_chosen + r_rejected) ** 2
+    return loss.sum(), r_chosen.numel()
+
+
+def dpo_loss(pol_c: torch.Tensor, pol_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor, beta: float,
+             loss_type: str = "sigmoid", len_c: torch.Tensor | None = None, len_r: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, int, dict[str, tuple[float, float]]]:
+    """DPO loss summed over pairs, the number of pairs, and metrics as (sum, count).
+
+    Inputs are [P] completion log-probs *summed* over tokens (policy and reference, chosen and
+    rejected; TRL, REFERENCES §6.4) and, for ipo, [P] completion token counts. With
+    h = (π_c − ref_c) − (π_r − ref_r):
+      sigmoid: −log σ(βh)          hinge: max(0, 1 − βh)
+      ipo:     (h_len − 1/(2β))², each log-ratio divided by its completion length first: TRL's form,
+               which the IPO authors confirmed; summed log-ratios make the square grow with length.
+    Rewards (metrics) are β·(summed log-ratio) for every loss type, as TRL reports them.
+    """
+    pol_c, pol_r, ref_c, ref_r = pol_c.float(), pol_r.float(), ref_c.float(), ref_r.float()
+    ratio_c, ratio_r = pol_c - ref_c, pol_r - ref_r
+    if loss_type == "sigmoid":
+        loss = -F.logsigmoid(beta * (ratio_c - ratio_r))
+    elif loss_type == "hinge":
+        loss = torch.relu(1 - beta * (ratio_c - ratio_r))
+    elif loss_type == "ipo":
+        if len_c is None or len_r is None:
+            raise ValueError("ipo needs the completion lengths len_c and len_r")
+        h = ratio_c / len_c.clamp(min=1).to(ratio_c) - ratio_r / len_r.clamp(min=1).to(ratio_r)
+        loss = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; sigmoid, ipo or hinge")
+    n = pol_c.numel()
+    reward_c, reward_r = (beta * ratio_c).detach(), (beta * ratio_r).detach()
+    metrics = {
+        "rewards/chosen": (float(reward_c.sum()), n),
+        "rewards/rejected": (float(reward_r.sum()), n),
+        "rewards/margins": (float((reward_c - reward_r).sum()), n),
+        "rewards/accuracies": (float((reward_c > reward_r).float().sum()), n),
+        "logps/chosen": (float(pol_c.detach().sum()), n),
+        "logps/rejected": (float(pol_r.detach().sum()), n),
+    }
+    return loss.sum(), n, metrics
