@@ -32,6 +32,7 @@ test: $(VENV)/.test
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.test
+	$(PIP) install -q -e ".[bench]"
 	for b in benchmarks/*.py; do $(BIN)/python $$b --quick || exit 1; done
 
 lint: $(VENV)/.test

@@ -350,6 +350,7 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="accepted for make bench: the smoke check is already short")
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--sft-batch", type=int, default=8)
     ap.add_argument("--dpo-batch", type=int, default=4)

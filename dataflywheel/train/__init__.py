@@ -1,1 +1,1 @@
-"""Training stage (SFT with packing, RM, DPO, GRPO): lands with its issue."""
+"""Training stage (DESIGN §6): SFT with packing, reward model, DPO and GRPO on one loop; `dataflywheel train`."""

@@ -1,0 +1,368 @@
+"""GRPO on prompt rows: G samples per prompt from the policy being trained, rewards from a rule verifier or
+a reward model, group-normalised advantages, the PPO-clip loss (REFERENCES §6.5, §6.6, §6.9).
+
+A rollout: ``prompts_per_step`` prompts (a seeded order per epoch) x ``num_generations`` samples with
+seeds derived from (loop.seed, rollout index), so a resumed run replays prompts and samples; rewards;
+group advantages; right-padded [prompt + completion] batches of the backend's own token ids (the text
+re-tokenized can give other ids); π_old = the policy's no-grad log-probs at rollout time (with μ = 1
+the ratio is exactly 1: REINFORCE with a group baseline); the sampler's log-probs for the importance
+weight exp(π_old − π_sampler), capped (TIS, trl PR #3867; applied for vLLM by default, whose kernels
+differ from ours; mean and max always logged). It serves ``num_iterations`` (μ) optimizer steps.
+
+Simplifications, stated: single process; full fine-tuning; one reward source (no weighted mix);
+token-level importance sampling (no GSPO); no entropy masking; no dynamic sampling (zero-std groups
+train nothing; ``frac_reward_zero_std`` counts them, trl#3857); generation and training alternate
+(no asynchronous rollouts); the vLLM engine shares the trainer's process and GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from dataflywheel import records
+from dataflywheel.errors import RecordError, UserError
+from dataflywheel.io import read
+from dataflywheel.io.base import DeadLetter
+from dataflywheel.synth.backends.base import Request, Sampling
+from dataflywheel.synth.verifiers import BUILTIN, RewardFn, load_verifier, verifier_reward
+
+from .config import TrainBase
+from .data import Lint, split_rows
+from .loop import LossOut, autocast, index_plan, latest_checkpoint, pick_device, train_loop
+from .losses import IGNORE, group_advantages, grpo_loss, token_logps
+from .model import load_for_training, resolve_model, save_final, to_device
+
+GRPO_LR = 1e-6  # TRL GRPOConfig learning_rate (REFERENCES §6.5)
+ROLLOUT_FILE = "rollout.pt"
+
+
+class GrpoConfig(TrainBase):
+    """Defaults are TRL's ``GRPOConfig`` (REFERENCES §6.5) unless marked."""
+
+    beta: float = Field(0.0, ge=0)  # KL coefficient; 0.0 since trl PR #3516 (no reference model is loaded)
+    epsilon: float = Field(0.2, gt=0, lt=1)
+    epsilon_high: float | None = Field(None, gt=0)  # None: epsilon; DAPO recommends 0.28
+    loss_type: Literal["dapo", "grpo", "dr_grpo"] = "dapo"  # normalisations: losses.grpo_loss
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # none: Dr. GRPO
+    num_generations: int = Field(8, ge=2)  # G, samples per prompt
+    max_completion_length: int = Field(512, ge=1)
+    temperature: float = Field(1.0, gt=0)  # applied to the logits on both sides (sampler and trainer, §6.9)
+    top_p: float = Field(1.0, gt=0, le=1)  # < 1 biases the IS ratio by the kept mass (trl#6789)
+    num_iterations: int = Field(1, ge=1)  # μ: optimizer steps per rollout
+    mask_truncated_completions: bool = False  # True: completions cut at max length train nothing (DAPO)
+    # TRL's default is per_device_train_batch_size 8 / num_generations 8 = 1 prompt per step on one process
+    prompts_per_step: int = Field(1, ge=1)
+    verifier: str | None = None  # a built-in (numeric_match, ...) with verifier_options, or "module:function" RewardFn
+    verifier_options: dict[str, Any] = {}
+    reward_model: str | None = None  # a folder trained by `dataflywheel train rm` (train/rm.py score_rows)
+    backend: Literal["transformers", "vllm"] = "transformers"  # transformers: the live policy, in process
+    backend_options: dict[str, Any] = {}  # transformers: batch_size; vllm: engine kwargs (gpu_memory_utilization...)
+    importance_correction: bool | None = None  # None: on with vllm (TRL vllm_importance_sampling_correction)
+    is_cap: float = Field(3.0, ge=1)  # TRL vllm_importance_sampling_cap
+    eval_fraction: float = Field(0.0, ge=0, lt=1)  # held-out prompts scored greedily at the end (ours: none)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _grpo_lr(cls, data: Any) -> Any:
+        # LoopConfig's lr default is SFT's; GRPO's is TRL's 1e-6 unless the config sets one
+        if isinstance(data, dict):
+            loop = data.get("loop") or {}
+            if isinstance(loop, dict) and "lr" not in loop:
+                data = {**data, "loop": {**loop, "lr": GRPO_LR}}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> GrpoConfig:
+        if (self.verifier is None) == (self.reward_model is None):
+            raise ValueError("give exactly one of verifier ('module:function' or a built-in name) or reward_model")
+        if self.loop.grad_accum != 1:
+            raise ValueError("grpo sets the micro-batches itself: prompts_per_step x num_generations samples per step "
+                             "in micro-batches of loop.batch_size; leave loop.grad_accum at 1")
+        return self
+
+
+def read_prompts(paths: list[str], lint: Lint) -> list[dict]:
+    """Prompt rows (``prompt``, or Alpaca ``instruction``) or conversation rows ending with the user turn;
+    every other column (e.g. ``answer``) stays on the row for the reward function."""
+    rows = []
+    try:
+        for item in read(list(paths)):
+            if isinstance(item, DeadLetter):
+                lint.add("unreadable", str(item))
+                continue
+            if "prompt" not in item and isinstance(item.get("messages"), list):
+                item = {**{k: v for k, v in item.items() if k != "messages"}, "prompt": item["messages"]}
+            try:
+                rows.append(records.validate("prompt", item))
+            except RecordError as err:
+                lint.add("unreadable", f"{item.get('id', '?')}: {err}")
+    except FileNotFoundError as err:
+        raise UserError(str(err)) from None
+    if not rows and not lint.counts:
+        raise UserError(f"no prompt rows in {', '.join(paths)}")
+    return rows
+
+
+def reward_function(cfg: GrpoConfig) -> RewardFn:
+    """``(prompt rows, completions) -> [float | None]`` from the config's verifier or reward model."""
+    if cfg.verifier is not None:
+        if cfg.verifier in BUILTIN:
+            return verifier_reward(cfg.verifier, **cfg.verifier_options)
+        fn = load_verifier(cfg.verifier)
+        return functools.partial(fn, **cfg.verifier_options) if cfg.verifier_options else fn
+    from .rm import RewardModel
+
+    scorer = RewardModel(cfg.reward_model, chat_template=cfg.chat_template)  # loaded once per process
+
+    def rm_reward(rows: list[dict], completions: list[str]) -> list[float | None]:
+        return scorer.score([{"messages": [*r["prompt"], {"role": "assistant", "content": c}]}
+                             for r, c in zip(rows, completions)])
+
+    return rm_reward
+
+
+def prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
+    """The prompt's token ids exactly as the backends encode a chat request (template with the
+    generation prompt, tokenized without added special tokens: the template writes BOS)."""
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def rollout_seed(seed: int, index: int, j: int) -> int:
+    """Base seed of prompt j's samples in rollout ``index`` (31 bits; the backend derives one per sample)."""
+    digest = hashlib.blake2b(f"grpo:{seed}:{index}:{j}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def collate(seqs: list[tuple[list[int], list[int]]], trained: list[bool], sampler: list[list[float]],
+            pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded [prompt + completion] rows. ``labels`` hold the completion ids (IGNORE elsewhere);
+    ``mask`` and ``sampler_logps`` are [B, T-1], aligned with ``token_logps`` (position t predicts t+1)."""
+    width, b = max(len(p) + len(c) for p, c in seqs), len(seqs)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((b, width), dtype=torch.long)
+    labels = torch.full((b, width), IGNORE, dtype=torch.long)
+    mask, samp = torch.zeros((b, width - 1)), torch.zeros((b, width - 1))
+    for r, ((p, c), keep, lp) in enumerate(zip(seqs, trained, sampler)):
+        n = len(p) + len(c)
+        ids[r, :n] = torch.tensor(p + c, dtype=torch.long)
+        attn[r, :n] = 1
+        labels[r, len(p):n] = torch.tensor(c, dtype=torch.long)
+        mask[r, len(p) - 1:n - 1] = float(keep)
+        if lp:
+            samp[r, len(p) - 1:n - 1] = torch.tensor(lp)
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels, "mask": mask, "sampler_logps": samp}
+
+
+@dataclass
+class Rollout:
+    index: int
+    batches: list[dict]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def make_rollout(policy: Any, tok: Any, backend: Any, rows: list[dict], reward_fn: RewardFn, cfg: GrpoConfig,
+                 index: int, ref: Any = None) -> Rollout:
+    """Sample, score and batch one rollout; π_old (and the reference's log-probs) are computed here, once."""
+    g, device = cfg.num_generations, next(policy.parameters()).device
+    pids = [prompt_ids(tok, r["prompt"]) for r in rows]
+    requests = [Request(id=str(j), messages=tuple(r["prompt"]), sampling=Sampling(
+        n=g, temperature=cfg.temperature, top_p=cfg.top_p, seed=rollout_seed(cfg.loop.seed, index, j), logprobs=True,
+        max_tokens=max(1, min(cfg.max_completion_length, cfg.max_length - len(pids[j])))))
+        for j, r in enumerate(rows)]
+    samples = [s for res in backend.generate(requests) for s in res.samples]
+    owners = [j for j in range(len(rows)) for _ in range(g)]
+    ok = [s.finish_reason != "error" for s in samples]  # a failed sample: no reward, nothing trained
+    if any(good and s.token_ids is None for s, good in zip(samples, ok)):
+        raise UserError(f"the {backend.name} backend returned no token ids: GRPO trains on the sampled ids")
+    sampled = all(len(s.logprobs or []) == len(s.token_ids) for s, good in zip(samples, ok) if good)
+    correct = cfg.importance_correction if cfg.importance_correction is not None else cfg.backend == "vllm"
+    if correct and not sampled:
+        raise UserError(f"importance_correction needs sampled log-probs; the {backend.name} backend gave none")
+    scored = reward_fn([rows[j] for j in owners], [s.text for s in samples])
+    rewards = torch.tensor([math.nan if (v is None or not good) else float(v) for v, good in zip(scored, ok)])
+    adv = group_advantages(rewards, g, cfg.scale_rewards)
+    truncated = [s.finish_reason == "length" for s in samples]
+    trained = [good and not (t and cfg.mask_truncated_completions) for good, t in zip(ok, truncated)]
+    seqs = [(pids[j], list(s.token_ids or [])) for j, s in zip(owners, samples)]
+    bf16 = pick_device(cfg.loop)[1]  # the loop's autocast, so μ = 1 gives ratio 1
+    was_training, size, batches, ratios = policy.training, cfg.loop.batch_size, [], []
+    policy.eval()  # π_old without dropout, as the loop trains (loop.disable_dropout)
+    for at in range(0, len(seqs), size):
+        batch = collate(seqs[at:at + size], trained[at:at + size],
+                        [(s.logprobs or []) if sampled else [] for s in samples[at:at + size]], tok.pad_token_id)
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+        labels = batch["labels"].to(device)
+        with autocast(device.type, bf16):
+            logits = policy(**inputs, use_cache=False).logits.float()
+            batch["old_logps"] = token_logps(logits / cfg.temperature, labels).cpu()
+            # the sampler reports raw (untempered) log-probs (vLLM's default, and ours): compare like with like
+            raw = batch["old_logps"] if cfg.temperature == 1.0 else token_logps(logits, labels).cpu()
+            if ref is not None:
+                batch["ref_logps"] = token_logps(ref(**inputs, use_cache=False).logits.float() / cfg.temperature,
+                                                 labels).cpu()
+        ratio = torch.exp(raw - batch.pop("sampler_logps"))
+        ratios.append(ratio[batch["labels"][:, 1:] != IGNORE])
+        if correct:
+            batch["is_weights"] = ratio.clamp(max=cfg.is_cap)
+        batch["advantages"] = adv[at:at + size]
+        batches.append(batch)
+    policy.train(was_training)
+    # step-level numbers ride on micro-batch 0, so the loop reports them exactly, not averaged
+    batches[0]["rollout"] = metrics = rollout_metrics(rewards, g, seqs, truncated,
+                                                      torch.cat(ratios) if sampled else None)
+    return Rollout(index, batches, metrics)
+
+
+def rollout_metrics(rewards: torch.Tensor, g: int, seqs: list, truncated: list[bool],
+                    ratio: torch.Tensor | None) -> dict[str, float]:
+    """Per-step monitoring (REFERENCES §6.5, §6.9): reward, mean within-group std and the share of groups
+    with one reward for all (both as TRL logs them), completion length, truncation, IS ratio mean/max."""
+    stds = [float(grp[~grp.isnan()].std()) if (~grp.isnan()).sum() > 1 else 0.0 for grp in rewards.view(-1, g)]
+    valid = rewards[~rewards.isnan()]
+    out = {"reward_std": sum(stds) / len(stds), "frac_reward_zero_std": sum(s < 1e-8 for s in stds) / len(stds),
+           "unscored": float(rewards.isnan().float().mean()), "truncated": sum(truncated) / len(truncated),
+           "completion_length": sum(len(c) for _, c in seqs) / len(seqs)}
+    if valid.numel():
+        out["reward"] = float(valid.mean())
+    if ratio is not None and ratio.numel():
+        out["is_ratio/mean"], out["is_ratio/max"] = float(ratio.mean()), float(ratio.max())
+    return out
+
+
+def grpo_loss_fn(cfg: GrpoConfig, device: str):
+    def loss_fn(model: Any, batch: dict) -> LossOut:
+        b = to_device(batch, device)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        logps = token_logps(logits.float() / cfg.temperature, b["labels"])
+        total, count, metrics = grpo_loss(
+            logps, b["old_logps"], b["advantages"], b["mask"], epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+            beta=cfg.beta, ref_logps=b.get("ref_logps"), loss_type=cfg.loss_type,
+            max_completion_length=cfg.max_completion_length, is_weights=b.get("is_weights"))
+        metrics["tokens"] = (float(b["attention_mask"].sum()), 1.0)
+        for name, value in batch.get("rollout", {}).items():
+            metrics[name] = (value, 1.0)
+        return LossOut(total, count, metrics)
+
+    return loss_fn
+
+
+def make_backend(cfg: GrpoConfig, model: Any, tok: Any, model_name: str) -> Any:
+    """transformers: the module being trained itself; vllm: an engine on the starting checkpoint, synced later."""
+    if cfg.backend == "vllm":
+        from dataflywheel.synth.backends.vllm_offline import VLLMBackend
+
+        return VLLMBackend(model_name, **cfg.backend_options)
+    from dataflywheel.synth.backends.transformers import TransformersBackend
+
+    return TransformersBackend.from_model(model, tok, model_name, **cfg.backend_options)
+
+
+def eval_reward(backend: Any, rows: list[dict], reward_fn: RewardFn, cfg: GrpoConfig) -> float | None:
+    """Mean reward of one greedy completion per held-out prompt (unscorable ones left out)."""
+    if not rows:
+        return None
+    sampling = Sampling(temperature=0.0, max_tokens=cfg.max_completion_length)
+    results = backend.generate([Request(id=str(j), messages=tuple(r["prompt"]), sampling=sampling)
+                                for j, r in enumerate(rows)])
+    return _mean([v for v in reward_fn(rows, [res.samples[0].text for res in results]) if v is not None])
+
+
+def saved_rollout(cfg: GrpoConfig, index: int) -> Rollout | None:
+    """With μ > 1 a checkpoint can fall inside a rollout's steps: its π_old came from weights that are
+    gone, so the checkpoint keeps the rollout (``save_extra``) and a resumed run reuses it."""
+    ckpt = latest_checkpoint(cfg.out) if cfg.resume else None
+    if ckpt is None or not (ckpt / ROLLOUT_FILE).is_file():
+        return None
+    saved = torch.load(ckpt / ROLLOUT_FILE, weights_only=True)
+    return Rollout(index, saved["batches"], saved["metrics"]) if saved["index"] == index else None
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def run(cfg: GrpoConfig) -> dict:
+    """Train; returns the summary also written to ``output/summary.json``."""
+    lint = Lint()
+    rows = read_prompts(cfg.data, lint)
+    train_rows, held = ((rows, read_prompts(cfg.eval_data, lint)) if cfg.eval_data
+                        else split_rows(rows, cfg.eval_fraction))
+    model_name = resolve_model(cfg.model, cfg.tiny, cfg.out, (m["content"] for r in train_rows for m in r["prompt"]))
+    model, tok = load_for_training(model_name)
+    if cfg.chat_template:
+        tok.chat_template = cfg.chat_template
+    fits = [len(prompt_ids(tok, r["prompt"])) < cfg.max_length for r in train_rows]  # room for a completion
+    for row in (r for r, ok in zip(train_rows, fits) if not ok):
+        lint.add("prompt_too_long", row["id"])
+    lint.enforce(cfg.lint, "grpo prompts")
+    train_rows = [r for r, ok in zip(train_rows, fits) if ok]
+    if not train_rows:
+        raise UserError("no training prompts left after the data lint and the eval split")
+    reward_fn = reward_function(cfg)
+    device, _ = pick_device(cfg.loop)
+    # the reference is the starting policy; with beta 0 none is loaded (TRL)
+    ref = load_for_training(model_name)[0].to(device).eval().requires_grad_(False) if cfg.beta > 0 else None
+    backend = make_backend(cfg, model.to(device), tok, model_name)
+    mu, loop = cfg.num_iterations, cfg.loop
+    total = loop.max_steps or mu * max(1, math.ceil(loop.epochs * len(train_rows) / cfg.prompts_per_step))
+    plan = index_plan(len(train_rows), cfg.prompts_per_step, 1, loop.seed, loop.shuffle)
+    state: dict[str, Any] = {"rollout": None, "engine_step": 0, "syncs": 0}
+    fresh = latest_checkpoint(cfg.out) is None or not cfg.resume
+    before = eval_reward(backend, held, reward_fn, cfg) if fresh else None
+
+    def sync(step: int) -> None:
+        if cfg.backend == "vllm" and state["engine_step"] != step:
+            backend.sync_weights(model)
+            state["engine_step"], state["syncs"] = step, state["syncs"] + 1
+
+    def step_batches(step: int) -> list[dict]:
+        index = step // mu
+        current = state["rollout"]
+        if current is None or current.index != index:
+            current = saved_rollout(cfg, index) if mu > 1 else None
+            if current is None:
+                sync(step)
+                prompts = [train_rows[i] for i in plan(index)[0]]
+                current = make_rollout(model, tok, backend, prompts, reward_fn, cfg, index, ref)
+            state["rollout"] = current
+        return current.batches
+
+    def save_extra(folder: Any) -> None:
+        if mu > 1 and (r := state["rollout"]) is not None:
+            torch.save({"index": r.index, "batches": r.batches, "metrics": r.metrics}, folder / ROLLOUT_FILE)
+
+    print(f"grpo: {len(train_rows)} prompts ({len(held)} held out), {cfg.prompts_per_step} x {cfg.num_generations} "
+          f"samples per rollout, {total} steps, backend {cfg.backend}", flush=True)
+    t0 = time.perf_counter()
+    last = train_loop(model, loop, cfg.out, total_steps=total, step_batches=step_batches,
+                      loss_fn=grpo_loss_fn(cfg, device), tokenizer=tok, save_extra=save_extra,
+                      resume=cfg.resume, desc="grpo")
+    steps = [json.loads(ln) for ln in (cfg.out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    curve, done = [s["reward"] for s in steps if "reward" in s], last["step"] >= total
+    if done:
+        sync(last["step"])
+    summary = {
+        "algorithm": "grpo", "model": model_name, "prompts": len(train_rows), "eval_prompts": len(held),
+        "lint": dict(lint.counts), "steps": last["step"], "resumed_from": last.get("resumed_from", 0),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "step_seconds": round(_mean([s["seconds"] for s in steps]) or 0.0, 4),
+        # the reward curve's two ends, each a mean over up to 10 steps (one step's reward is noisy)
+        "reward_start": _mean(curve[:10]), "reward_end": _mean(curve[-10:]),
+        "frac_reward_zero_std": last.get("frac_reward_zero_std"), "weight_syncs": state["syncs"],
+        "eval_reward_before": before,
+        "eval_reward": eval_reward(backend, held, reward_fn, cfg) if done else None,
+    }
+    if done:
+        summary["final"] = str(save_final(model, tok, cfg.out, summary))
+    return summary
