@@ -75,3 +75,18 @@ def test_demo_config_end_to_end(tmp_path):
     assert stages["langid"]["rejected"] == {"language": 1}
     assert stages["exact_dedup"]["rejected"] == {"duplicate": 1}
     assert inst["outputs"]["kept"]["rows"] == 4
+
+
+def test_train_commands_run_each_shipped_config_and_fail_in_one_line(tmp_path):
+    for algo in ("sft", "rm", "dpo", "grpo"):
+        out = cli("train", algo, f"configs/train_{algo}.yaml", "--output", str(tmp_path / algo), "--max-steps", "2")
+        assert out.returncode == 0, (algo, out.stderr[-2000:])
+        summary = json.loads((tmp_path / algo / "summary.json").read_text())
+        assert summary["steps"] == 2 and (tmp_path / algo / "final" / "model.safetensors").is_file()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tiny: {}\ndata: x.jsonl\noutput: o\nloop: {lr: -1}\n")
+    out = cli("train", "sft", str(bad))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "loop.lr" in out.stderr
+    bad.write_text(f"tiny: {{}}\ndata: {tmp_path / 'missing.jsonl'}\noutput: {tmp_path / 'o'}\n")
+    out = cli("train", "sft", str(bad))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "missing.jsonl" in out.stderr

@@ -24,14 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "dataflywheel" / "data" / "demo" / "prefs.jsonl"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP threads
-    contending with other processes made each step ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -169,6 +169,15 @@ def read_rows(paths: Sequence[str], kind: str, lint: Lint) -> list[dict]:
     return rows
 
 
+def load_split(data: Sequence[str], eval_data: Sequence[str], eval_fraction: float, kind: str,
+               lint: Lint) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows): ``eval_data`` when given, else ``eval_fraction`` split off by id hash."""
+    rows = read_rows(data, kind, lint)
+    if eval_data:
+        return rows, read_rows(eval_data, kind, lint)
+    return split_rows(rows, eval_fraction)
+
+
 def is_eval(row_id: str, fraction: float) -> bool:
     """A stable held-out split by id hash: the same rows are held out whatever the file order."""
     h = int.from_bytes(hashlib.blake2b(row_id.encode(), digest_size=8).digest(), "little")

@@ -30,7 +30,7 @@ from dataflywheel.models.fingerprint import model_fingerprint
 from dataflywheel.models.score_cache import ScoreCache, cache_key
 
 from .config import LoopConfig, TrainBase
-from .data import Lint, PairExample, check_chat_template, pair_examples, read_rows, split_rows
+from .data import Lint, PairExample, check_chat_template, load_split, pair_examples
 from .loop import LossOut, autocast, index_plan, pick_device, steps_for, train_loop
 from .losses import dpo_loss, sequence_logps
 from .model import load_for_training, resolve_model, save_final, to_device
@@ -145,11 +145,7 @@ def evaluate(model: Any, pairs: Sequence[PairExample], ref: torch.Tensor | None,
 def run(cfg: DpoConfig) -> dict:
     """Train; returns the summary also written to ``output/summary.json``."""
     lint = Lint()
-    rows = read_rows(cfg.data, "preference", lint)
-    if cfg.eval_data:
-        train_rows, held = rows, read_rows(cfg.eval_data, "preference", lint)
-    else:
-        train_rows, held = split_rows(rows, cfg.eval_fraction)
+    train_rows, held = load_split(cfg.data, cfg.eval_data, cfg.eval_fraction, "preference", lint)
     texts = (m["content"] for r in train_rows for k in ("prompt", "chosen", "rejected") for m in r[k])
     model_name = resolve_model(cfg.model, cfg.tiny, cfg.out, texts)
     model, tok = load_for_training(model_name)

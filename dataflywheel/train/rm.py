@@ -25,7 +25,7 @@ from dataflywheel.errors import UserError
 from dataflywheel.models.cache import shared
 
 from .config import LoopConfig, TrainBase
-from .data import Example, Lint, PairExample, check_chat_template, pair_examples, read_rows, split_rows, tokenize_chat
+from .data import Example, Lint, PairExample, check_chat_template, load_split, pair_examples, tokenize_chat
 from .loop import LossOut, autocast, index_plan, latest_checkpoint, pick_device, steps_for, train_loop
 from .losses import bradley_terry
 from .model import load_for_training, resolve_model, save_final, to_device
@@ -120,11 +120,7 @@ def _margins(rows: Sequence[dict], pairs: Sequence[PairExample], field: str | No
 def run(cfg: RmConfig) -> dict:
     """Train; returns the summary also written to ``output/summary.json``."""
     lint = Lint()
-    rows = read_rows(cfg.data, "preference", lint)
-    if cfg.eval_data:
-        train_rows, held = rows, read_rows(cfg.eval_data, "preference", lint)
-    else:
-        train_rows, held = split_rows(rows, cfg.eval_fraction)
+    train_rows, held = load_split(cfg.data, cfg.eval_data, cfg.eval_fraction, "preference", lint)
     texts = (m["content"] for r in train_rows for k in ("prompt", "chosen", "rejected") for m in r[k])
     model_name = resolve_model(cfg.model, cfg.tiny, cfg.out, texts)
     torch.manual_seed(cfg.loop.seed)  # the new head's random init

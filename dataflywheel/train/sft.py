@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 
 from .config import TrainBase
-from .data import Example, Lint, read_rows, sft_examples, split_rows
+from .data import Example, Lint, check_chat_template, load_split, sft_examples
 from .loop import LossOut, index_plan, pick_device, steps_for, train_loop
 from .losses import sft_loss
 from .model import load_for_training, resolve_model, save_final, to_device
@@ -84,14 +84,11 @@ def eval_loss(model: Any, examples: list[Example], pad_id: int, device: str, bat
 def run(cfg: SftConfig) -> dict:
     """Train; returns the summary also written to ``output/summary.json``."""
     lint = Lint()
-    rows = read_rows(cfg.data, "conversation", lint)
-    if cfg.eval_data:
-        train_rows, held = rows, read_rows(cfg.eval_data, "conversation", lint)
-    else:
-        train_rows, held = split_rows(rows, cfg.eval_fraction)
+    train_rows, held = load_split(cfg.data, cfg.eval_data, cfg.eval_fraction, "conversation", lint)
     texts = (m["content"] for r in train_rows for m in r["messages"])
     model_name = resolve_model(cfg.model, cfg.tiny, cfg.out, texts)
     model, tok = load_for_training(model_name)
+    check_chat_template(tok, cfg.chat_template, model_name)
     examples = sft_examples(train_rows, tok, cfg.max_length, lint, cfg.chat_template)
     eval_examples = sft_examples(held, tok, cfg.max_length, lint, cfg.chat_template)
     lint.enforce(cfg.lint, "sft data")
