@@ -26,7 +26,7 @@ from dataflywheel.config import parse_config
 from dataflywheel.io import read
 from dataflywheel.models.tiny_lm import build_tiny_causal_lm
 from dataflywheel.pipelines.job import run_job
-from dataflywheel.synth.backends.base import Request, Sampling
+from dataflywheel.synth.backends.base import Request, Sampling, request_seed
 from dataflywheel.synth.backends.transformers import TransformersBackend
 
 TOPICS = ("rivers", "bread", "bicycles", "gardens", "libraries", "trains", "music", "weather", "stars", "tea")
@@ -55,8 +55,9 @@ def main() -> int:
         src.write_text("".join(json.dumps(r) + "\n" for r in rows))
         backend = TransformersBackend(model, batch_size=batch)
         backend.generate([Request("warm", messages=({"role": "user", "content": "hi"},), sampling=sampling)])
-        requests = [Request(r["id"], messages=({"role": "user", "content": r["prompt"]},), sampling=sampling)
-                    for r in rows]
+        requests = [Request(r["id"], messages=({"role": "user", "content": r["prompt"]},),
+                            sampling=sampling.model_copy(update={"seed": request_seed(sampling.seed, r["id"])}))
+                    for r in rows]  # the stage's per-row seeds
         stage = {"stage": "generate", "batch_size": batch, "reject_overlong": False,
                  "backend": {"kind": "transformers", "model": model, "options": {"batch_size": batch}},
                  "sampling": sampling.model_dump()}

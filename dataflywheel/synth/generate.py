@@ -10,7 +10,8 @@ Score, then decide (DESIGN §3): the filter rejects, with the reason counted, a 
 (``generation_error``), hit ``max_tokens`` (``overlong``), is empty (``empty_output``) or refuses
 (``refusal``: the phrases below, matched at the start of the answer). A row of n samples is kept
 when any sample is usable; unusable ones stay in ``completions`` with ``rejected`` set, so nothing
-is silently dropped. The backend is built once per worker in ``setup``; with a ``cache`` a re-run
+is silently dropped. Each row samples with its own seed, derived from ``sampling.seed`` and the
+row id (``request_seed``), so prompts draw independent samples. The backend is built once per worker in ``setup``; with a ``cache`` a re-run
 or a retried Beam bundle generates nothing that exists (the report counts hits and misses).
 """
 
@@ -21,7 +22,7 @@ from collections import Counter
 
 from ..registry import register
 from ..stages import Filter, Scorer, StageConfig
-from .backends.base import Request, Sampling
+from .backends.base import Request, Sampling, request_seed
 from .backends.config import BackendConfig, build_backend
 
 # Openings of refusals, as the public SFT-cleaning scripts drop them (e.g. the "As an AI language
@@ -86,7 +87,10 @@ class Generate(Scorer, Filter):
 
     def score(self, rows: list[dict]) -> list[dict]:
         self.setup()
-        requests = [Request(str(r["id"]), messages=tuple(_prompt(r)), sampling=self.config.sampling) for r in rows]
+        base = self.config.sampling
+        requests = [Request(str(r["id"]), messages=tuple(_prompt(r)),
+                            sampling=base.model_copy(update={"seed": request_seed(base.seed, str(r["id"]))}))
+                    for r in rows]
         out = []
         for row, result in zip(rows, self.backend.generate(requests)):
             completions = []

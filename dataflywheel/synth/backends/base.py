@@ -114,6 +114,16 @@ def sample_seed(seed: int | None, index: int) -> int | None:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
+def request_seed(seed: int | None, key: str) -> int | None:
+    """A request's base seed from a run seed and the request's key (e.g. the prompt row's id), so
+    different prompts draw independent samples: with one base seed for every request, sample i of
+    every prompt would reuse the same random stream."""
+    if seed is None:
+        return None
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
 def units(requests: list[Request]) -> list[Unit]:
     return [Unit(r, i, sample_seed(r.sampling.seed, i)) for r in requests for i in range(r.sampling.n)]
 
