@@ -29,6 +29,20 @@ def _select(args: argparse.Namespace) -> int:
     return _execute(load_sft_config(args.config, args.input, args.output), args)
 
 
+def _pairs(args: argparse.Namespace) -> int:
+    from .pipelines.pairs import explode_output, load_pairs_config, needs_explode
+
+    cfg = load_pairs_config(args.config, args.input, args.output)
+    code = _execute(cfg, args)
+    folder = needs_explode(cfg)
+    if folder and not args.dry_run:  # multi-pair rows -> one preference row per pair, over the written output
+        job = next(j for j in cfg.jobs if j.output.path == folder)
+        info = explode_output(folder, job.output.format, job.output.rows_per_shard)
+        print(f"exploded {info['exploded']['rows_in']} multi-pair rows into {info['exploded']['pairs_out']} "
+              f"preference rows in {folder}", flush=True)
+    return code
+
+
 def _synth(args: argparse.Namespace) -> int:
     import json
 
@@ -168,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     _pipeline_command(sub, "select", _select,
                       "select an SFT training set from an instruction pool (configs/sft_select.yaml)",
                       "selection YAML config: input, output, scoring steps, select method, mixture")
+
+    _pipeline_command(sub, "pairs", _pairs,
+                      "build preference pairs and best-of-N SFT rows from prompts (configs/pairs.yaml)",
+                      "pairs YAML config: input, generate, scorers, pairs / best_of_n / pair_quantile, output")
 
     syn = sub.add_parser("synth", help="synthesize instruction data (Self-Instruct / Evol-Instruct) from seeds")
     syn.add_argument("config", help="synth YAML config (configs/synth.yaml)")

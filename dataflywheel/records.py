@@ -155,8 +155,11 @@ def validate_conversation(row: Any) -> dict:
 
 def validate_prompt(row: Any) -> dict:
     """A prompt to generate from (TRL's prompt-only form): ``prompt`` as messages ending with a user
-    turn, or as a string (one user turn); Alpaca-style ``instruction`` (+ ``input``) works too."""
+    turn, or as a string (one user turn); Alpaca-style ``instruction`` (+ ``input``) works too, and
+    so does ``messages`` ending with a user turn (the GRPO prompt files, e.g. data/demo/arithmetic_prompts)."""
     row = _check_common(row)
+    if "prompt" not in row and "instruction" not in row and isinstance(row.get("messages"), list):
+        row = {**{k: v for k, v in row.items() if k != "messages"}, "prompt": row["messages"]}
     if "prompt" not in row and "instruction" in row:
         instruction = _require_str(row, "instruction")
         extra = row.get("input") or ""

@@ -111,7 +111,32 @@ def _write_parquet(path: str, rows: list[dict], schema: Any) -> None:
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(rows, schema=schema)
+    if schema is None and _has_empty_struct(table.schema):
+        # Parquet has no struct without fields: an empty dict ({} options, no scores yet) is
+        # written as null and comes back as None.
+        table = pa.Table.from_pylist([_empty_dicts_to_none(r) for r in rows])
     pq.write_table(table, path, compression="zstd", write_page_checksum=True)
+
+
+def _has_empty_struct(schema: Any) -> bool:
+    import pyarrow as pa
+
+    def empty(t: Any) -> bool:
+        if pa.types.is_struct(t):
+            return t.num_fields == 0 or any(empty(t.field(i).type) for i in range(t.num_fields))
+        if pa.types.is_list(t) or pa.types.is_large_list(t):
+            return empty(t.value_type)
+        return False
+
+    return any(empty(f.type) for f in schema)
+
+
+def _empty_dicts_to_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _empty_dicts_to_none(v) for k, v in value.items()} or None
+    if isinstance(value, list):
+        return [_empty_dicts_to_none(v) for v in value]
+    return value
 
 
 class ShardWriter:

@@ -81,6 +81,8 @@ class Generate(Scorer, Filter):
             return "overlong"
         if not sample["text"].strip():
             return "empty_output"
+        if "\x00" in sample["text"]:  # records.py refuses U+0000: a row built from it would not read back
+            return "nul_in_text"
         if self._refusal.match(sample["text"]):
             return "refusal"
         return None
