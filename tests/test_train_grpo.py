@@ -18,7 +18,7 @@ from dataflywheel.synth.backends.base import Request, Sampling
 from dataflywheel.synth.backends.transformers import TransformersBackend
 from dataflywheel.train import grpo
 from dataflywheel.train.config import load_train_config
-from dataflywheel.train.data import Lint
+from dataflywheel.train.data import Lint, read_rows
 from dataflywheel.train.grpo import GrpoConfig, grpo_loss_fn, make_rollout, prompt_ids, rollout_seed
 from dataflywheel.train.losses import group_advantages, grpo_loss, k3_kl
 from dataflywheel.train.model import load_for_training
@@ -199,7 +199,7 @@ def test_prompt_rows_from_prompt_and_conversation_files(tmp_path):
             {"id": "c", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     lint = Lint()
-    got = grpo.read_prompts([str(path)], lint)
+    got = read_rows([str(path)], "prompt", lint)  # what grpo.run reads its prompts with
     assert [(r["id"], r["prompt"][-1]["content"], r["answer"]) for r in got] == [("a", "1+1=", "2"), ("b", "2+2=", "4")]
     assert lint.counts["unreadable"] == 1
 

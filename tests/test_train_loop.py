@@ -130,3 +130,13 @@ def test_kill_9_then_resume_equals_uninterrupted(folder, tmp_path):
     subprocess.run([*cmd, "--output", str(tmp_path / "straight")], env=env, check=True, capture_output=True)
     a, b = _weights(killed), _weights(tmp_path / "straight")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_chat_template_override_is_trained_with_and_saved(folder, tmp_path):
+    from transformers import AutoTokenizer
+
+    template = "{#- the config's override -#}" + AutoTokenizer.from_pretrained(str(folder)).chat_template
+    cfg = _cfg(folder, tmp_path / "tpl", max_steps=1)
+    cfg.chat_template = template
+    run(cfg)
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "tpl" / "final")).chat_template == template

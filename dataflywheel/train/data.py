@@ -87,8 +87,12 @@ def _render(tokenizer: Any, messages: Sequence[dict], template: str | None, gene
     return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt, **kw)
 
 
-def check_chat_template(tokenizer: Any, template: str | None, model: str) -> None:
-    if template is None and not getattr(tokenizer, "chat_template", None):
+def use_chat_template(tokenizer: Any, template: str | None, model: str) -> None:
+    """Put the config's template override on a training run's (private) tokenizer, so every render
+    and the saved model use it; fail in one line when there is no template at all."""
+    if template:
+        tokenizer.chat_template = template
+    if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"the tokenizer of {model} has no chat template: set chat_template in the config")
 
 

@@ -30,7 +30,7 @@ from dataflywheel.models.fingerprint import model_fingerprint
 from dataflywheel.models.score_cache import ScoreCache, cache_key
 
 from .config import LoopConfig, TrainBase
-from .data import Lint, PairExample, check_chat_template, load_split, pair_examples
+from .data import Lint, PairExample, load_split, pair_examples, use_chat_template
 from .loop import LossOut, autocast, index_plan, pick_device, steps_for, train_loop
 from .losses import dpo_loss, sequence_logps
 from .model import load_for_training, resolve_model, save_final, to_device
@@ -87,7 +87,7 @@ def dpo_loss_fn(device: str, cfg: DpoConfig, ref_model: Any = None) -> Callable[
 def ref_key_prefix(ref_name: str, cfg: DpoConfig, tok: Any, bf16: bool, loaded: Any = None) -> tuple[str, str]:
     """(model id, settings) for the cache keys: what decides a reference log-prob besides the tokens.
     ``loaded``: the reference when already loaded (a Hub model's id then includes its revision)."""
-    template = cfg.chat_template or tok.chat_template or ""
+    template = tok.chat_template or ""  # the config's override is on the tokenizer (use_chat_template)
     digest = hashlib.sha256(template.encode()).hexdigest()[:16]
     return model_fingerprint(ref_name, loaded), f"dpo_ref:max_length={cfg.max_length}:template={digest}:bf16={bf16}"
 
@@ -149,9 +149,9 @@ def run(cfg: DpoConfig) -> dict:
     texts = (m["content"] for r in train_rows for k in ("prompt", "chosen", "rejected") for m in r[k])
     model_name = resolve_model(cfg.model, cfg.tiny, cfg.out, texts)
     model, tok = load_for_training(model_name)
-    check_chat_template(tok, cfg.chat_template, model_name)
-    pairs = pair_examples(train_rows, tok, cfg.max_length, lint, cfg.chat_template)
-    eval_pairs = pair_examples(held, tok, cfg.max_length, lint, cfg.chat_template)
+    use_chat_template(tok, cfg.chat_template, model_name)
+    pairs = pair_examples(train_rows, tok, cfg.max_length, lint)
+    eval_pairs = pair_examples(held, tok, cfg.max_length, lint)
     lint.enforce(cfg.lint, "dpo data")
     if not pairs:
         raise UserError("no training pairs left after the data lint")
@@ -204,7 +204,5 @@ def run(cfg: DpoConfig) -> dict:
         **evaluate(model, eval_pairs, eval_ref_logps, cfg, tok.pad_token_id, live),
     }
     if last["step"] >= total:
-        if cfg.chat_template:
-            tok.chat_template = cfg.chat_template
         summary["final"] = str(save_final(model, tok, cfg.out, summary))
     return summary

@@ -28,15 +28,12 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from dataflywheel import records
-from dataflywheel.errors import RecordError, UserError
-from dataflywheel.io import read
-from dataflywheel.io.base import DeadLetter
+from dataflywheel.errors import UserError
 from dataflywheel.synth.backends.base import Request, Sampling
 from dataflywheel.synth.verifiers import BUILTIN, RewardFn, load_verifier, verifier_reward
 
 from .config import TrainBase
-from .data import Lint, split_rows
+from .data import Lint, load_split, use_chat_template
 from .loop import LossOut, autocast, index_plan, latest_checkpoint, pick_device, train_loop
 from .losses import IGNORE, group_advantages, grpo_loss, token_logps
 from .model import load_for_training, resolve_model, save_final, to_device
@@ -88,28 +85,6 @@ class GrpoConfig(TrainBase):
             raise ValueError("grpo sets the micro-batches itself: prompts_per_step x num_generations samples per step "
                              "in micro-batches of loop.batch_size; leave loop.grad_accum at 1")
         return self
-
-
-def read_prompts(paths: list[str], lint: Lint) -> list[dict]:
-    """Prompt rows (``prompt``, or Alpaca ``instruction``) or conversation rows ending with the user turn;
-    every other column (e.g. ``answer``) stays on the row for the reward function."""
-    rows = []
-    try:
-        for item in read(list(paths)):
-            if isinstance(item, DeadLetter):
-                lint.add("unreadable", str(item))
-                continue
-            if "prompt" not in item and isinstance(item.get("messages"), list):
-                item = {**{k: v for k, v in item.items() if k != "messages"}, "prompt": item["messages"]}
-            try:
-                rows.append(records.validate("prompt", item))
-            except RecordError as err:
-                lint.add("unreadable", f"{item.get('id', '?')}: {err}")
-    except FileNotFoundError as err:
-        raise UserError(str(err)) from None
-    if not rows and not lint.counts:
-        raise UserError(f"no prompt rows in {', '.join(paths)}")
-    return rows
 
 
 def reward_function(cfg: GrpoConfig) -> RewardFn:
@@ -295,13 +270,12 @@ def _mean(xs: list[float]) -> float | None:
 def run(cfg: GrpoConfig) -> dict:
     """Train; returns the summary also written to ``output/summary.json``."""
     lint = Lint()
-    rows = read_prompts(cfg.data, lint)
-    train_rows, held = ((rows, read_prompts(cfg.eval_data, lint)) if cfg.eval_data
-                        else split_rows(rows, cfg.eval_fraction))
+    # prompt rows: `prompt`, Alpaca `instruction`, or `messages` ending with the user turn (records.py);
+    # every other column (e.g. `answer`) stays on the row for the reward function
+    train_rows, held = load_split(cfg.data, cfg.eval_data, cfg.eval_fraction, "prompt", lint)
     model_name = resolve_model(cfg.model, cfg.tiny, cfg.out, (m["content"] for r in train_rows for m in r["prompt"]))
     model, tok = load_for_training(model_name)
-    if cfg.chat_template:
-        tok.chat_template = cfg.chat_template
+    use_chat_template(tok, cfg.chat_template, model_name)
     fits = [len(prompt_ids(tok, r["prompt"])) < cfg.max_length for r in train_rows]  # room for a completion
     for row in (r for r, ok in zip(train_rows, fits) if not ok):
         lint.add("prompt_too_long", row["id"])

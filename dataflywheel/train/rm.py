@@ -25,7 +25,7 @@ from dataflywheel.errors import UserError
 from dataflywheel.models.cache import shared
 
 from .config import LoopConfig, TrainBase
-from .data import Example, Lint, PairExample, check_chat_template, load_split, pair_examples, tokenize_chat
+from .data import Example, Lint, PairExample, load_split, pair_examples, tokenize_chat, use_chat_template
 from .loop import LossOut, autocast, index_plan, latest_checkpoint, pick_device, steps_for, train_loop
 from .losses import bradley_terry
 from .model import load_for_training, resolve_model, save_final, to_device
@@ -125,9 +125,9 @@ def run(cfg: RmConfig) -> dict:
     model_name = resolve_model(cfg.model, cfg.tiny, cfg.out, texts)
     torch.manual_seed(cfg.loop.seed)  # the new head's random init
     model, tok = load_for_training(model_name, head="seq_cls")
-    check_chat_template(tok, cfg.chat_template, model_name)
-    pairs = pair_examples(train_rows, tok, cfg.max_length, lint, cfg.chat_template)
-    eval_pairs = pair_examples(held, tok, cfg.max_length, lint, cfg.chat_template)
+    use_chat_template(tok, cfg.chat_template, model_name)
+    pairs = pair_examples(train_rows, tok, cfg.max_length, lint)
+    eval_pairs = pair_examples(held, tok, cfg.max_length, lint)
     lint.enforce(cfg.lint, "rm data")
     if not pairs:
         raise UserError("no training pairs left after the data lint")
@@ -169,8 +169,6 @@ def run(cfg: RmConfig) -> dict:
         **evaluate(model, eval_pairs, eval_margins, cfg, tok.pad_token_id),
     }
     if last["step"] >= total:
-        if cfg.chat_template:  # score() must render chats exactly as training did
-            tok.chat_template = cfg.chat_template
         summary["final"] = str(save_final(model, tok, cfg.out, summary))
     return summary
 

@@ -13,8 +13,10 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from dataflywheel.errors import UserError
+
 from .config import TrainBase
-from .data import Example, Lint, check_chat_template, load_split, sft_examples
+from .data import Example, Lint, load_split, sft_examples, use_chat_template
 from .loop import LossOut, index_plan, pick_device, steps_for, train_loop
 from .losses import sft_loss
 from .model import load_for_training, resolve_model, save_final, to_device
@@ -88,12 +90,12 @@ def run(cfg: SftConfig) -> dict:
     texts = (m["content"] for r in train_rows for m in r["messages"])
     model_name = resolve_model(cfg.model, cfg.tiny, cfg.out, texts)
     model, tok = load_for_training(model_name)
-    check_chat_template(tok, cfg.chat_template, model_name)
-    examples = sft_examples(train_rows, tok, cfg.max_length, lint, cfg.chat_template)
-    eval_examples = sft_examples(held, tok, cfg.max_length, lint, cfg.chat_template)
+    use_chat_template(tok, cfg.chat_template, model_name)
+    examples = sft_examples(train_rows, tok, cfg.max_length, lint)
+    eval_examples = sft_examples(held, tok, cfg.max_length, lint)
     lint.enforce(cfg.lint, "sft data")
     if not examples:
-        raise ValueError("no training rows left after the data lint")
+        raise UserError("no training rows left after the data lint")
     step_batches, n_items, pack_stats = sft_batches(examples, cfg, tok.pad_token_id)
     device, _ = pick_device(cfg.loop)
     total = steps_for(n_items, cfg.loop)
