@@ -15,11 +15,11 @@ import torch
 from dataflywheel.errors import UserError
 from dataflywheel.flywheel.tasks.arithmetic import make_prompts
 from dataflywheel.synth.backends.base import Request, Sampling
-from dataflywheel.synth.backends.transformers import TransformersBackend
+from dataflywheel.synth.backends.transformers import TransformersBackend, chat_prompt_ids
 from dataflywheel.train import grpo
 from dataflywheel.train.config import load_train_config
 from dataflywheel.train.data import Lint, read_rows
-from dataflywheel.train.grpo import GrpoConfig, grpo_loss_fn, make_rollout, prompt_ids, rollout_seed
+from dataflywheel.train.grpo import GrpoConfig, grpo_loss_fn, make_rollout, rollout_seed
 from dataflywheel.train.losses import group_advantages, grpo_loss, k3_kl
 from dataflywheel.train.model import load_for_training
 
@@ -85,7 +85,7 @@ def test_gradient_equals_reinforce_with_group_baseline(tiny, tmp_path):
         rewards = varied([row] * g, [s.text for s in samples])
         mean, std = statistics.mean(rewards), statistics.stdev(rewards)
         for s, r in zip(samples, rewards):
-            ids = prompt_ids(tok, row["prompt"]) + s.token_ids
+            ids = chat_prompt_ids(tok, row["prompt"]) + s.token_ids
             logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
             start = len(ids) - len(s.token_ids)
             seq = sum(logp[t - 1, ids[t]] for t in range(start, len(ids)))

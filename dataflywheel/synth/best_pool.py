@@ -25,7 +25,8 @@ import sqlite3
 from collections import Counter
 from pathlib import Path
 
-from .pairs import best_candidate, prompt_messages, provenance
+from .generate import prompt_messages
+from .pairs import best_candidate, provenance
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS pool (
     prompt_id TEXT PRIMARY KEY, reward REAL NOT NULL, round INTEGER NOT NULL,

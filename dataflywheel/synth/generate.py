@@ -44,7 +44,8 @@ class GenerateConfig(StageConfig):
     batch_size: int = 32  # prompts per backend call
 
 
-def _prompt(row: dict) -> list[dict]:
+def prompt_messages(row: dict) -> list[dict]:
+    """The prompt turns: ``prompt``, or ``messages`` without a final assistant turn."""
     if isinstance(row.get("prompt"), list):
         return row["prompt"]
     messages = list(row.get("messages") or [])
@@ -90,7 +91,7 @@ class Generate(Scorer, Filter):
     def score(self, rows: list[dict]) -> list[dict]:
         self.setup()
         base = self.config.sampling
-        requests = [Request(str(r["id"]), messages=tuple(_prompt(r)),
+        requests = [Request(str(r["id"]), messages=tuple(prompt_messages(r)),
                             sampling=base.model_copy(update={"seed": request_seed(base.seed, str(r["id"]))}))
                     for r in rows]
         out = []
@@ -106,7 +107,7 @@ class Generate(Scorer, Filter):
             new = {**row, "completions": completions, "meta": meta}
             usable = [c for c in completions if c["rejected"] is None]
             if self.config.sampling.n == 1 and usable:
-                new["messages"] = [*_prompt(row), {"role": "assistant", "content": usable[0]["text"]}]
+                new["messages"] = [*prompt_messages(row), {"role": "assistant", "content": usable[0]["text"]}]
                 new.pop("prompt", None)
             out.append(new)
         return out

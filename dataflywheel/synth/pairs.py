@@ -23,19 +23,10 @@ import numpy as np
 
 from ..registry import register
 from ..stages import Filter, GlobalStep, Scorer, StageConfig
+from .generate import prompt_messages
 from .pair_builders import Candidate, Pair, PairRules, all_pairs, max_min, rso, rso_seed, sigmoid, west_of_n
 
 _DEFAULT = PairRules()
-
-
-def prompt_messages(row: dict) -> list[dict]:
-    """The prompt turns: ``prompt``, or ``messages`` without a final assistant turn."""
-    if isinstance(row.get("prompt"), list):
-        return row["prompt"]
-    messages = list(row.get("messages") or [])
-    if messages and messages[-1].get("role") == "assistant":
-        messages = messages[:-1]
-    return messages
 
 
 def candidates(row: dict, field: str = "reward") -> list[Candidate]:

@@ -32,7 +32,7 @@ from pydantic import Field
 from ..models.fingerprint import model_fingerprint
 from ..registry import register
 from ..stages import Scorer, StageConfig
-from .generate import _prompt as prompt_messages
+from .generate import prompt_messages
 from .verifiers import BUILTIN, load_verifier, verifier_reward
 
 Kind = Literal["reward_model", "judge", "verifier"]

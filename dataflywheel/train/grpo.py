@@ -30,6 +30,7 @@ from pydantic import Field, model_validator
 
 from dataflywheel.errors import UserError
 from dataflywheel.synth.backends.base import Request, Sampling
+from dataflywheel.synth.backends.transformers import chat_prompt_ids
 from dataflywheel.synth.verifiers import BUILTIN, RewardFn, load_verifier, verifier_reward
 
 from .config import TrainBase
@@ -105,13 +106,6 @@ def reward_function(cfg: GrpoConfig) -> RewardFn:
     return rm_reward
 
 
-def prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
-    """The prompt's token ids exactly as the backends encode a chat request (template with the
-    generation prompt, tokenized without added special tokens: the template writes BOS)."""
-    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def rollout_seed(seed: int, index: int, j: int) -> int:
     """Base seed of prompt j's samples in rollout ``index`` (31 bits; the backend derives one per sample)."""
     digest = hashlib.blake2b(f"grpo:{seed}:{index}:{j}".encode(), digest_size=8).digest()
@@ -150,7 +144,7 @@ def make_rollout(policy: Any, tok: Any, backend: Any, rows: list[dict], reward_f
                  index: int, ref: Any = None) -> Rollout:
     """Sample, score and batch one rollout; π_old (and the reference's log-probs) are computed here, once."""
     g, device = cfg.num_generations, next(policy.parameters()).device
-    pids = [prompt_ids(tok, r["prompt"]) for r in rows]
+    pids = [chat_prompt_ids(tok, r["prompt"]) for r in rows]
     requests = [Request(id=str(j), messages=tuple(r["prompt"]), sampling=Sampling(
         n=g, temperature=cfg.temperature, top_p=cfg.top_p, seed=rollout_seed(cfg.loop.seed, index, j), logprobs=True,
         max_tokens=max(1, min(cfg.max_completion_length, cfg.max_length - len(pids[j])))))
@@ -276,7 +270,7 @@ def run(cfg: GrpoConfig) -> dict:
     model_name = resolve_model(cfg.model, cfg.tiny, cfg.out, (m["content"] for r in train_rows for m in r["prompt"]))
     model, tok = load_for_training(model_name)
     use_chat_template(tok, cfg.chat_template, model_name)
-    fits = [len(prompt_ids(tok, r["prompt"])) < cfg.max_length for r in train_rows]  # room for a completion
+    fits = [len(chat_prompt_ids(tok, r["prompt"])) < cfg.max_length for r in train_rows]  # room for a completion
     for row in (r for r, ok in zip(train_rows, fits) if not ok):
         lint.add("prompt_too_long", row["id"])
     lint.enforce(cfg.lint, "grpo prompts")

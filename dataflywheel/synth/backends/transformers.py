@@ -66,6 +66,13 @@ def eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return {int(i) for i in ids}
 
 
+def chat_prompt_ids(tokenizer: Any, messages: Any) -> list[int]:
+    """A chat's prompt ids: the template with the generation prompt, tokenized without added special
+    tokens (the template writes them). GRPO trains on exactly these ids."""
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def _pad_id(tokenizer: Any) -> int:
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if tid is not None:
@@ -286,8 +293,7 @@ class TransformersBackend(Backend):
 
     def _encode(self, tokenizer: Any, request: Request) -> list[int]:
         if request.messages is not None:
-            text = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
-            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            return chat_prompt_ids(tokenizer, request.messages)
         return list(tokenizer(request.prompt)["input_ids"])
 
     def _complete(self, todo: list[Unit]) -> list[Sample]:
