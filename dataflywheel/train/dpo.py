@@ -200,7 +200,7 @@ def run(cfg: DpoConfig) -> dict:
         "lint": dict(lint.counts), "ref_forwards": forwards, "ref_seconds": round(ref_seconds, 2),
         "steps": last["step"], "train_loss": last.get("loss"), **metrics, "seconds": round(seconds, 2),
         "step_seconds": last.get("step_seconds"), "tokens_per_s": last.get("tokens_per_s_run"),
-        "seconds_per_step": round(last.get("step_seconds", 0.0) / max(1, last["step"] - last["resumed_from"]), 4),
+        "seconds_per_step": last.get("seconds_per_step"),
         **evaluate(model, eval_pairs, eval_ref_logps, cfg, tok.pad_token_id, live),
     }
     if last["step"] >= total:

@@ -182,8 +182,8 @@ def _resume(model, opt, sched, folder: Path) -> int:
     return int(state["step"])
 
 
-def _trim_metrics(path: Path, upto: int) -> None:
-    """Drop metric lines past the resumed step, so the curve continues without duplicates."""
+def trim_jsonl(path: Path, upto: int) -> None:
+    """Drop lines whose ``step`` is past ``upto`` (the resumed step), so a log continues without duplicates."""
     if not path.is_file():
         return
     lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= upto]
@@ -250,7 +250,7 @@ def train_loop(
     metrics_path = out_dir / METRICS_FILE
     if start == 0:
         metrics_path.unlink(missing_ok=True)
-    _trim_metrics(metrics_path, start)
+    trim_jsonl(metrics_path, start)
 
     last: dict[str, Any] = {"step": start}
     bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not cfg.progress, dynamic_ncols=True)
@@ -287,7 +287,8 @@ def train_loop(
         if stopping:
             break
     bar.close()
-    out = {**last, "resumed_from": start, "total_steps": total_steps, "step_seconds": round(session["seconds"], 3)}
+    out = {**last, "resumed_from": start, "total_steps": total_steps, "step_seconds": round(session["seconds"], 3),
+           "seconds_per_step": round(session["seconds"] / max(1, step - start), 4)}
     if session["tokens"] and session["seconds"]:
         out["tokens_per_s_run"] = round(session["tokens"] / session["seconds"], 1)
     return out

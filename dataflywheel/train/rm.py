@@ -23,10 +23,11 @@ from pydantic import Field
 
 from dataflywheel.errors import UserError
 from dataflywheel.models.cache import shared
+from dataflywheel.models.lm_score import resolve_device
 
 from .config import LoopConfig, TrainBase
 from .data import Example, Lint, PairExample, load_split, pair_examples, tokenize_chat, use_chat_template
-from .loop import LossOut, autocast, index_plan, latest_checkpoint, pick_device, steps_for, train_loop
+from .loop import LossOut, autocast, index_plan, latest_checkpoint, pick_device, steps_for, train_loop, trim_jsonl
 from .losses import bradley_terry
 from .model import load_for_training, resolve_model, save_final, to_device
 from .pack import collate_padded
@@ -136,14 +137,12 @@ def run(cfg: RmConfig) -> dict:
     loop = cfg.loop
     plan = index_plan(len(pairs), loop.batch_size, loop.grad_accum, loop.seed, loop.shuffle)
 
-    if cfg.eval_every:  # eval.jsonl continues a resumed run's lines, else starts afresh
+    if cfg.eval_every:  # eval.jsonl continues a resumed run's lines (the resumed step re-evaluates), else starts afresh
         ckpt = latest_checkpoint(cfg.out) if cfg.resume else None
-        start = int(ckpt.name.split("-")[1]) if ckpt else 0
         path = cfg.out / EVAL_FILE
-        lines = path.read_text().splitlines() if start and path.is_file() else []
-        kept = [ln for ln in lines if json.loads(ln)["step"] < start]
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(ln + "\n" for ln in kept))
+        path.touch()
+        trim_jsonl(path, int(ckpt.name.split("-")[1]) - 1 if ckpt else -1)
 
     def step_batches(step: int) -> list[dict]:
         if cfg.eval_every and step and step % cfg.eval_every == 0:
@@ -165,7 +164,7 @@ def run(cfg: RmConfig) -> dict:
         "lint": dict(lint.counts), "steps": last["step"], "train_loss": last.get("loss"),
         "train_accuracy": last.get("accuracy"), "seconds": round(seconds, 2),
         "step_seconds": last.get("step_seconds"), "tokens_per_s": last.get("tokens_per_s_run"),
-        "seconds_per_step": round(last.get("step_seconds", 0.0) / max(1, last["step"] - last["resumed_from"]), 4),
+        "seconds_per_step": last.get("seconds_per_step"),
         **evaluate(model, eval_pairs, eval_margins, cfg, tok.pad_token_id),
     }
     if last["step"] >= total:
@@ -182,7 +181,7 @@ class RewardModel:
     """
 
     def __init__(self, path: str | Path, device: str = "auto", batch_size: int = 16, chat_template: str | None = None):
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.device = resolve_device(device)
         self.batch_size, self.chat_template = batch_size, chat_template
         folder = Path(path).expanduser()
         name = str(folder.resolve()) if folder.is_dir() else str(path)
