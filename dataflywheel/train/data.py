@@ -130,9 +130,8 @@ def tokenize_chat(tokenizer: Any, messages: Sequence[dict], max_length: int, *, 
             at += 1
         if at < len(spans) and spans[at][0] <= start < spans[at][1]:
             labels[j] = ids[j]
-    before = sum(1 for x in labels[1:] if x != IGNORE)
-    truncated = len(ids) > max_length
-    return Example(row_id, ids[:max_length], labels[:max_length], truncated), before
+    before = Example(row_id, ids, labels).targets
+    return Example(row_id, ids[:max_length], labels[:max_length], len(ids) > max_length), before
 
 
 def lint_example(ex: Example, before: int, tokenizer: Any, eot: set[int], lint: Lint) -> bool:

@@ -138,9 +138,9 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
     for path in sorted(folder.glob("*.safetensors")):
         state.update(load_file(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    loaded = {model.get_parameter(k).data_ptr() for k in state if k in dict(model.named_parameters())}
-    untied = [k for k in missing if dict(model.named_parameters()).get(k) is not None
-              and model.get_parameter(k).data_ptr() not in loaded]
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied names too
+    loaded = {params[k].data_ptr() for k in state if k in params}
+    untied = [k for k in missing if k in params and params[k].data_ptr() not in loaded]
     if untied or unexpected:
         raise RuntimeError(f"checkpoint {folder} does not match the model: missing {untied[:5]}, unexpected {unexpected[:5]}")
 
