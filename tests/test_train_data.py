@@ -118,3 +118,28 @@ def test_eval_split_is_stable_and_sized():
     assert 150 < len(held) < 250 and len(train) + len(held) == 2000
     assert split_rows(list(reversed(rows)), 0.1)[1] == list(reversed(held))
     assert BOS  # the tokenizer's BOS is the template's first token (checked above)
+
+
+def test_sft_with_lint_drop_reconciles_every_input_row(tmp_path):
+    """in == trained + held out + dropped, each bad row counted once however many problems it has."""
+    from dataflywheel.models.tiny_lm import build_tiny_causal_lm
+    from dataflywheel.train.sft import SftConfig, run
+
+    model = build_tiny_causal_lm(tmp_path / "m", hidden=32, layers=1)
+    good = [{"id": f"g{i}", "messages": CHAT} for i in range(6)]
+    long_user = {"id": "long", "messages": [{"role": "user", "content": "What is 2+2? " * 80},
+                                            {"role": "assistant", "content": "4"}]}
+    lines = [json.dumps(r) for r in good + [long_user]] + ["{not json", json.dumps({"id": "x", "messages": []})]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    # BOS written twice (checked below): every row then has double_bos, the long one two problems
+    template = "{{ bos_token }}" + train_bpe_tokenizer(["x"], vocab_size=300).chat_template
+    cfg = SftConfig(model=str(model), data=[str(data)], output=str(tmp_path / "o"), max_length=64,
+                    eval_fraction=0.0, lint="drop", loop={"max_steps": 1, "progress": False})
+    summary = run(cfg)
+    assert summary["rows"] == 6 and summary["rows_dropped"] == 3
+    assert summary["rows"] + summary["eval_rows"] + summary["rows_dropped"] == len(lines)
+    lint = Lint()
+    rows = read_rows([str(data)], "conversation", lint)
+    assert sft_examples(rows, train_bpe_tokenizer(["x"], vocab_size=300), 64, lint, template) == []
+    assert lint.rows == len(lines) < sum(lint.counts.values())  # "long" has two problems, counted as one row

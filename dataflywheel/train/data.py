@@ -59,8 +59,11 @@ class Lint:
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
     truncated: int = 0  # rows cut at max_length that still have targets (allowed, reported)
+    rows: int = 0  # input records dropped (a row with two problems counts once): in == kept + rows
 
-    def add(self, problem: str, where: str) -> None:
+    def add(self, problem: str, where: str, rows: int = 1) -> None:
+        """Count ``problem`` at ``where``; ``rows``: the input records it drops (0 for a row already counted)."""
+        self.rows += rows
         self.counts[problem] += 1
         self.examples.setdefault(problem, [])
         if len(self.examples[problem]) < 3:
@@ -150,8 +153,8 @@ def lint_example(ex: Example, before: int, tokenizer: Any, eot: set[int], lint: 
                 if ex.labels[j] != IGNORE and (j + 1 == len(ex.labels) or ex.labels[j + 1] == IGNORE)]
         if any(tok not in eot for tok in ends):
             problems.append("missing_eos")
-    for p in problems:
-        lint.add(p, ex.id)
+    for i, p in enumerate(problems):
+        lint.add(p, ex.id, rows=int(i == 0))
     return not problems
 
 
@@ -162,7 +165,7 @@ def read_rows(paths: Sequence[str], kind: str, lint: Lint) -> list[dict]:
         items = read(list(paths), kind=kind)
         for item in items:
             if isinstance(item, DeadLetter):
-                lint.add("unreadable", str(item))
+                lint.add("unreadable", str(item), rows=item.records)
             else:
                 rows.append(item)
     except FileNotFoundError as err:

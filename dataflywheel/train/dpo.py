@@ -197,7 +197,7 @@ def run(cfg: DpoConfig) -> dict:
     summary = {
         "algorithm": "dpo", "model": model_name, "ref_model": ref_name, "reference": cfg.reference,
         "loss_type": cfg.loss_type, "beta": cfg.beta, "pairs": len(pairs), "eval_pairs": len(eval_pairs),
-        "lint": dict(lint.counts), "ref_forwards": forwards, "ref_seconds": round(ref_seconds, 2),
+        "lint": dict(lint.counts), "rows_dropped": lint.rows, "ref_forwards": forwards, "ref_seconds": round(ref_seconds, 2),
         "steps": last["step"], "train_loss": last.get("loss"), **metrics, "seconds": round(seconds, 2),
         "step_seconds": last.get("step_seconds"), "tokens_per_s": last.get("tokens_per_s_run"),
         "seconds_per_step": last.get("seconds_per_step"),

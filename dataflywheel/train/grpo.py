@@ -322,7 +322,8 @@ def run(cfg: GrpoConfig) -> dict:
         sync(last["step"])
     summary = {
         "algorithm": "grpo", "model": model_name, "prompts": len(train_rows), "eval_prompts": len(held),
-        "lint": dict(lint.counts), "steps": last["step"], "resumed_from": last.get("resumed_from", 0),
+        "lint": dict(lint.counts), "rows_dropped": lint.rows,
+        "steps": last["step"], "resumed_from": last.get("resumed_from", 0),
         "seconds": round(time.perf_counter() - t0, 2),
         "step_seconds": round(_mean([s["seconds"] for s in steps]) or 0.0, 4),
         # the reward curve's two ends, each a mean over up to 10 steps (one step's reward is noisy)

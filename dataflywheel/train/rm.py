@@ -161,7 +161,7 @@ def run(cfg: RmConfig) -> dict:
     seconds = time.perf_counter() - t0
     summary = {
         "algorithm": "rm", "model": model_name, "pairs": len(pairs), "eval_pairs": len(eval_pairs),
-        "lint": dict(lint.counts), "steps": last["step"], "train_loss": last.get("loss"),
+        "lint": dict(lint.counts), "rows_dropped": lint.rows, "steps": last["step"], "train_loss": last.get("loss"),
         "train_accuracy": last.get("accuracy"), "seconds": round(seconds, 2),
         "step_seconds": last.get("step_seconds"), "tokens_per_s": last.get("tokens_per_s_run"),
         "seconds_per_step": last.get("seconds_per_step"),

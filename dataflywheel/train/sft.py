@@ -106,7 +106,7 @@ def run(cfg: SftConfig) -> dict:
                       loss_fn=sft_loss_fn(device), tokenizer=tok, resume=cfg.resume, desc="sft")
     summary = {
         "algorithm": "sft", "model": model_name, "rows": len(examples), "eval_rows": len(eval_examples),
-        "lint": dict(lint.counts), "truncated": lint.truncated, "packing": cfg.packing, **pack_stats,
+        "lint": dict(lint.counts), "rows_dropped": lint.rows, "truncated": lint.truncated, "packing": cfg.packing, **pack_stats,
         "steps": last["step"], "train_loss": last.get("loss"), "seconds": round(time.perf_counter() - t0, 2),
         "step_seconds": last.get("step_seconds"), "tokens_per_s": last.get("tokens_per_s_run"),
         "eval_loss": eval_loss(model, eval_examples, tok.pad_token_id, device, cfg.eval_batch_size),
