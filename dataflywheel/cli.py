@@ -86,6 +86,22 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .io.hub_export import export_dataset, push_to_hub, sources_from_paths
+
+    sources, provenance = sources_from_paths(args.paths, args.config_name)
+    info = export_dataset(sources, args.to, name=args.name, license=args.license, provenance=provenance)
+    for config, c in info["configs"].items():
+        print(f"{config}: {c['rows']} {c['kind']} rows in {len(c['files'])} file(s)", flush=True)
+    for config in info["empty"]:
+        print(f"{config}: no rows, left out", flush=True)
+    print(f"exported to {info['path']} (card: README.md)", flush=True)
+    if args.push_to_hub:
+        url = push_to_hub(info["path"], args.push_to_hub, private=not args.public, endpoint=args.endpoint)
+        print(f"pushed to {url} ({'public' if args.public else 'private'})", flush=True)
+    return 0
+
+
 def _execute(cfg, args: argparse.Namespace) -> int:
     from .pipelines.job import run_job
 
@@ -202,6 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stop-after", type=int, metavar="STEP", help="checkpoint and stop after this step")
     train.add_argument("--fresh", action="store_true", help="ignore checkpoints in the output folder")
     train.set_defaults(func=_train)
+
+    exp = sub.add_parser("export", help="write pipeline outputs as a Hub dataset (Parquet + card); optionally push it")
+    exp.add_argument("paths", nargs="+", metavar="PATH",
+                     help="a pipeline output folder (one config each) or a flywheel run folder (its manifest's exports)")
+    exp.add_argument("--to", required=True, metavar="DIR", help="the export folder (new, empty, or an earlier export)")
+    exp.add_argument("--name", help="the card's title (default: the --to folder's name)")
+    exp.add_argument("--config-name", nargs="+", action="extend", metavar="NAME",
+                     help="config names for the dataset folders, in order; for run folders: which exports to keep")
+    exp.add_argument("--license", default="other", help="the card's license id (default: other)")
+    exp.add_argument("--push-to-hub", metavar="ORG/NAME", help="then upload to this Hub dataset repo (token: HF_TOKEN)")
+    exp.add_argument("--public", action="store_true", help="create the Hub repo public (default: private)")
+    exp.add_argument("--endpoint", metavar="URL", help="Hub endpoint (default: huggingface_hub's, HF_ENDPOINT)")
+    exp.set_defaults(func=_export)
 
     val = sub.add_parser("validate", help="check a config file without running it")
     val.add_argument("config")

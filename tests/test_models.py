@@ -223,6 +223,15 @@ def test_tokenizer_round_trips_text(tiny_dir):
         assert tok.bos_token_id not in tok.encode("hello")
 
 
+def test_split_digits_gives_one_token_per_digit():
+    texts = ["123+456=579 and 2024 again 2024"] * 30
+    merged = train_bpe_tokenizer(texts, vocab_size=300)
+    split = train_bpe_tokenizer(texts, vocab_size=300, split_digits=True)
+    assert len(merged.encode("2024")) < 4  # BPE merged the frequent digit run
+    assert [split.decode([i]) for i in split.encode("2024+99=")] == list("2024+99=")
+    assert split.decode(split.encode("x 12.5, -3")) == "x 12.5, -3"  # still byte-level: round trips
+
+
 def test_chat_template_turns_end_with_eos(tiny_dir):
     _, tok = load_causal_lm(tiny_dir)
     assert tok.eos_token == EOS

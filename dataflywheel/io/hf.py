@@ -14,6 +14,8 @@ Rows are located as ``{"file": <path inside the folder>, "row": i}`` (``"line"``
 Write (``write_hf_folder``): ``data/<split>-0000K-of-0000N.parquet`` plus a README.md dataset card
 whose ``configs:`` front matter lets ``datasets.load_dataset(folder)`` read it offline. All
 shards share one schema (the permissive union of the shards' inferred schemas), as the Hub needs.
+``write_shards`` is that shard machinery alone, under any data folder: ``io/hub_export.py`` writes
+one per Hub config with it.
 """
 
 from __future__ import annotations
@@ -137,8 +139,8 @@ def _project(items: Iterator, columns) -> Iterator:
         yield item if isinstance(item, DeadLetter) else (item[0], {k: item[1][k] for k in columns if k in item[1]})
 
 
-def _card_configs(path: str) -> list | None:
-    """The ``configs:`` list of the folder's README.md front matter, or None."""
+def card_metadata(path: str) -> dict | None:
+    """The YAML front matter of the folder's README.md dataset card, or None."""
     try:
         with open(os.path.join(path, "README.md"), encoding="utf-8") as fh:
             match = _FRONT_MATTER.match(fh.read(1 << 20))  # a card's YAML sits at its very top
@@ -150,7 +152,12 @@ def _card_configs(path: str) -> list | None:
         meta = yaml.safe_load(match.group(1))
     except yaml.YAMLError:
         return None
-    configs = meta.get("configs") if isinstance(meta, dict) else None
+    return meta if isinstance(meta, dict) else None
+
+
+def _card_configs(path: str) -> list | None:
+    """The ``configs:`` list of the folder's README.md front matter, or None."""
+    configs = (card_metadata(path) or {}).get("configs")
     return configs if isinstance(configs, list) and configs else None
 
 
@@ -229,9 +236,23 @@ def write_hf_folder(
 ) -> dict[str, list[str]]:
     """Write ``splits`` ({name: rows}) as a Hub-layout folder; returns the shard paths per split.
 
-    Shards are staged in a hidden folder and moved into ``data/`` once all are written (old
-    shards of the same splits are replaced); the README card is written last. A split with no
-    rows is left out.
+    Shards go through ``write_shards`` (old shards of the same splits are replaced); the README
+    card is written last. A split with no rows is left out.
+    """
+    final, counts = write_shards(out_dir, splits, rows_per_shard)
+    with atomic_path(os.path.join(out_dir, "README.md")) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(dataset_card(title or os.path.basename(os.path.abspath(out_dir)), counts, description))
+    return final
+
+
+def write_shards(
+    out_dir: str, splits: Mapping[str, Iterable[dict]], rows_per_shard: int = ROWS_PER_SHARD, data_dir: str = "data"
+) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """Stream ``splits`` into ``<out_dir>/<data_dir>/<split>-0000K-of-0000N.parquet``.
+
+    Returns (shard paths per split, rows per split). Shards are staged in a hidden folder (one
+    shard's rows in memory at a time) and moved into place once all are written, sharing one
+    schema; a split with no rows gets no files.
     """
     bad = [name for name in splits if not _SPLIT_NAME.fullmatch(name)]
     if bad:
@@ -246,16 +267,16 @@ def write_hf_folder(
             staged[name], counts[name] = [path for path, _ in writer.close()], writer.rows
         staged = {name: paths for name, paths in staged.items() if paths}
         _unify_schemas([p for paths in staged.values() for p in paths])
-        final = {name: _publish(out_dir, name, paths) for name, paths in staged.items()}
+        final = {name: _publish(os.path.join(out_dir, data_dir), name, paths) for name, paths in staged.items()}
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    with atomic_path(os.path.join(out_dir, "README.md")) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(dataset_card(title or os.path.basename(os.path.abspath(out_dir)), counts, description))
-    return final
+    return final, counts
 
 
 def _unify_schemas(paths: list[str]) -> None:
     """Rewrite shards whose inferred schema differs from the union of all (one shard in memory at a time)."""
+    if not paths:  # every split was empty: nothing to unify
+        return
     schemas = [pq.read_schema(p) for p in paths]
     try:
         unified = pa.unify_schemas(schemas, promote_options="permissive")
@@ -271,8 +292,7 @@ def _unify_schemas(paths: list[str]) -> None:
                 pq.write_table(pa.table(columns).cast(unified), tmp, compression="zstd", write_page_checksum=True)
 
 
-def _publish(out_dir: str, split: str, paths: list[str]) -> list[str]:
-    data = os.path.join(out_dir, "data")
+def _publish(data: str, split: str, paths: list[str]) -> list[str]:
     os.makedirs(data, exist_ok=True)
     for old in glob.glob(os.path.join(glob.escape(data), f"{glob.escape(split)}-*-of-*.parquet")):
         os.remove(old)

@@ -83,18 +83,23 @@ BUILTIN_CORPUS = [
 _DTYPE_AUTO = "auto"  # transformers' choice: the checkpoint's own dtype
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> Any:
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2000, split_digits: bool = False) -> Any:
     """Train a byte-level BPE tokenizer on ``texts``; returns a ``PreTrainedTokenizerFast``.
 
     Byte-level means any text encodes (no unknown token) and decodes back exactly. Special
     tokens: ``<|pad|>``, ``<|bos|>``, ``<|im_start|>`` and ``<|im_end|>`` (EOS = end of turn).
-    Plain ``encode`` adds no special tokens; the chat template starts with BOS.
+    Plain ``encode`` adds no special tokens; the chat template starts with BOS. ``split_digits``
+    makes every digit its own token (as Llama's tokenizer does): BPE merges of frequent digit
+    pairs make arithmetic needlessly hard for a small model.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     # offsets (untrimmed) let apply_chat_template map assistant characters to tokens
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -147,6 +152,7 @@ def build_tiny_causal_lm(
     vocab_size: int = 2000,
     seed: int = 0,
     max_positions: int = 512,
+    split_digits: bool = False,
 ) -> Path:
     """Write a randomly initialised causal LM and its tokenizer to ``out_dir``; return the folder.
 
@@ -157,7 +163,8 @@ def build_tiny_causal_lm(
     import torch
     from transformers import AutoModelForCausalLM
 
-    tok = train_bpe_tokenizer(BUILTIN_CORPUS if texts is None else texts, vocab_size=vocab_size)
+    tok = train_bpe_tokenizer(BUILTIN_CORPUS if texts is None else texts, vocab_size=vocab_size,
+                              split_digits=split_digits)
     tok.model_max_length = max_positions
     config = _config(arch, len(tok), hidden, layers, heads, max_positions, tok)
     with torch.random.fork_rng(devices=[]):

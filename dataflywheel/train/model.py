@@ -28,6 +28,7 @@ class TinyInit(BaseModel):
     vocab_size: int = Field(2000, ge=300)
     max_positions: int = Field(1024, ge=16)
     seed: int = 0
+    split_digits: bool = False  # one token per digit (arithmetic tasks); see train_bpe_tokenizer
 
 
 def resolve_model(model: str | None, tiny: TinyInit | None, out: Path, texts: Iterable[str]) -> str:
@@ -40,7 +41,7 @@ def resolve_model(model: str | None, tiny: TinyInit | None, out: Path, texts: It
     if not (base / "config.json").is_file():
         build_tiny_causal_lm(base, texts=list(texts), arch=tiny.arch, hidden=tiny.hidden, layers=tiny.layers,
                              heads=tiny.heads, vocab_size=tiny.vocab_size, seed=tiny.seed,
-                             max_positions=tiny.max_positions)
+                             max_positions=tiny.max_positions, split_digits=tiny.split_digits)
     return str(base)
 
 
