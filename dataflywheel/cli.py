@@ -86,6 +86,29 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rounds(args: argparse.Namespace) -> int:
+    from .flywheel.config import load_flywheel_config
+    from .flywheel.rounds import run_rounds
+
+    overrides = {k: v for k, v in {"output": args.output, "control": args.control or None}.items() if v is not None}
+    cfg = load_flywheel_config(args.config, overrides)
+    manifest = run_rounds(cfg, rounds=args.rounds, only_round=args.round, until_plateau=args.until_plateau)
+    accs = " -> ".join(f"{r['accuracy']:.3f}" for r in manifest["rounds"] if r["accuracy"] is not None)
+    print(f"held-out accuracy by round: {accs}", flush=True)
+    if manifest.get("stopped"):
+        print(manifest["stopped"], flush=True)
+    print(f"run folder {cfg.output} (manifest.json; `dataflywheel report {cfg.output}` for the report)", flush=True)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .flywheel.report import load_manifest, summary_table, write_html
+
+    print(summary_table(load_manifest(args.run)), flush=True)
+    print(f"report {write_html(args.run, args.html)}", flush=True)
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from .io.hub_export import export_dataset, push_to_hub, sources_from_paths
 
@@ -218,6 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stop-after", type=int, metavar="STEP", help="checkpoint and stop after this step")
     train.add_argument("--fresh", action="store_true", help="ignore checkpoints in the output folder")
     train.set_defaults(func=_train)
+
+    rnd = sub.add_parser("rounds", help="run flywheel rounds: sample, score, pool, curate, train, evaluate (resumable)")
+    rnd.add_argument("config", help="flywheel YAML config (configs/flywheel.yaml)")
+    which = rnd.add_mutually_exclusive_group()
+    which.add_argument("--rounds", type=int, metavar="N", help="run rounds 0..N (default: the config's rounds)")
+    which.add_argument("--round", type=int, metavar="K", help="run up to round K only (one round per cron call)")
+    rnd.add_argument("--until-plateau", action="store_true", help="stop early when held-out accuracy stops improving")
+    rnd.add_argument("--output", metavar="DIR", help="override output (the run folder)")
+    rnd.add_argument("--control", action="store_true", help="the compute-matched control: train on the seed set only")
+    rnd.set_defaults(func=_rounds)
+
+    rep = sub.add_parser("report", help="print a flywheel run's rounds side by side and write an HTML report with plots")
+    rep.add_argument("run", metavar="RUN", help="the run folder (holds manifest.json)")
+    rep.add_argument("--html", metavar="PATH", help="where to write the HTML report (default: RUN/report.html)")
+    rep.set_defaults(func=_report)
 
     exp = sub.add_parser("export", help="write pipeline outputs as a Hub dataset (Parquet + card); optionally push it")
     exp.add_argument("paths", nargs="+", metavar="PATH",

@@ -66,7 +66,7 @@ class SftSteps(Strict):
     combine_scores: Step = False  # e.g. ifd x instag_count as one ranking field
 
 
-Method = Literal["none", "top", "deita", "superfiltering_d", "instag", "kcenter", "kmeans", "facility_location",
+Method = Literal["none", "random", "top", "deita", "superfiltering_d", "instag", "kcenter", "kmeans", "facility_location",
                  "repr_filter"]
 # The score each ranking method reads when `field` is not given.
 DEFAULT_FIELD = {"top": None, "deita": "deita_score", "superfiltering_d": "ifd"}
@@ -111,6 +111,8 @@ def select_stages(sel: SelectConfig, source: str = "<config>") -> list[dict[str,
     where = ("select", "options")
     if sel.method == "none":
         return []
+    if sel.method == "random":  # the equal-budget baseline for every other method
+        return [stage_spec("select_random", {**size, **sel.options}, source, where)]
     if sel.method == "top":
         return [stage_spec("select_top", {"field": field, **size, **sel.options}, source, where)]
     if sel.method == "instag":

@@ -16,6 +16,7 @@ group is gathered on one worker, so it must fit in that worker's memory.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 
@@ -85,3 +86,35 @@ class SelectTop(GlobalStep):
     def tally(self, rows: list[dict]) -> dict[str, int]:
         # the budget beside what was met: fewer rows with the score than asked for shows here
         return {"selected": len(self.selected(rows)), "budget": self.target(len(rows))}
+
+
+class SelectRandomConfig(StageConfig):
+    budget: int | None = Field(None, ge=0)
+    fraction: float | None = Field(None, ge=0, le=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> SelectRandomConfig:
+        if (self.budget is None) == (self.fraction is None):
+            raise ValueError("give exactly one of budget (rows) or fraction (of the input rows)")
+        return self
+
+
+@register("select_random")
+class SelectRandom(SelectTop):
+    """A seeded uniform sample of ``budget`` rows (or ``fraction``): the random baseline every selection
+    method is compared with at equal budget. Rows are ranked by a hash of (seed, id), so the sample
+    depends only on the set of rows and the seed, never on their order."""
+
+    Config = SelectRandomConfig
+
+    def selected(self, rows: list[dict]) -> set[int]:
+        seed = self.config.seed
+        ranked = sorted((hashlib.sha256(f"{seed}:{row.get('id', '')}".encode()).digest(), i)
+                        for i, row in enumerate(rows))
+        return {i for _, i in ranked[: self.target(len(rows))]}
+
+    def run(self, rows: list[dict]) -> Iterator[tuple[dict, str | None]]:
+        chosen = self.selected(rows)
+        for i, row in enumerate(rows):
+            yield row, (None if i in chosen else "not_selected")

@@ -1,0 +1,137 @@
+"""The rounds config (``dataflywheel rounds configs/flywheel.yaml``): YAML validated by pydantic.
+
+One config describes the whole loop: where prompts come from (a built-in verifiable task or a
+prompt pool on disk), the seed data and the first policy, how each round samples, scores, pools,
+curates and trains, and how it is evaluated. Every default is stated here once; the demo's values
+(configs/flywheel.yaml) are explained there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from ..config import Strict, read_yaml
+from ..errors import UserError
+from ..train.config import LoopConfig
+from ..train.model import TinyInit
+
+
+class TaskConfig(Strict):
+    """A built-in verifiable task (flywheel/tasks): it writes the seed set, each round's fresh
+    prompts and the held-out set, all disjoint by construction (different seeds, id prefixes)."""
+
+    kind: Literal["arithmetic"] = "arithmetic"
+    width: int = Field(3, ge=1)  # operands zero-padded to this many digits (fixed positions)
+    reverse: bool = True  # digits least-significant first: the carry flows left to right (Lee et al. 2023)
+    ops: tuple[str, ...] = ("+",)
+    seed_rows: int = Field(500, ge=1)  # the seed SFT set of round 0
+    seed_digits: tuple[int, int] = (1, 3)
+    eval_rows: int = Field(300, ge=1)
+    eval_digits: tuple[int, int] = (3, 3)
+
+
+class PromptsConfig(Strict):
+    per_round: int = Field(512, ge=1)  # fresh prompts each round (RLHFlow draws new prompts per iteration)
+    curriculum: list[tuple[int, int]] = []  # task digits per round (easy -> hard); the last repeats
+    paths: list[str] = []  # instead of the task: a prompt pool, split into disjoint per-round slices
+    eval_paths: list[str] = []  # held-out prompts for a pool (the task writes its own)
+    verifier: str = "exact_match"  # the held-out check: a verifiers.py name or "module:function"
+
+
+class PoolConfig(Strict):
+    mode: Literal["all_rounds", "last_round"] = "all_rounds"  # Llama 2's fix: the best of every round
+    min_score: float = 1.0  # best_of_n threshold on the scorer field (1.0: a verified answer)
+    field: str = "verifier"
+    weight: float = Field(0.5, ge=0, le=1)  # share of each round's training rows drawn from the pool
+
+
+class CurateConfig(Strict):
+    """Curation and selection of each round's SFT rows (the `select` pipeline's steps)."""
+
+    exact_dedup: bool = True
+    select: Literal["none", "random", "ifd"] = "none"  # ifd: top by IFD under the current policy
+    budget: int | None = Field(None, ge=1)  # rows kept by `select` (random and ifd at the same budget)
+
+
+class TrainConfig(Strict):
+    algorithm: Literal["sft", "sft+dpo", "dpo"] = "sft"
+    steps: int = Field(150, ge=1)  # fixed optimizer steps per round (not wall time: REFERENCES §9)
+    loop: LoopConfig = LoopConfig(lr=5e-4, batch_size=8, warmup_ratio=0.05, progress=False)
+    dpo_steps: int = Field(50, ge=1)
+    dpo_loop: LoopConfig = LoopConfig(lr=1e-4, batch_size=8, progress=False)
+    dpo_beta: float = Field(0.1, gt=0)  # TRL's default (REFERENCES §6.4)
+    max_length: int = Field(256, ge=8)
+
+
+class SeedPolicyConfig(Strict):
+    model: str | None = None  # a folder or Hub id to start from ...
+    tiny: TinyInit | None = None  # ... or a tiny model built here and trained on the seed set
+    steps: int = Field(400, ge=1)  # round 0's SFT steps on the seed set
+    loop: LoopConfig = LoopConfig(lr=1e-3, batch_size=8, warmup_ratio=0.05, progress=False)
+
+    @model_validator(mode="after")
+    def _one(self) -> SeedPolicyConfig:
+        if (self.model is None) == (self.tiny is None):
+            raise ValueError("policy: give exactly one of model or tiny")
+        return self
+
+
+class EvalConfig(Strict):
+    n: int = Field(1, ge=1)  # samples per held-out prompt; accuracy is greedy pass@1 ...
+    pass_at: int = Field(0, ge=0)  # ... plus pass@k with k samples at the sampling temperature when > 0
+
+
+class PlateauConfig(Strict):
+    patience: int = Field(1, ge=1)  # rounds without a gain of min_delta before --until-plateau stops
+    min_delta: float = Field(0.01, ge=0)
+
+
+class FlywheelConfig(Strict):
+    name: str = "flywheel"
+    output: str  # the run folder: round-000/, round-001/, ..., manifest.json, report.html
+    seed: int = 0  # one seed for everything (task sets, sampling, training)
+    rounds: int = Field(3, ge=0)
+    task: TaskConfig | None = TaskConfig()
+    prompts: PromptsConfig = PromptsConfig()
+    policy: SeedPolicyConfig
+    sampling: dict[str, Any] = {"n": 16, "temperature": 1.0, "max_tokens": 8}  # the generate stage's sampling
+    batch_size: int = Field(128, ge=1)  # generation batch (prompts x samples per forward)
+    scorers: list[dict[str, Any]] = [{"stage": "verify", "verifier": "exact_match"}]  # the samples' scorers
+    pool: PoolConfig = PoolConfig()
+    curate: CurateConfig = CurateConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    plateau: PlateauConfig = PlateauConfig()
+    control: bool = False  # True: rounds train on the seed set alone (the compute-matched control)
+
+    @model_validator(mode="after")
+    def _check(self) -> FlywheelConfig:
+        if self.task is None and not self.prompts.paths:
+            raise ValueError("give a task or prompts.paths (a prompt pool)")
+        if self.task is None and not self.prompts.eval_paths:
+            raise ValueError("a prompt pool needs prompts.eval_paths (held-out prompts)")
+        n = self.sampling.get("n", 1)
+        if not isinstance(n, int) or n < 2:
+            raise ValueError(f"sampling.n must be >= 2 (got {n})")
+        if self.curate.select != "none" and self.curate.budget is None:
+            raise ValueError(f"curate.select {self.curate.select} needs a budget")
+        return self
+
+
+def load_flywheel_config(path: str | Path, overrides: dict | None = None) -> FlywheelConfig:
+    """Read and validate; errors name the file and the key."""
+    from pydantic import ValidationError
+
+    data = read_yaml(Path(path))
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping at the top level")
+    data = {**data, **(overrides or {})}
+    try:
+        return FlywheelConfig.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UserError(f"{path}: {where}: {first['msg']}") from None

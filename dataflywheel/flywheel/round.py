@@ -1,0 +1,314 @@
+"""One flywheel round, as stages (DESIGN §7). Each stage function writes into its own folder and
+returns ``{"counts", "metrics", "hash"}``; ``state.run_stage`` makes it resumable.
+
+    round 0:   seed ----------------------------------------------> train -> eval
+    round k:   prompts -> samples -> pool -> curate -> train -> eval
+                          (generate N, score, pairs, best-of-N: the `pairs` Beam pipeline)
+
+- ``prompts``: fresh prompts for this round (the task's curriculum, or the next slice of a pool).
+- ``samples``: issue 7's pipeline on the current policy: N samples per prompt, scorers, West-of-N
+  pairs (``pairs/``) and verified best-of-N rows (``sft/``), every sample kept in ``scored/``.
+- ``pool``: the best sample per prompt over all rounds (``BestPool``; Llama 2's fix), or this
+  round's only (``pool.mode: last_round``, an ablation).
+- ``curate``: the `select` pipeline over the pool: exact dedup, then random or IFD selection at a
+  fixed budget (the ablation's two arms).
+- ``train``: SFT from the current policy on the seed set mixed with the curated pool at a fixed
+  pool share and a fixed step count, then DPO on this round's pairs when configured.
+- ``eval``: greedy answers to the held-out prompts, verified: the number the demo reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ..io import ShardWriter, read, write_success
+from .config import FlywheelConfig
+
+POLICY_DIRS = ("dpo/final", "sft/final")  # where train/ leaves the round's model, preferred first
+VOLATILE = ("cached",)  # sample fields that differ between a fresh and a cache-served (re-)run
+
+
+# ---- data helpers -------------------------------------------------------------------------------
+
+def write_dataset(folder: Path, rows: Iterable[dict], fmt: str = "jsonl") -> dict:
+    """Rows -> a pipeline-style output folder (part files + ``_SUCCESS.json``), so `export` and the
+    readers treat it like any pipeline output."""
+    from ..pipelines.io_transforms import finalize_shards
+
+    writer = ShardWriter(str(folder), fmt, prefix=".tmp-write")
+    for row in rows:
+        writer.write(row)
+    info = finalize_shards(str(folder), fmt, writer.close())
+    write_success(folder, info)
+    return info
+
+
+def read_rows(folder: Path | str) -> list[dict]:
+    """A finished output folder's kept rows, by id (an empty output has no part files to read)."""
+    from ..pipelines.io_transforms import read_success
+
+    done = read_success(folder)
+    if done is not None and done.get("rows") == 0:
+        return []
+    rows = [r for r in read(str(folder)) if isinstance(r, dict)]
+    return sorted(rows, key=lambda r: str(r.get("id")))
+
+
+def _strip(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items() if k not in VOLATILE}
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    return value
+
+
+def rows_hash(rows: Iterable[dict]) -> str:
+    """Order-independent content hash of rows (volatile fields left out): Beam may write the same
+    rows in another shard order, and a cache-served re-run marks samples ``cached``."""
+    digests = sorted(hashlib.sha256(json.dumps(_strip(r), sort_keys=True, default=str).encode()).hexdigest()
+                     for r in rows)
+    return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
+
+
+def policy_path(train_dir: Path) -> Path:
+    for sub in POLICY_DIRS:
+        if (train_dir / sub / "config.json").is_file():
+            return train_dir / sub
+    raise FileNotFoundError(f"{train_dir}: no trained model (looked in {', '.join(POLICY_DIRS)})")
+
+
+# ---- task and prompts ---------------------------------------------------------------------------
+
+def task_rows(cfg: FlywheelConfig, which: str, k: int = 0) -> list[dict]:
+    """The task's seed set, held-out set or round-k prompts (deterministic in the config)."""
+    from .tasks.arithmetic import make_prompts
+
+    t = cfg.task
+    common = {"ops": t.ops, "width": t.width, "reverse": t.reverse}
+    if which == "seed":
+        return make_prompts(t.seed_rows, t.seed_digits, cfg.seed, prefix="seed", **common)
+    if which == "eval":
+        return make_prompts(t.eval_rows, t.eval_digits, cfg.seed, prefix="heldout", **common)
+    curriculum = cfg.prompts.curriculum or [t.eval_digits]
+    digits = curriculum[min(k, len(curriculum)) - 1]
+    return make_prompts(cfg.prompts.per_round, tuple(digits), cfg.seed * 1000 + k, prefix=f"r{k}", **common)
+
+
+def as_conversation(row: dict) -> dict:
+    return {"id": row["id"], "messages": [*row["messages"], {"role": "assistant", "content": str(row["answer"])}],
+            "meta": {"source": "seed"}}
+
+
+def stage_seed(cfg: FlywheelConfig, out: Path) -> dict:
+    rows = [as_conversation(r) for r in task_rows(cfg, "seed")]
+    write_dataset(out, rows)
+    return {"counts": {"rows": len(rows)}, "hash": rows_hash(rows)}
+
+
+def stage_prompts(cfg: FlywheelConfig, k: int, out: Path) -> dict:
+    if cfg.task is not None:
+        rows = task_rows(cfg, "round", k)
+    else:  # the k-th disjoint slice of the pool, in a seeded order
+        pool = [r for r in read(cfg.prompts.paths) if isinstance(r, dict)]
+        random.Random(f"flywheel-prompts:{cfg.seed}").shuffle(pool)
+        n = cfg.prompts.per_round
+        rows = pool[(k - 1) * n: k * n]
+    write_dataset(out, rows)
+    return {"counts": {"rows": len(rows)}, "hash": rows_hash(rows)}
+
+
+# ---- samples: issue 7's pipeline ----------------------------------------------------------------
+
+def pairs_config(cfg: FlywheelConfig, k: int, prompts: Path, policy: Path, out: Path,
+                 runner: dict | None = None) -> dict:
+    """The round's `pairs` pipeline config (a mapping; pipelines/pairs.py expands it to Beam jobs)."""
+    sampling = {**cfg.sampling, "seed": cfg.seed * 1000 + k}
+    return {
+        "name": f"{cfg.name}-round{k}", "round": k, "runner": runner or {"engine": "local"},
+        "input": {"paths": str(prompts), "kind": "prompt", "batch_rows": cfg.batch_size},
+        "output": {"path": str(out), "format": "jsonl"},
+        "generate": {"backend": {"kind": "transformers", "model": str(policy),
+                                 "options": {"device": "cpu", "batch_size": cfg.batch_size}},
+                     "sampling": sampling, "batch_size": cfg.batch_size, "reject_overlong": False},
+        "scorers": cfg.scorers,
+        "pairs": {"method": "west_of_n"},
+        "best_of_n": {"field": cfg.pool.field, "min_score": cfg.pool.min_score},
+    }
+
+
+def stage_samples(cfg: FlywheelConfig, k: int, prompts: Path, policy: Path, out: Path) -> dict:
+    from ..pipelines.job import run_job
+    from ..pipelines.pairs import pairs_run_config
+
+    run = pairs_run_config(pairs_config(cfg, k, prompts, policy, out), f"<{cfg.name} round {k}>")
+    counts: dict[str, Any] = {}
+    for job in run.jobs:
+        report = run_job(job, run.runner)
+        last = report.stages[-1]
+        counts[job.name.rsplit("-", 1)[-1]] = {"in": report.stages[0].rows_in, "kept": last.kept,
+                                                "rejected": {k2: v for s in report.stages for k2, v in s.rejected.items()},
+                                                "dead_letter": sum(s.dead_letter for s in report.stages)}
+    scored = read_rows(out / "scored")
+    samples = [c for r in scored for c in r.get("completions", [])]
+    rewards = [(c.get("scores") or {}).get(cfg.pool.field) for c in samples]
+    verified = sum(1 for r in scored if any(((c.get("scores") or {}).get(cfg.pool.field) or 0) >= cfg.pool.min_score
+                                            for c in r.get("completions", [])))
+    metrics = {"prompts": len(scored), "samples": len(samples),
+               "sample_accuracy": _mean([x for x in rewards if x is not None]),
+               "prompts_with_verified": verified / max(1, len(scored)),
+               "pair_margins": [p["scores"]["margin"] for p in read_rows(out / "pairs")][:2000],
+               "mean_tokens": _mean([c.get("tokens") for c in samples if c.get("tokens") is not None])}
+    h = rows_hash([*scored, *read_rows(out / "pairs"), *read_rows(out / "sft")])
+    return {"counts": counts, "metrics": metrics, "hash": h}
+
+
+def _mean(xs: list) -> float | None:
+    xs = [float(x) for x in xs if x is not None]
+    return round(sum(xs) / len(xs), 6) if xs else None
+
+
+# ---- pool and curation --------------------------------------------------------------------------
+
+def stage_pool(cfg: FlywheelConfig, k: int, prev: Path | None, best: Path, out: Path) -> dict:
+    """This round's verified best-of-N rows merged into the previous round's pool (a copy: a re-run
+    of this stage starts again from the previous round's file, so it is idempotent)."""
+    from ..synth.best_pool import BestPool
+
+    db = out / "pool.sqlite"
+    if cfg.pool.mode == "all_rounds" and prev is not None and (prev / "pool.sqlite").is_file():
+        shutil.copyfile(prev / "pool.sqlite", db)
+    with BestPool(db) as pool:
+        counts = pool.update(read_rows(best), k)
+        rows = pool.export()
+        by_round = pool.rounds()
+    write_dataset(out / "rows", rows)
+    return {"counts": {**counts, "pool": len(rows)}, "metrics": {"pool_by_round": by_round}, "hash": rows_hash(rows)}
+
+
+def select_config(cfg: FlywheelConfig, k: int, rows: Path, policy: Path, out: Path,
+                  runner: dict | None = None) -> dict:
+    """The round's `select` pipeline config over the pool (pipelines/sft.py)."""
+    c = cfg.curate
+    steps: dict[str, Any] = {"exact_dedup": c.exact_dedup, "minhash_dedup": False}
+    select: dict[str, Any] = {"method": "none"}
+    if c.select == "random":
+        select = {"method": "random", "budget": c.budget, "options": {"seed": cfg.seed * 1000 + k}}
+    elif c.select == "ifd":  # IFD under the policy that wrote the samples (Cherry_LLM's own-model IFD)
+        steps["ifd"] = {"model": str(policy), "template": "chat", "max_length": cfg.train.max_length}
+        select = {"method": "top", "field": "ifd", "budget": c.budget}
+    return {"name": f"{cfg.name}-curate{k}", "runner": runner or {"engine": "local"},
+            "input": {"paths": str(rows), "kind": "conversation"},
+            "output": {"path": str(out), "format": "jsonl"}, "steps": steps, "select": select}
+
+
+def stage_curate(cfg: FlywheelConfig, k: int, rows: Path, policy: Path, out: Path) -> dict:
+    from ..pipelines.job import run_job
+    from ..pipelines.sft import sft_run_config
+
+    if not read_rows(rows):  # nothing verified yet: an empty selection, no pipeline to run
+        write_dataset(out, [])
+        return {"counts": {"in": 0, "kept": 0}, "hash": rows_hash([])}
+    run = sft_run_config(select_config(cfg, k, rows, policy, out), f"<{cfg.name} curate {k}>")
+    report = run_job(run.jobs[0], run.runner)
+    kept = read_rows(out)
+    counts = {"in": report.stages[0].rows_in if report.stages else 0, "kept": len(kept),
+              "rejected": {r: n for s in report.stages for r, n in s.rejected.items()},
+              "stages": {s.stage: {"in": s.rows_in, "kept": s.kept} for s in report.stages}}
+    return {"counts": counts, "hash": rows_hash(kept)}
+
+
+# ---- training and evaluation --------------------------------------------------------------------
+
+def training_mix(seed_rows: list[dict], pool_rows: list[dict], weight: float) -> list[dict]:
+    """Seed rows plus pool rows, the pool repeated (whole copies, fresh ids) so it makes about
+    ``weight`` of the mix: a deliberate share, not whatever the pool's size happens to be."""
+    if not pool_rows or weight <= 0:
+        return list(seed_rows)
+    copies = max(1, round(weight * len(seed_rows) / ((1 - weight) * len(pool_rows)))) if weight < 1 else 1
+    mix = list(seed_rows) if weight < 1 else []
+    for j in range(copies):
+        mix += [{**r, "id": f"{r['id']}#{j}"} for r in pool_rows]
+    return mix
+
+
+def stage_train(cfg: FlywheelConfig, k: int, policy: Path | None, seed_dir: Path, curated: Path | None,
+                pairs: Path | None, out: Path) -> dict:
+    """SFT (then DPO) from ``policy`` (None: round 0, from ``policy.model`` or a tiny model)."""
+    from ..train import dpo as dpo_mod
+    from ..train import sft as sft_mod
+
+    seed_rows = read_rows(seed_dir)
+    pool_rows = read_rows(curated) if curated is not None and not cfg.control else []
+    mix = training_mix(seed_rows, pool_rows, cfg.pool.weight)
+    data = out / "mix.jsonl"
+    if not data.is_file():  # a resumed stage trains on the same file
+        data.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in mix))
+    if k == 0:
+        start = {"model": cfg.policy.model} if cfg.policy.model else {"tiny": cfg.policy.tiny}
+        loop = cfg.policy.loop.model_copy(update={"max_steps": cfg.policy.steps, "seed": cfg.seed})
+    else:
+        start = {"model": str(policy)}
+        loop = cfg.train.loop.model_copy(update={"max_steps": cfg.train.steps, "seed": cfg.seed * 1000 + k})
+    sft_cfg = sft_mod.SftConfig(**start, data=[str(data)], output=str(out / "sft"), eval_fraction=0.0,
+                                max_length=cfg.train.max_length, loop=loop)
+    summary = sft_mod.run(sft_cfg)
+    metrics: dict[str, Any] = {"sft": {key: summary.get(key) for key in
+                                       ("steps", "train_loss", "rows", "padding_fraction", "seconds")}}
+    counts = {"mix": len(mix), "seed": len(seed_rows), "pool": len(pool_rows)}
+    if k > 0 and "dpo" in cfg.train.algorithm and pairs is not None and not cfg.control:
+        n_pairs = len(read_rows(pairs))
+        counts["pairs"] = n_pairs
+        if n_pairs:
+            dloop = cfg.train.dpo_loop.model_copy(update={"max_steps": cfg.train.dpo_steps, "seed": cfg.seed * 1000 + k})
+            dpo_cfg = dpo_mod.DpoConfig(model=summary["final"], data=[str(pairs)], output=str(out / "dpo"),
+                                        eval_fraction=0.0, max_length=cfg.train.max_length, beta=cfg.train.dpo_beta,
+                                        loop=dloop)
+            d = dpo_mod.run(dpo_cfg)
+            metrics["dpo"] = {key: d.get(key) for key in ("steps", "train_loss", "seconds")}
+    final = policy_path(out)
+    return {"counts": counts, "metrics": {**metrics, "policy": str(final)}, "hash": model_hash(final)}
+
+
+def model_hash(folder: Path) -> str:
+    from .state import tree_hash
+
+    return tree_hash(folder)
+
+
+def evaluate(cfg: FlywheelConfig, policy: Path, rows: list[dict]) -> tuple[list[dict], dict]:
+    """Greedy answers (and pass@k samples when asked) to held-out prompts, verified."""
+    from ..synth.backends.base import Request, Sampling
+    from ..synth.backends.transformers import TransformersBackend
+    from ..synth.generate import prompt_messages
+    from ..synth.verifiers import verifier_reward
+
+    check = verifier_reward(cfg.prompts.verifier)
+    backend = TransformersBackend(str(policy), batch_size=cfg.batch_size, device="cpu")
+    max_tokens = int(cfg.sampling.get("max_tokens", 256))
+    greedy = Sampling(n=1, temperature=0.0, max_tokens=max_tokens, seed=0)
+    reqs = [Request(r["id"], messages=tuple(prompt_messages(r)), sampling=greedy) for r in rows]
+    texts = {res.request_id: res.samples[0].text for res in backend.generate(reqs)}
+    scores = check(rows, [texts[r["id"]] for r in rows])
+    results = [{"id": r["id"], "answer": r.get("answer"), "completion": texts[r["id"]], "correct": s}
+               for r, s in zip(rows, scores)]
+    metrics: dict[str, Any] = {"accuracy": _mean([s or 0.0 for s in scores]), "n": len(rows)}
+    if cfg.eval.pass_at:
+        k = cfg.eval.pass_at
+        sampled = Sampling(**{**cfg.sampling, "n": k, "seed": cfg.seed + 7})
+        reqs = [Request(r["id"], messages=tuple(prompt_messages(r)), sampling=sampled) for r in rows]
+        got = {res.request_id: [s.text for s in res.samples] for res in backend.generate(reqs)}
+        hits = [max((v or 0.0) for v in check([r] * k, got[r["id"]])) for r in rows]
+        metrics[f"pass@{k}"] = _mean(hits)
+    return results, metrics
+
+
+def stage_eval(cfg: FlywheelConfig, policy: Path, heldout: list[dict], out: Path) -> dict:
+    results, metrics = evaluate(cfg, policy, heldout)
+    write_dataset(out, results)
+    return {"counts": {"rows": len(results)}, "metrics": metrics, "hash": rows_hash(results)}

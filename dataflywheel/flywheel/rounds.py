@@ -1,0 +1,169 @@
+"""The rounds driver: ``dataflywheel rounds CONFIG [--rounds N | --round K] [--until-plateau]``.
+
+A run is a folder (``output``): ``round-000/`` (seed -> train -> eval), then ``round-00K/``
+(prompts -> samples -> pool -> curate -> train -> eval), each stage with its completion marker
+(state.py), each round with ``manifest.json``, and the run's ``manifest.json`` (every round's
+counts, metrics, policy and model hash, plus what `dataflywheel export RUN` publishes). The run
+folder is locked while a driver writes it. Every stage is a deterministic function of its inputs
+(seeded sampling per prompt, seeded training, exact resume), so a run killed at any point and
+started again ends with the same outputs as one that never stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..io import read
+from .config import FlywheelConfig
+from .round import (
+    rows_hash,
+    stage_curate,
+    stage_eval,
+    stage_pool,
+    stage_prompts,
+    stage_samples,
+    stage_seed,
+    stage_train,
+    task_rows,
+)
+from .state import canonical_hash, lock_run, read_json, run_stage, write_json
+
+TRAIN_SKIP = ("checkpoints",)  # a finished training folder's hash: the weights, not the resume state
+
+
+def round_dir(run: Path, k: int) -> Path:
+    return run / f"round-{k:03d}"
+
+
+def heldout_rows(cfg: FlywheelConfig) -> list[dict]:
+    if cfg.task is not None:
+        return task_rows(cfg, "eval")
+    return [r for r in read(cfg.prompts.eval_paths) if isinstance(r, dict)]
+
+
+def _summary(marker: dict) -> dict:
+    return {k: marker.get(k) for k in ("inputs", "output", "counts", "metrics", "seconds", "skipped")}
+
+
+def run_round(cfg: FlywheelConfig, run: Path, k: int, prev: dict | None, heldout: list[dict],
+              log: Callable[[str], None] = print) -> dict:
+    """Run (or resume) round ``k``; ``prev`` is round k-1's record. Returns this round's record."""
+    rd = round_dir(run, k)
+    rd.mkdir(parents=True, exist_ok=True)
+    stages: dict[str, dict] = {}
+    common = {"seed": cfg.seed, "max_length": cfg.train.max_length}
+    if k == 0:
+        stages["seed"] = run_stage(rd, "seed", {"task": cfg.task and cfg.task.model_dump(), **common},
+                                   lambda out: stage_seed(cfg, out), log=log)
+        stages["train"] = run_stage(
+            rd, "train", {"seed": stages["seed"]["output"], "policy": cfg.policy.model_dump(), **common},
+            lambda out: stage_train(cfg, 0, None, rd / "seed", None, None, out),
+            resumable=True, skip_dirs=TRAIN_SKIP, log=log)
+    else:
+        policy = Path(prev["policy"])
+        seed_dir = round_dir(run, 0) / "seed"
+        seed_hash = prev["seed_hash"]
+        if cfg.control:  # the compute-matched control: the same steps on the seed set alone
+            inputs = {"policy": prev["policy_hash"], "seed": seed_hash, "train": cfg.train.model_dump(),
+                      "control": True, **common}
+            stages["train"] = run_stage(rd, "train", inputs,
+                                        lambda out: stage_train(cfg, k, policy, seed_dir, None, None, out),
+                                        resumable=True, skip_dirs=TRAIN_SKIP, log=log)
+        else:
+            stages["prompts"] = run_stage(
+                rd, "prompts", {"task": cfg.task and cfg.task.model_dump(), "prompts": cfg.prompts.model_dump(),
+                                "round": k, **common},
+                lambda out: stage_prompts(cfg, k, out), log=log)
+            stages["samples"] = run_stage(
+                rd, "samples", {"prompts": stages["prompts"]["output"], "policy": prev["policy_hash"],
+                                "sampling": cfg.sampling, "scorers": cfg.scorers, "pool": cfg.pool.model_dump()},
+                lambda out: stage_samples(cfg, k, rd / "prompts", policy, out), log=log)
+            prev_pool = round_dir(run, k - 1) / "pool" if k > 1 else None
+            stages["pool"] = run_stage(
+                rd, "pool", {"samples": stages["samples"]["output"], "previous": prev.get("pool_hash"),
+                             "pool": cfg.pool.model_dump()},
+                lambda out: stage_pool(cfg, k, prev_pool, rd / "samples" / "sft", out), log=log)
+            stages["curate"] = run_stage(
+                rd, "curate", {"pool": stages["pool"]["output"], "curate": cfg.curate.model_dump(),
+                               "policy": prev["policy_hash"], **common},
+                lambda out: stage_curate(cfg, k, rd / "pool" / "rows", policy, out), log=log)
+            inputs = {"policy": prev["policy_hash"], "seed": seed_hash, "curated": stages["curate"]["output"],
+                      "pairs": stages["samples"]["output"], "train": cfg.train.model_dump(),
+                      "weight": cfg.pool.weight, **common}
+            stages["train"] = run_stage(
+                rd, "train", inputs,
+                lambda out: stage_train(cfg, k, policy, seed_dir, rd / "curate", rd / "samples" / "pairs", out),
+                resumable=True, skip_dirs=TRAIN_SKIP, log=log)
+    policy_now = stages["train"]["metrics"]["policy"]
+    stages["eval"] = run_stage(
+        rd, "eval", {"policy": stages["train"]["output"], "heldout": rows_hash(heldout), "eval": cfg.eval.model_dump(),
+                     "verifier": cfg.prompts.verifier, "max_tokens": cfg.sampling.get("max_tokens")},
+        lambda out: stage_eval(cfg, Path(policy_now), heldout, out), log=log)
+    record = {
+        "round": k, "policy": policy_now, "policy_hash": stages["train"]["output"],
+        "seed_hash": stages["seed"]["output"] if k == 0 else prev["seed_hash"],
+        "pool_hash": stages["pool"]["output"] if "pool" in stages else (prev or {}).get("pool_hash"),
+        "accuracy": stages["eval"]["metrics"].get("accuracy"),
+        "stages": {name: _summary(m) for name, m in stages.items()},
+    }
+    write_json(rd / "manifest.json", record)
+    return record
+
+
+def plateaued(accuracies: list[float], patience: int, min_delta: float) -> bool:
+    """True when the last ``patience`` rounds all failed to beat the best before them by ``min_delta``."""
+    if len(accuracies) <= patience:
+        return False
+    best_before = max(accuracies[:-patience])
+    return all(a < best_before + min_delta for a in accuracies[-patience:])
+
+
+def run_rounds(cfg: FlywheelConfig, rounds: int | None = None, only_round: int | None = None,
+               until_plateau: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Run rounds 0..N (``only_round``: 0..K, for schedulers); returns the run manifest."""
+    run = Path(cfg.output)
+    lock = lock_run(run)
+    try:
+        last = only_round if only_round is not None else (cfg.rounds if rounds is None else rounds)
+        heldout = heldout_rows(cfg)
+        records: list[dict] = []
+        stopped = None
+        for k in range(last + 1):
+            record = run_round(cfg, run, k, records[-1] if records else None, heldout, log)
+            records.append(record)
+            acc = record["accuracy"]
+            log(f"round {k}: held-out accuracy {acc:.3f}" if acc is not None else f"round {k}: no accuracy")
+            manifest = write_manifest(cfg, run, records, stopped)
+            accs = [r["accuracy"] or 0.0 for r in records]
+            if until_plateau and k < last and plateaued(accs, cfg.plateau.patience, cfg.plateau.min_delta):
+                stopped = f"plateau after round {k}: no gain of {cfg.plateau.min_delta} in {cfg.plateau.patience} round(s)"
+                log(stopped)
+                manifest = write_manifest(cfg, run, records, stopped)
+                break
+        return manifest
+    finally:
+        lock.close()
+
+
+def write_manifest(cfg: FlywheelConfig, run: Path, records: list[dict], stopped: str | None) -> dict:
+    """The run's manifest: config, every round's record, and the datasets `export` publishes."""
+    old = read_json(run / "manifest.json") or {}
+    by_round = {r["round"]: r for r in old.get("rounds", [])}
+    by_round.update({r["round"]: r for r in records})
+    rounds = [by_round[k] for k in sorted(by_round)]
+    latest = max(r["round"] for r in records)
+    exports: dict[str, str] = {}
+    if latest > 0 and not cfg.control:
+        exports = {"sft_pool": f"round-{latest:03d}/pool/rows", "pairs": f"round-{latest:03d}/samples/pairs",
+                   "samples": f"round-{latest:03d}/samples/scored"}
+    card = {"run": cfg.name, "rounds": len(rounds), "config_hash": canonical_hash(cfg.model_dump()),
+            "held_out_accuracy": {r["round"]: r["accuracy"] for r in rounds},
+            "policies": {r["round"]: r["policy_hash"] for r in rounds},
+            "curation": cfg.curate.model_dump(), "pool": cfg.pool.model_dump(), "sampling": cfg.sampling,
+            "stage_counts": {r["round"]: {s: m["counts"] for s, m in r["stages"].items()} for r in rounds}}
+    manifest: dict[str, Any] = {"name": cfg.name, "config": cfg.model_dump(), "rounds": rounds,
+                                "stopped": stopped, "exports": exports, "card": card}
+    write_json(run / "manifest.json", manifest)
+    return manifest
