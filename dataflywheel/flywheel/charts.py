@@ -14,6 +14,7 @@ from html import escape
 
 W, H = 640, 260  # chart size in px
 LEFT, RIGHT, TOP, BOTTOM = 56, 150, 28, 36  # plot margins; the legend sits in the right one
+CHAR_PX = 6.5  # about the width of one 11px sans-serif character: decides when x labels are slanted
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
           "#bcbd22", "#17becf")  # matplotlib's tab10, so the report reads like the usual plots
 KEPT, REJECTED = "#2ca02c", "#d62728"
@@ -42,23 +43,28 @@ class _Frame:
     """Maps data to pixels and draws the axes, title and legend."""
 
     def __init__(self, name: str, title: str, x: tuple[float, float], y: tuple[float, float],
-                 xlabel: str = "", ylabel: str = ""):
+                 xlabel: str = "", ylabel: str = "", labels: Sequence[str] = ()):
         self.name, self.title, self.xlabel, self.ylabel = name, title, xlabel, ylabel
         self.x0, self.x1 = x if x[1] > x[0] else (x[0] - 0.5, x[0] + 0.5)
         self.y0, self.y1 = y if y[1] > y[0] else (y[0] - 0.5, y[0] + 0.5)
+        # category labels wider than their slot are slanted, and the chart grows to hold them
+        longest = max((len(t) for t in labels), default=0) * CHAR_PX
+        self.slant = bool(labels) and longest > (W - LEFT - RIGHT) / len(labels) - 4
+        self.bottom = BOTTOM + (round(longest * 0.6) if self.slant else 0)
+        self.h = H - BOTTOM + self.bottom
 
     def px(self, x: float) -> float:
         return round(LEFT + (x - self.x0) / (self.x1 - self.x0) * (W - LEFT - RIGHT), 1)
 
     def py(self, y: float) -> float:
-        return round(H - BOTTOM - (y - self.y0) / (self.y1 - self.y0) * (H - TOP - BOTTOM), 1)
+        return round(self.h - self.bottom - (y - self.y0) / (self.y1 - self.y0) * (self.h - TOP - self.bottom), 1)
 
     def svg(self, body: list[str], legend: Sequence[tuple[str, str]] = (), xticks: bool = True,
             xlabels: Sequence[tuple[float, str]] = ()) -> str:
-        out = [f'<svg xmlns="http://www.w3.org/2000/svg" data-chart="{escape(self.name)}" width="{W}" height="{H}" '
-               f'viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="11">',
+        out = [f'<svg xmlns="http://www.w3.org/2000/svg" data-chart="{escape(self.name)}" width="{W}" height="{self.h}" '
+               f'viewBox="0 0 {W} {self.h}" font-family="sans-serif" font-size="11">',
                f'<text x="{LEFT}" y="16" font-size="13" font-weight="bold">{escape(self.title)}</text>']
-        bottom, right = H - BOTTOM, W - RIGHT
+        bottom, right = self.h - self.bottom, W - RIGHT
         out.append(f'<line x1="{LEFT}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#333"/>')
         out.append(f'<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{bottom}" stroke="#333"/>')
         for t in _ticks(self.y0, self.y1):
@@ -67,9 +73,11 @@ class _Frame:
                        f'<text x="{LEFT - 4}" y="{y + 4}" text-anchor="end">{escape(fmt(t))}</text>')
         marks = list(xlabels) or ([(t, fmt(t)) for t in _ticks(self.x0, self.x1)] if xticks else [])
         for t, label in marks:
-            out.append(f'<text x="{self.px(t)}" y="{bottom + 14}" text-anchor="middle">{escape(label)}</text>')
+            x = self.px(t)
+            turn = f' text-anchor="end" transform="rotate(-35 {x} {bottom + 12})"' if self.slant else ' text-anchor="middle"'
+            out.append(f'<text x="{x}" y="{bottom + 14}"{turn}>{escape(label)}</text>')
         if self.xlabel:
-            out.append(f'<text x="{(LEFT + right) / 2}" y="{H - 4}" text-anchor="middle">{escape(self.xlabel)}</text>')
+            out.append(f'<text x="{(LEFT + right) / 2}" y="{self.h - 4}" text-anchor="middle">{escape(self.xlabel)}</text>')
         if self.ylabel:
             out.append(f'<text x="12" y="{(TOP + bottom) / 2}" text-anchor="middle" '
                        f'transform="rotate(-90 12 {(TOP + bottom) / 2})">{escape(self.ylabel)}</text>')
@@ -138,7 +146,10 @@ def histogram(name: str, title: str, groups: dict[str, list[float]], bins: int =
                 j = min(nbins - 1, int((float(v) - edges[0]) / (edges[-1] - edges[0]) * nbins))
             counts[j] += 1
         shares[label] = [c / len(vs) for c in counts]
-    f = _Frame(name, title, (-0.5, nbins - 0.5), (0.0, max(max(s) for s in shares.values())), xlabel, "share")
+    step = max(1, nbins // 10)
+    shown = [(j, labels[j]) for j in range(0, nbins, step)]
+    f = _Frame(name, title, (-0.5, nbins - 0.5), (0.0, max(max(s) for s in shares.values())), xlabel, "share",
+               labels=[t for _, t in shown])
     width = 0.8 / len(shares)
     body, legend = [], []
     for g, (label, share) in enumerate(shares.items()):
@@ -149,8 +160,7 @@ def histogram(name: str, title: str, groups: dict[str, list[float]], bins: int =
             body.append(f'<rect class="bar" x="{f.px(x)}" y="{f.py(s)}" width="{round(f.px(x + width) - f.px(x), 1)}" '
                         f'height="{round(f.py(0) - f.py(s), 1)}" fill="{color}"><title>{escape(label)} '
                         f'{escape(labels[j])}: {s:.1%}</title></rect>')
-    step = max(1, nbins // 10)
-    return f.svg(body, legend, xlabels=[(j, labels[j]) for j in range(0, nbins, step)])
+    return f.svg(body, legend, xlabels=shown)
 
 
 def five_numbers(values: Sequence[float]) -> tuple[float, float, float, float, float]:
@@ -166,27 +176,32 @@ def five_numbers(values: Sequence[float]) -> tuple[float, float, float, float, f
 
 
 def box_chart(name: str, title: str, boxes: list[tuple[str, str, list[float]]], ylabel: str = "") -> str:
-    """Box summaries (min, quartiles, median, max): ``boxes`` = (x label, series, values); one
-    ``box`` group per entry with values, coloured by series."""
+    """Box summaries (min, quartiles, median, max): ``boxes`` = (group, series, values), e.g.
+    ("r1", "chosen", lengths); the series of a group stand side by side over its label. One
+    ``box`` element per entry with values, coloured by series."""
     boxes = [b for b in boxes if b[2]]
     if not boxes:
         return empty_chart(name, title, "no data")
+    groups = list(dict.fromkeys(g for g, _, _ in boxes))
     series = list(dict.fromkeys(s for _, s, _ in boxes))
     stats = [five_numbers(v) for _, _, v in boxes]
-    f = _Frame(name, title, (-0.5, len(boxes) - 0.5), (min(0.0, min(s[0] for s in stats)), max(s[4] for s in stats)),
-               "", ylabel)
+    lo_all, hi_all = min(0.0, min(s[0] for s in stats)), max(s[4] for s in stats)
+    f = _Frame(name, title, (-0.5, len(groups) - 0.5), (lo_all, hi_all + 0.05 * (hi_all - lo_all or 1)), "", ylabel,
+               labels=groups)
+    step = 0.8 / len(series)
     body = []
-    for i, ((label, s, vals), (lo, q1, med, q3, hi)) in enumerate(zip(boxes, stats)):
+    for (group, s, vals), (lo, q1, med, q3, hi) in zip(boxes, stats):
         color = COLORS[series.index(s) % len(COLORS)]
-        x0, x1, xm = f.px(i - 0.3), f.px(i + 0.3), f.px(i)
-        tip = f"{label} {s}: n={len(vals)} min {fmt(lo)} q1 {fmt(q1)} median {fmt(med)} q3 {fmt(q3)} max {fmt(hi)}"
+        centre = groups.index(group) - 0.4 + step * (series.index(s) + 0.5)
+        x0, x1, xm = f.px(centre - 0.4 * step), f.px(centre + 0.4 * step), f.px(centre)
+        tip = f"{group} {s}: n={len(vals)} min {fmt(lo)} q1 {fmt(q1)} median {fmt(med)} q3 {fmt(q3)} max {fmt(hi)}"
         body.append(f'<g class="box"><title>{escape(tip)}</title>'
                     f'<line x1="{xm}" y1="{f.py(lo)}" x2="{xm}" y2="{f.py(hi)}" stroke="{color}"/>'
                     f'<rect x="{x0}" y="{f.py(q3)}" width="{round(x1 - x0, 1)}" height="{round(f.py(q1) - f.py(q3), 1)}" '
                     f'fill="{color}" fill-opacity="0.35" stroke="{color}"/>'
                     f'<line x1="{x0}" y1="{f.py(med)}" x2="{x1}" y2="{f.py(med)}" stroke="{color}" stroke-width="2"/></g>')
     legend = [(s, COLORS[i % len(COLORS)]) for i, s in enumerate(series)]
-    return f.svg(body, legend, xlabels=[(i, b[0]) for i, b in enumerate(boxes)])
+    return f.svg(body, legend, xlabels=list(enumerate(groups)))
 
 
 def kept_bars(name: str, title: str, bars: list[tuple[str, int, int, str]]) -> str:
@@ -195,7 +210,7 @@ def kept_bars(name: str, title: str, bars: list[tuple[str, int, int, str]]) -> s
     if not bars:
         return empty_chart(name, title, "no stage counts")
     top = max(max(i, k) for _, i, k, _ in bars) or 1
-    f = _Frame(name, title, (-0.5, len(bars) - 0.5), (0.0, float(top)), "", "rows")
+    f = _Frame(name, title, (-0.5, len(bars) - 0.5), (0.0, float(top)), "", "rows", labels=[b[0] for b in bars])
     body = []
     for j, (label, n_in, kept, detail) in enumerate(bars):
         x, w = f.px(j - 0.35), round(f.px(j + 0.35) - f.px(j - 0.35), 1)

@@ -98,13 +98,13 @@ def table_rows(manifest: dict) -> list[tuple[str, list[str]]]:
     def row(label: str, fn) -> tuple[str, list[str]]:
         return label, [fn(r) for r in rounds]
 
-    rows = [row("held-out accuracy", lambda r: fmt(_accuracy(r)))]
-    rows += [row(k, lambda r, k=k: fmt(_get(r, "eval", "metrics", k))) for k in _pass_keys(rounds)]
+    rows = [row("held-out accuracy", lambda r: _acc(_accuracy(r)))]
+    rows += [row(k, lambda r, k=k: _acc(_get(r, "eval", "metrics", k))) for k in _pass_keys(rounds)]
     rows += [
         row("prompts", lambda r: fmt(_get(r, "samples", "metrics", "prompts") or _get(r, "prompts", "counts", "rows"))),
         row("samples", lambda r: fmt(_get(r, "samples", "metrics", "samples"))),
         row("prompts verified", lambda r: _share(_get(r, "samples", "metrics", "prompts_with_verified"))),
-        row("sample accuracy", lambda r: fmt(_get(r, "samples", "metrics", "sample_accuracy"))),
+        row("sample accuracy", lambda r: _acc(_get(r, "samples", "metrics", "sample_accuracy"))),
         row("mean sample tokens", lambda r: fmt(_get(r, "samples", "metrics", "mean_tokens"))),
         row("pairs kept", lambda r: fmt(_get(r, "samples", "counts", "pairs", "kept"))),
         row("mean pair margin", lambda r: fmt(_mean(_get(r, "samples", "metrics", "pair_margins")))),
@@ -117,10 +117,19 @@ def table_rows(manifest: dict) -> list[tuple[str, list[str]]]:
     ]
     names = [s for s in STAGE_ORDER if any(s in (r.get("stages") or {}) for r in rounds)]
     names += sorted({s for r in rounds for s in (r.get("stages") or {})} - set(names))
-    rows += [row(f"seconds: {s}", lambda r, s=s: fmt(_get(r, s, "seconds"), 3)) for s in names]
-    rows.append(row("seconds: total", lambda r: fmt(sum(float(m.get("seconds") or 0) for m in
-                                                        (r.get("stages") or {}).values()), 4)))
+    rows += [row(f"seconds: {s}", lambda r, s=s: _secs(_get(r, s, "seconds"))) for s in names]
+    rows.append(row("seconds: total", lambda r: _secs(sum(float(m.get("seconds") or 0) for m in
+                                                          (r.get("stages") or {}).values()))))
     return rows
+
+
+def _acc(x: float | None) -> str:
+    """Accuracies to 3 decimals, as `dataflywheel rounds` prints them."""
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _secs(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
 
 
 def _share(x: float | None) -> str:
@@ -215,6 +224,13 @@ def loss_curve(path: Path, cap: int = MAX_POINTS) -> list[tuple[float, float]]:
     return points
 
 
+def append_curve(curves: dict[str, list[tuple[float, float]]], label: str, points: list[tuple[float, float]]) -> None:
+    """Add a round's (step, loss) curve after the previous rounds' on one step axis: each round
+    restarts its step count, and side by side the short later rounds would hide under round 0."""
+    start = max((pts[-1][0] for pts in curves.values() if pts), default=0.0)
+    curves[label] = [(start + x, y) for x, y in points]
+
+
 # ---- the HTML -------------------------------------------------------------------------------------
 
 def _round_dir(run: Path, record: dict) -> Path:
@@ -252,7 +268,8 @@ def charts_for(run: Path, manifest: dict) -> list[tuple[str, str]]:
         acc[f"held-out {key}"] = []
     acc["sample accuracy"], acc["prompts verified"] = [], []
     rewards, margins, lengths = {}, {}, []
-    sft, dpo = {}, {}
+    sft: dict[str, list[tuple[float, float]]] = {}
+    dpo: dict[str, list[tuple[float, float]]] = {}
     for r in rounds:
         k = r.get("round", 0)
         folder = _round_dir(run, r)
@@ -268,8 +285,9 @@ def charts_for(run: Path, manifest: dict) -> list[tuple[str, str]]:
             margins[f"round {k}"] = pairs["margin"] or [float(x) for x in
                                                         _get(r, "samples", "metrics", "pair_margins") or []]
             lengths += [(f"r{k}", "chosen", pairs["chosen"]), (f"r{k}", "rejected", pairs["rejected"])]
-        sft[f"round {k}"] = loss_curve(folder / "train" / "sft" / "metrics.jsonl")
-        dpo[f"round {k}"] = loss_curve(folder / "train" / "dpo" / "metrics.jsonl")
+        for curves, phase in ((sft, "sft"), (dpo, "dpo")):
+            append_curve(curves, f"round {k}", loss_curve(folder / "train" / phase / "metrics.jsonl"))
+    steps = "step (rounds one after another)"
     return [
         ("Held-out accuracy per round",
          charts.line_chart("accuracy", "held-out accuracy per round", acc, "round", "accuracy", (0.0, 1.0))),
@@ -279,8 +297,8 @@ def charts_for(run: Path, manifest: dict) -> list[tuple[str, str]]:
                                                     xlabel="margin")),
         ("Pair lengths per round", charts.box_chart("lengths", "chosen / rejected length (tokens)", lengths, "tokens")),
         ("Rows kept per stage", charts.kept_bars("kept", "rows in / kept / rejected per stage", kept_bars(rounds))),
-        ("SFT training loss", charts.line_chart("sft_loss", "SFT loss per step", sft, "step", "loss", dots=False)),
-        ("DPO training loss", charts.line_chart("dpo_loss", "DPO loss per step", dpo, "step", "loss", dots=False)),
+        ("SFT training loss", charts.line_chart("sft_loss", "SFT loss per step", sft, steps, "loss", dots=False)),
+        ("DPO training loss", charts.line_chart("dpo_loss", "DPO loss per step", dpo, steps, "loss", dots=False)),
     ]
 
 

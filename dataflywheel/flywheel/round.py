@@ -60,18 +60,24 @@ def read_rows(folder: Path | str) -> list[dict]:
     return sorted(rows, key=lambda r: str(r.get("id")))
 
 
-def _strip(value: Any) -> Any:
+def _strip(value: Any, roots: tuple[str, ...]) -> Any:
     if isinstance(value, dict):
-        return {k: _strip(v) for k, v in value.items() if k not in VOLATILE}
+        return {k: _strip(v, roots) for k, v in value.items() if k not in VOLATILE}
     if isinstance(value, list):
-        return [_strip(v) for v in value]
+        return [_strip(v, roots) for v in value]
+    if isinstance(value, str):
+        for root in roots:
+            value = value.replace(root, "$RUN")
     return value
 
 
-def rows_hash(rows: Iterable[dict]) -> str:
+def rows_hash(rows: Iterable[dict], root: str | Path | None = None) -> str:
     """Order-independent content hash of rows (volatile fields left out): Beam may write the same
-    rows in another shard order, and a cache-served re-run marks samples ``cached``."""
-    digests = sorted(hashlib.sha256(json.dumps(_strip(r), sort_keys=True, default=str).encode()).hexdigest()
+    rows in another shard order, and a cache-served re-run marks samples ``cached``. Paths inside
+    the run folder ``root`` (a policy named in provenance) count as run-relative, so a run moved or
+    repeated elsewhere hashes the same."""
+    roots = tuple(sorted({str(root), str(Path(root).resolve())}, key=len, reverse=True)) if root else ()
+    digests = sorted(hashlib.sha256(json.dumps(_strip(r, roots), sort_keys=True, default=str).encode()).hexdigest()
                      for r in rows)
     return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
 
@@ -108,7 +114,7 @@ def as_conversation(row: dict) -> dict:
 def stage_seed(cfg: FlywheelConfig, out: Path) -> dict:
     rows = [as_conversation(r) for r in task_rows(cfg, "seed")]
     write_dataset(out, rows)
-    return {"counts": {"rows": len(rows)}, "hash": rows_hash(rows)}
+    return {"counts": {"rows": len(rows)}, "hash": rows_hash(rows, cfg.output)}
 
 
 def stage_prompts(cfg: FlywheelConfig, k: int, out: Path) -> dict:
@@ -120,7 +126,7 @@ def stage_prompts(cfg: FlywheelConfig, k: int, out: Path) -> dict:
         n = cfg.prompts.per_round
         rows = pool[(k - 1) * n: k * n]
     write_dataset(out, rows)
-    return {"counts": {"rows": len(rows)}, "hash": rows_hash(rows)}
+    return {"counts": {"rows": len(rows)}, "hash": rows_hash(rows, cfg.output)}
 
 
 # ---- samples: issue 7's pipeline ----------------------------------------------------------------
@@ -164,7 +170,7 @@ def stage_samples(cfg: FlywheelConfig, k: int, prompts: Path, policy: Path, out:
                "prompts_with_verified": verified / max(1, len(scored)),
                "pair_margins": [p["scores"]["margin"] for p in read_rows(out / "pairs")][:2000],
                "mean_tokens": _mean([c.get("tokens") for c in samples if c.get("tokens") is not None])}
-    h = rows_hash([*scored, *read_rows(out / "pairs"), *read_rows(out / "sft")])
+    h = rows_hash([*scored, *read_rows(out / "pairs"), *read_rows(out / "sft")], cfg.output)
     return {"counts": counts, "metrics": metrics, "hash": h}
 
 
@@ -188,7 +194,7 @@ def stage_pool(cfg: FlywheelConfig, k: int, prev: Path | None, best: Path, out: 
         rows = pool.export()
         by_round = pool.rounds()
     write_dataset(out / "rows", rows)
-    return {"counts": {**counts, "pool": len(rows)}, "metrics": {"pool_by_round": by_round}, "hash": rows_hash(rows)}
+    return {"counts": {**counts, "pool": len(rows)}, "metrics": {"pool_by_round": by_round}, "hash": rows_hash(rows, cfg.output)}
 
 
 def select_config(cfg: FlywheelConfig, k: int, rows: Path, policy: Path, out: Path,
@@ -213,14 +219,14 @@ def stage_curate(cfg: FlywheelConfig, k: int, rows: Path, policy: Path, out: Pat
 
     if not read_rows(rows):  # nothing verified yet: an empty selection, no pipeline to run
         write_dataset(out, [])
-        return {"counts": {"in": 0, "kept": 0}, "hash": rows_hash([])}
+        return {"counts": {"in": 0, "kept": 0}, "hash": rows_hash([], cfg.output)}
     run = sft_run_config(select_config(cfg, k, rows, policy, out), f"<{cfg.name} curate {k}>")
     report = run_job(run.jobs[0], run.runner)
     kept = read_rows(out)
     counts = {"in": report.stages[0].rows_in if report.stages else 0, "kept": len(kept),
               "rejected": {r: n for s in report.stages for r, n in s.rejected.items()},
               "stages": {s.stage: {"in": s.rows_in, "kept": s.kept} for s in report.stages}}
-    return {"counts": counts, "hash": rows_hash(kept)}
+    return {"counts": counts, "hash": rows_hash(kept, cfg.output)}
 
 
 # ---- training and evaluation --------------------------------------------------------------------
@@ -268,7 +274,7 @@ def stage_train(cfg: FlywheelConfig, k: int, policy: Path | None, seed_dir: Path
             dloop = cfg.train.dpo_loop.model_copy(update={"max_steps": cfg.train.dpo_steps, "seed": cfg.seed * 1000 + k})
             dpo_cfg = dpo_mod.DpoConfig(model=summary["final"], data=[str(pairs)], output=str(out / "dpo"),
                                         eval_fraction=0.0, max_length=cfg.train.max_length, beta=cfg.train.dpo_beta,
-                                        loop=dloop)
+                                        loop=dloop.model_dump())
             d = dpo_mod.run(dpo_cfg)
             metrics["dpo"] = {key: d.get(key) for key in ("steps", "train_loss", "seconds")}
     final = policy_path(out)
@@ -311,4 +317,4 @@ def evaluate(cfg: FlywheelConfig, policy: Path, rows: list[dict]) -> tuple[list[
 def stage_eval(cfg: FlywheelConfig, policy: Path, heldout: list[dict], out: Path) -> dict:
     results, metrics = evaluate(cfg, policy, heldout)
     write_dataset(out, results)
-    return {"counts": {"rows": len(results)}, "metrics": metrics, "hash": rows_hash(results)}
+    return {"counts": {"rows": len(results)}, "metrics": metrics, "hash": rows_hash(results, cfg.output)}
