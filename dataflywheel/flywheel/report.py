@@ -111,7 +111,7 @@ def table_rows(manifest: dict) -> list[tuple[str, list[str]]]:
         row("best-of-N rows", lambda r: fmt(_get(r, "samples", "counts", "best_of_n", "kept"))),
         row("pool (+new/replaced)", _pool),
         row("curated kept/in", lambda r: _ratio(_get(r, "curate", "counts", "kept"), _get(r, "curate", "counts", "in"))),
-        row("train rows (seed+pool)", _mix),
+        row("train rows (seed+pool x n)", _mix),
         row("sft steps / loss", lambda r: _steps_loss(_get(r, "train", "metrics", "sft"))),
         row("dpo steps / loss", lambda r: _steps_loss(_get(r, "train", "metrics", "dpo"))),
     ]
@@ -140,7 +140,10 @@ def _mix(record: dict) -> str:
     c = _get(record, "train", "counts")
     if not c:
         return "-"
-    return f"{c.get('mix', '-')} ({c.get('seed', '-')}+{c.get('pool', 0)})"
+    mix, seed, pool = c.get("mix"), c.get("seed"), c.get("pool") or 0
+    if not pool or not isinstance(mix, int) or not isinstance(seed, int):
+        return f"{fmt(mix)} ({fmt(seed)}+{pool})"
+    return f"{mix} ({seed}+{pool}x{round((mix - seed) / pool)})"  # the pool is repeated to its share (training_mix)
 
 
 def summary_table(manifest: dict) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 from collections.abc import Iterable
@@ -278,7 +279,9 @@ def stage_train(cfg: FlywheelConfig, k: int, policy: Path | None, seed_dir: Path
             d = dpo_mod.run(dpo_cfg)
             metrics["dpo"] = {key: d.get(key) for key in ("steps", "train_loss", "seconds")}
     final = policy_path(out)
-    return {"counts": counts, "metrics": {**metrics, "policy": str(final)}, "hash": model_hash(final)}
+    # run-relative: a run folder can be moved or copied (the ablations copy round 0)
+    policy = os.path.relpath(final, cfg.output)
+    return {"counts": counts, "metrics": {**metrics, "policy": policy}, "hash": model_hash(final)}
 
 
 def model_hash(folder: Path) -> str:

@@ -62,7 +62,7 @@ def run_round(cfg: FlywheelConfig, run: Path, k: int, prev: dict | None, heldout
             lambda out: stage_train(cfg, 0, None, rd / "seed", None, None, out),
             resumable=True, skip_dirs=TRAIN_SKIP, log=log)
     else:
-        policy = Path(prev["policy"])
+        policy = run / prev["policy"]
         seed_dir = round_dir(run, 0) / "seed"
         seed_hash = prev["seed_hash"]
         if cfg.control:  # the compute-matched control: the same steps on the seed set alone
@@ -100,9 +100,9 @@ def run_round(cfg: FlywheelConfig, run: Path, k: int, prev: dict | None, heldout
     stages["eval"] = run_stage(
         rd, "eval", {"policy": stages["train"]["output"], "heldout": rows_hash(heldout), "eval": cfg.eval.model_dump(),
                      "verifier": cfg.prompts.verifier, "max_tokens": cfg.sampling.get("max_tokens")},
-        lambda out: stage_eval(cfg, Path(policy_now), heldout, out), log=log)
+        lambda out: stage_eval(cfg, run / policy_now, heldout, out), log=log)
     record = {
-        "round": k, "policy": policy_now, "policy_hash": stages["train"]["output"],
+        "round": k, "policy": policy_now, "policy_hash": stages["train"]["output"],  # policy: run-relative
         "seed_hash": stages["seed"]["output"] if k == 0 else prev["seed_hash"],
         "pool_hash": stages["pool"]["output"] if "pool" in stages else (prev or {}).get("pool_hash"),
         "accuracy": stages["eval"]["metrics"].get("accuracy"),
