@@ -90,8 +90,17 @@ def _rounds(args: argparse.Namespace) -> int:
     from .flywheel.config import load_flywheel_config
     from .flywheel.rounds import run_rounds
 
-    overrides = {k: v for k, v in {"output": args.output, "control": args.control or None}.items() if v is not None}
+    overrides = {k: v for k, v in {"output": args.output, "control": args.control or None,
+                                   "runner": args.runner}.items() if v is not None}
     cfg = load_flywheel_config(args.config, overrides)
+    if args.dry_run:
+        from .flywheel.rounds import dry_run_round
+
+        graphs = dry_run_round(cfg, args.round or 1)
+        for name, proto in graphs.items():
+            print(f"{name}: Dataflow job graph built and validated ({len(proto.components.transforms)} transforms); "
+                  "nothing submitted", flush=True)
+        return 0
     manifest = run_rounds(cfg, rounds=args.rounds, only_round=args.round, until_plateau=args.until_plateau)
     accs = " -> ".join(f"{r['accuracy']:.3f}" for r in manifest["rounds"] if r["accuracy"] is not None)
     print(f"held-out accuracy by round: {accs}", flush=True)
@@ -250,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     rnd.add_argument("--until-plateau", action="store_true", help="stop early when held-out accuracy stops improving")
     rnd.add_argument("--output", metavar="DIR", help="override output (the run folder)")
     rnd.add_argument("--control", action="store_true", help="the compute-matched control: train on the seed set only")
+    rnd.add_argument("--runner", metavar="YAML", help="use the runner section of this file for the Beam stages "
+                     "(e.g. configs/dataflow.yaml)")
+    rnd.add_argument("--dry-run", action="store_true", help="build round K's (default 1) Dataflow job graphs; run nothing")
     rnd.set_defaults(func=_rounds)
 
     rep = sub.add_parser("report", help="print a flywheel run's rounds side by side and write an HTML report with plots")

@@ -182,3 +182,20 @@ def test_config_errors_name_the_key(tmp_path):
     path.write_text(yaml.safe_dump({**TINY, "output": "x", "train": {"steps": 0}}))
     with pytest.raises(UserError, match=r"bad.yaml: train.steps"):
         load_flywheel_config(path)
+
+
+def test_dataflow_dry_run_builds_the_rounds_pipelines(tmp_path):
+    pytest.importorskip("apitools", reason="needs apache-beam[gcp]")
+    from dataflywheel.flywheel.rounds import dry_run_round
+
+    dataflow = {"project": "dummy-proj", "temp_location": "gs://dummy-bucket/tmp", "gpu_type": "nvidia-l4"}
+    cfg = _config(tmp_path, runner={"engine": "dataflow", "dataflow": dataflow},
+                  curate={"select": "ifd", "budget": 6})
+    graphs = dry_run_round(cfg, 1)
+    assert sorted(graphs) == ["tiny-curate1", "tiny-round1-best_of_n", "tiny-round1-pairs", "tiny-round1-sample"]
+    names = {job: {t.unique_name for t in g.components.transforms.values()} for job, g in graphs.items()}
+    for job, stages in {"tiny-round1-sample": ["generate", "verify"], "tiny-round1-pairs": ["pairs"],
+                        "tiny-round1-best_of_n": ["best_of_n"], "tiny-curate1": ["exact_dedup", "ifd", "select_top"]}.items():
+        for stage in stages:
+            assert any(f"Stage[{stage}]" in n for n in names[job]), (job, stage)
+    assert not (tmp_path / "run").exists()  # nothing ran, nothing written

@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 
 from ..config import Strict, read_yaml
 from ..errors import UserError
+from ..runner import RunnerConfig
 from ..train.config import LoopConfig
 from ..train.model import TinyInit
 
@@ -106,6 +107,7 @@ class FlywheelConfig(Strict):
     eval: EvalConfig = EvalConfig()
     plateau: PlateauConfig = PlateauConfig()
     control: bool = False  # True: rounds train on the seed set alone (the compute-matched control)
+    runner: RunnerConfig = RunnerConfig()  # the engine of the Beam stages (samples, curate): local, or dataflow
 
     @model_validator(mode="after")
     def _check(self) -> FlywheelConfig:
@@ -129,6 +131,11 @@ def load_flywheel_config(path: str | Path, overrides: dict | None = None) -> Fly
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping at the top level")
     data = {**data, **(overrides or {})}
+    if isinstance(data.get("runner"), (str, Path)):  # a file holding a `runner:` section (configs/dataflow.yaml)
+        section = read_yaml(Path(data["runner"]))
+        if not isinstance(section, dict) or "runner" not in section:
+            raise UserError(f"{data['runner']}: no runner section to use for {path}")
+        data["runner"] = section["runner"]
     try:
         return FlywheelConfig.model_validate(data)
     except ValidationError as err:

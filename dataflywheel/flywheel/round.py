@@ -137,7 +137,7 @@ def pairs_config(cfg: FlywheelConfig, k: int, prompts: Path, policy: Path, out: 
     """The round's `pairs` pipeline config (a mapping; pipelines/pairs.py expands it to Beam jobs)."""
     sampling = {**cfg.sampling, "seed": cfg.seed * 1000 + k}
     return {
-        "name": f"{cfg.name}-round{k}", "round": k, "runner": runner or {"engine": "local"},
+        "name": f"{cfg.name}-round{k}", "round": k, "runner": runner or cfg.runner.model_dump(exclude_none=True),
         "input": {"paths": str(prompts), "kind": "prompt", "batch_rows": cfg.batch_size},
         "output": {"path": str(out), "format": "jsonl"},
         "generate": {"backend": {"kind": "transformers", "model": str(policy),
@@ -209,7 +209,7 @@ def select_config(cfg: FlywheelConfig, k: int, rows: Path, policy: Path, out: Pa
     elif c.select == "ifd":  # IFD under the policy that wrote the samples (Cherry_LLM's own-model IFD)
         steps["ifd"] = {"model": str(policy), "template": "chat", "max_length": cfg.train.max_length}
         select = {"method": "top", "field": "ifd", "budget": c.budget}
-    return {"name": f"{cfg.name}-curate{k}", "runner": runner or {"engine": "local"},
+    return {"name": f"{cfg.name}-curate{k}", "runner": runner or cfg.runner.model_dump(exclude_none=True),
             "input": {"paths": str(rows), "kind": "conversation"},
             "output": {"path": str(out), "format": "jsonl"}, "steps": steps, "select": select}
 

@@ -112,6 +112,36 @@ def run_round(cfg: FlywheelConfig, run: Path, k: int, prev: dict | None, heldout
     return record
 
 
+def dry_run_round(cfg: FlywheelConfig, k: int = 1) -> dict[str, Any]:
+    """Build round ``k``'s Beam pipelines (samples: generate + scorers, pairs, best-of-N; curate) for
+    Dataflow with ``dry_run``: each job graph is built and validated, nothing is submitted or run.
+    Returns {job name: pipeline proto}. Paths are where the round would read and write them."""
+    from ..errors import UserError
+    from ..pipelines import job as job_module
+    from ..pipelines.pairs import pairs_run_config
+    from ..pipelines.sft import sft_run_config
+    from .round import pairs_config, select_config
+
+    if cfg.runner.engine != "dataflow" or cfg.runner.dataflow is None:
+        raise UserError("--dry-run builds Dataflow job graphs: give a runner with engine dataflow "
+                        "(e.g. --runner configs/dataflow.yaml)")
+    if k < 1:
+        raise UserError("round 0 has no Beam stages (seed, train, eval): dry-run a round >= 1")
+    runner = cfg.runner.model_copy(deep=True)
+    runner.dataflow.dry_run = True
+    run = Path(cfg.output)
+    rd, policy = round_dir(run, k), round_dir(run, k - 1) / "train" / "sft" / "final"
+    r = runner.model_dump(exclude_none=True)
+    runs = [pairs_run_config(pairs_config(cfg, k, rd / "prompts", policy, rd / "samples", r), f"<{cfg.name} samples>"),
+            sft_run_config(select_config(cfg, k, rd / "pool" / "rows", policy, rd / "curate", r), f"<{cfg.name} curate>")]
+    graphs = {}
+    for one in runs:
+        for job in one.jobs:
+            job_module.run_job(job, one.runner)
+            graphs[job.name] = job_module._LAST_DRY_RUN["proto"]
+    return graphs
+
+
 def plateaued(accuracies: list[float], patience: int, min_delta: float) -> bool:
     """True when the last ``patience`` rounds all failed to beat the best before them by ``min_delta``."""
     if len(accuracies) <= patience:

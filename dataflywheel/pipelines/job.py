@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..config import JobConfig
+from ..errors import UserError
 from ..io import DeadLetter, ShardWriter, expand_paths, read_file
 from ..runner import RunnerConfig, make_pipeline
 from ..stages import GlobalStep, Outcome, Stage, batches, group_rows, process_batch, process_group
@@ -35,7 +36,13 @@ def output_format(job: JobConfig, which: str) -> str:
 def run_job(job: JobConfig, runner: RunnerConfig) -> RunReport:
     """Run one job; returns its checked report (raises ReconcileError when counts do not add up)."""
     stages = job.build_stages()
-    files = expand_paths(job.input.paths)
+    dry = runner.engine == "dataflow" and runner.dataflow is not None and runner.dataflow.dry_run
+    try:
+        files = expand_paths(job.input.paths)
+    except UserError:
+        if not dry:
+            raise
+        files = list(job.input.paths)  # a dry run builds the graph: the workers would read these later
     start = time.perf_counter()
     if runner.engine == "plain":
         reports = _run_plain(job, stages, files)
