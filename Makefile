@@ -27,6 +27,8 @@ $(VENV)/.test: $(VENV)/.base
 
 demo: $(VENV)/.base
 	$(BIN)/dataflywheel run configs/demo.yaml
+	$(BIN)/dataflywheel rounds configs/flywheel.yaml
+	$(BIN)/dataflywheel report runs/flywheel
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q

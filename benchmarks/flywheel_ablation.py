@@ -85,17 +85,15 @@ def main() -> int:
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="flywheel-ablation-"))
     results: dict[str, dict[int, list[float]]] = {v: {} for v in variants}
     total = time.perf_counter()
-    for seed in sorted(set(seeds) | set(ablation_seeds)):
-        round0 = None
-        for name in variants:
-            if name not in ("loop", "control") and seed not in ablation_seeds:
-                continue
-            if name in ("loop", "control") and seed not in seeds:
-                continue
-            accs, secs = run_variant(base, name, seed, tmp / f"seed{seed}" / name, round0)
-            round0 = round0 or tmp / f"seed{seed}" / name / "round-000"
-            results[name][seed] = accs
-            print(f"seed {seed} {name:>13}: " + " -> ".join(f"{a:.3f}" for a in accs) + f"  ({secs:.0f} s)", flush=True)
+    round0: dict[int, Path] = {}
+    plan = [(seed, name) for seed in seeds for name in variants if name in ("loop", "control")]
+    plan += [(seed, name) for seed in ablation_seeds for name in variants if name not in ("loop", "control")]
+    for seed, name in plan:  # the claim's runs first, then the ablations
+        folder = tmp / f"seed{seed}" / name
+        accs, secs = run_variant(base, name, seed, folder, round0.get(seed))
+        round0.setdefault(seed, folder / "round-000")
+        results[name][seed] = accs
+        print(f"seed {seed} {name:>13}: " + " -> ".join(f"{a:.3f}" for a in accs) + f"  ({secs:.0f} s)", flush=True)
     print(f"\nheld-out accuracy (greedy, exact answer), mean ± sd over seeds; {time.perf_counter() - total:.0f} s in all")
     n_rounds = max(len(a) for r in results.values() for a in r.values())
     print(f"{'variant':>13} {'seeds':>6} " + " ".join(f"{'round ' + str(k):>13}" for k in range(n_rounds)))
