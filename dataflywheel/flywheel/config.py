@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import Strict, read_yaml
+from ..config import Strict, expand_env, format_validation_error, read_yaml
 from ..errors import UserError
 from ..runner import RunnerConfig
 from ..train.config import LoopConfig
@@ -124,21 +124,19 @@ class FlywheelConfig(Strict):
 
 
 def load_flywheel_config(path: str | Path, overrides: dict | None = None) -> FlywheelConfig:
-    """Read and validate; errors name the file and the key."""
+    """Read and validate (``${VAR}`` expanded); errors name the file and the key, as every config's do."""
     from pydantic import ValidationError
 
     data = read_yaml(Path(path))
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping at the top level")
-    data = {**data, **(overrides or {})}
+    data = expand_env({**data, **(overrides or {})}, str(path))
     if isinstance(data.get("runner"), (str, Path)):  # a file holding a `runner:` section (configs/dataflow.yaml)
-        section = read_yaml(Path(data["runner"]))
+        section = expand_env(read_yaml(Path(data["runner"])), str(data["runner"]))
         if not isinstance(section, dict) or "runner" not in section:
             raise UserError(f"{data['runner']}: no runner section to use for {path}")
         data["runner"] = section["runner"]
     try:
         return FlywheelConfig.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise UserError(f"{path}: {where}: {first['msg']}") from None
+        raise UserError(format_validation_error(err, str(path), model=FlywheelConfig)) from None
