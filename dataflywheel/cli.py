@@ -12,8 +12,13 @@ from .stats import ReconcileError
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import load_config, read_yaml
 
+    data = read_yaml(args.config)
+    if isinstance(data, dict) and "policy" in data and "jobs" not in data:  # a flywheel (rounds) config
+        rounds = argparse.Namespace(config=args.config, output=None, control=False, runner=None,
+                                    dry_run=args.dry_run, rounds=None, round=None, until_plateau=False)
+        return _rounds(rounds)
     return _execute(load_config(args.config), args)
 
 

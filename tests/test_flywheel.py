@@ -199,3 +199,44 @@ def test_dataflow_dry_run_builds_the_rounds_pipelines(tmp_path):
         for stage in stages:
             assert any(f"Stage[{stage}]" in n for n in names[job]), (job, stage)
     assert not (tmp_path / "run").exists()  # nothing ran, nothing written
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "grpo"])
+def test_round_trains_with_dpo_alone_or_grpo(tmp_path, algorithm):
+    over = {"rounds": 1, "train": {"steps": 3, "algorithm": algorithm, "dpo_steps": 2, "grpo": {"prompts_per_step": 2}}}
+    manifest = run_rounds(_config(tmp_path, **over), log=lambda _: None)
+    train = manifest["rounds"][1]["stages"]["train"]
+    assert algorithm in train["metrics"] and "sft" not in train["metrics"]  # no SFT before it
+    assert manifest["rounds"][1]["policy"] == f"round-001/train/{algorithm}/final"
+    assert train["output"] != manifest["rounds"][0]["stages"]["train"]["output"]  # the weights moved
+
+
+def test_reward_model_refresh_from_west_of_n_pairs(tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from dataflywheel.models.tiny_lm import build_tiny_causal_lm
+
+    base = build_tiny_causal_lm(tmp_path / "lm", hidden=32, layers=1, heads=2, vocab_size=300)
+    torch.manual_seed(0)  # the 1-logit head is new: save it once so every load scores the same
+    rm = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    rm.save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "rm")
+    over = {"rounds": 2, "scorers": [{"stage": "reward_model", "model": str(tmp_path / "rm"), "device": "cpu"}],
+            "pool": {"field": "reward", "min_score": -1e9}, "rm_refresh": {"steps": 2, "batch_size": 4}}
+    manifest = run_rounds(_config(tmp_path, **over), log=lambda _: None)
+    r1, r2 = manifest["rounds"][1], manifest["rounds"][2]
+    assert r1["stages"]["rm"]["counts"]["pairs"] > 0
+    assert r1["rm"] == "round-001/rm/train/final" and r2["rm"] == "round-002/rm/train/final"
+    assert r1["rm_hash"] != r2["rm_hash"]  # refreshed again, from round 1's model
+    scored = next((tmp_path / "run" / "round-002" / "samples" / "scored").glob("part-*")).read_text()
+    assert "round-001/rm/train/final" in scored  # round 2 scored with round 1's refreshed model
+
+
+def test_run_command_takes_a_round_config(tmp_path):
+    from dataflywheel.cli import main
+
+    path = tmp_path / "fw.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "rounds": 0, "output": str(tmp_path / "run")}))
+    assert main(["run", str(path)]) == 0
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["rounds"][0]["round"] == 0

@@ -58,13 +58,25 @@ class CurateConfig(Strict):
 
 
 class TrainConfig(Strict):
-    algorithm: Literal["sft", "sft+dpo", "dpo"] = "sft"
+    algorithm: Literal["sft", "sft+dpo", "dpo", "grpo"] = "sft"
     steps: int = Field(150, ge=1)  # fixed optimizer steps per round (not wall time: REFERENCES §9)
     loop: LoopConfig = LoopConfig(lr=5e-4, batch_size=8, warmup_ratio=0.05, progress=False)
     dpo_steps: int = Field(50, ge=1)
     dpo_loop: LoopConfig = LoopConfig(lr=1e-4, batch_size=8, progress=False)
     dpo_beta: float = Field(0.1, gt=0)  # TRL's default (REFERENCES §6.4)
+    grpo: dict[str, Any] = {}  # GrpoConfig options (prompts_per_step, beta, loss_type, ...); steps and lr as above
     max_length: int = Field(256, ge=8)
+
+
+class RmRefreshConfig(Strict):
+    """West-of-N's use (Pace et al. 2024, REFERENCES §5.1): after sampling, the reward model is trained
+    further on the round's West-of-N pairs (labelled by itself), plus labelled pairs when given;
+    the next round scores with the refreshed model."""
+
+    steps: int = Field(50, ge=1)
+    lr: float = Field(1e-4, gt=0)  # TRL RewardConfig's default (REFERENCES §6.3)
+    batch_size: int = Field(8, ge=1)
+    data: list[str] = []  # labelled preference rows (D_L) mixed with the synthetic pairs
 
 
 class SeedPolicyConfig(Strict):
@@ -106,6 +118,7 @@ class FlywheelConfig(Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     plateau: PlateauConfig = PlateauConfig()
+    rm_refresh: RmRefreshConfig | None = None  # needs a reward_model scorer
     control: bool = False  # True: rounds train on the seed set alone (the compute-matched control)
     runner: RunnerConfig = RunnerConfig()  # the engine of the Beam stages (samples, curate): local, or dataflow
 
@@ -118,6 +131,8 @@ class FlywheelConfig(Strict):
         n = self.sampling.get("n", 1)
         if not isinstance(n, int) or n < 2:
             raise ValueError(f"sampling.n must be >= 2 (got {n})")
+        if self.rm_refresh is not None and not any(s.get("stage") == "reward_model" for s in self.scorers):
+            raise ValueError("rm_refresh needs a reward_model scorer to refresh")
         if self.curate.select != "none" and self.curate.budget is None:
             raise ValueError(f"curate.select {self.curate.select} needs a budget")
         return self

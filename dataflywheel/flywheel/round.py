@@ -31,7 +31,6 @@ from typing import Any
 from ..io import ShardWriter, read, write_success
 from .config import FlywheelConfig
 
-POLICY_DIRS = ("dpo/final", "sft/final")  # where train/ leaves the round's model, preferred first
 VOLATILE = ("cached",)  # sample fields that differ between a fresh and a cache-served (re-)run
 
 
@@ -83,13 +82,6 @@ def rows_hash(rows: Iterable[dict], root: str | Path | None = None) -> str:
     return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
 
 
-def policy_path(train_dir: Path) -> Path:
-    for sub in POLICY_DIRS:
-        if (train_dir / sub / "config.json").is_file():
-            return train_dir / sub
-    raise FileNotFoundError(f"{train_dir}: no trained model (looked in {', '.join(POLICY_DIRS)})")
-
-
 # ---- task and prompts ---------------------------------------------------------------------------
 
 def task_rows(cfg: FlywheelConfig, which: str, k: int = 0) -> list[dict]:
@@ -132,8 +124,13 @@ def stage_prompts(cfg: FlywheelConfig, k: int, out: Path) -> dict:
 
 # ---- samples: issue 7's pipeline ----------------------------------------------------------------
 
+def scorers_for(cfg: FlywheelConfig, rm: Path | None) -> list[dict]:
+    """The configured scorers, the reward model replaced by the refreshed one when there is one."""
+    return [{**s, "model": str(rm)} if rm is not None and s.get("stage") == "reward_model" else s for s in cfg.scorers]
+
+
 def pairs_config(cfg: FlywheelConfig, k: int, prompts: Path, policy: Path, out: Path,
-                 runner: dict | None = None) -> dict:
+                 runner: dict | None = None, rm: Path | None = None) -> dict:
     """The round's `pairs` pipeline config (a mapping; pipelines/pairs.py expands it to Beam jobs)."""
     sampling = {**cfg.sampling, "seed": cfg.seed * 1000 + k}
     return {
@@ -143,17 +140,17 @@ def pairs_config(cfg: FlywheelConfig, k: int, prompts: Path, policy: Path, out: 
         "generate": {"backend": {"kind": "transformers", "model": str(policy),
                                  "options": {"device": "cpu", "batch_size": cfg.batch_size}},
                      "sampling": sampling, "batch_size": cfg.batch_size, "reject_overlong": False},
-        "scorers": cfg.scorers,
+        "scorers": scorers_for(cfg, rm),
         "pairs": {"method": "west_of_n"},
         "best_of_n": {"field": cfg.pool.field, "min_score": cfg.pool.min_score},
     }
 
 
-def stage_samples(cfg: FlywheelConfig, k: int, prompts: Path, policy: Path, out: Path) -> dict:
+def stage_samples(cfg: FlywheelConfig, k: int, prompts: Path, policy: Path, out: Path, rm: Path | None = None) -> dict:
     from ..pipelines.job import run_job
     from ..pipelines.pairs import pairs_run_config
 
-    run = pairs_run_config(pairs_config(cfg, k, prompts, policy, out), f"<{cfg.name} round {k}>")
+    run = pairs_run_config(pairs_config(cfg, k, prompts, policy, out, rm=rm), f"<{cfg.name} round {k}>")
     counts: dict[str, Any] = {}
     for job in run.jobs:
         report = run_job(job, run.runner)
@@ -245,14 +242,41 @@ def training_mix(seed_rows: list[dict], pool_rows: list[dict], weight: float) ->
 
 
 def stage_train(cfg: FlywheelConfig, k: int, policy: Path | None, seed_dir: Path, curated: Path | None,
-                pairs: Path | None, out: Path) -> dict:
-    """SFT (then DPO) from ``policy`` (None: round 0, from ``policy.model`` or a tiny model)."""
-    from ..train import dpo as dpo_mod
-    from ..train import sft as sft_mod
-
+                pairs: Path | None, out: Path, prompts: Path | None = None) -> dict:
+    """Train the next policy from ``policy`` (None: round 0, from ``policy.model`` or a tiny model):
+    SFT on seed + pool (``sft``), then DPO on the round's pairs (``sft+dpo``), DPO alone with the
+    current policy as reference (``dpo``, RLHFlow), or GRPO on the round's prompts (``grpo``). Round 0
+    and the control always run SFT (the control on the seed set alone)."""
+    algorithm = "sft" if k == 0 or cfg.control else cfg.train.algorithm
     seed_rows = read_rows(seed_dir)
     pool_rows = read_rows(curated) if curated is not None and not cfg.control else []
-    mix = training_mix(seed_rows, pool_rows, cfg.pool.weight)
+    counts: dict[str, Any] = {"seed": len(seed_rows), "pool": len(pool_rows)}
+    metrics: dict[str, Any] = {}
+    current = policy
+    if algorithm in ("sft", "sft+dpo"):
+        mix = training_mix(seed_rows, pool_rows, cfg.pool.weight)
+        counts["mix"] = len(mix)
+        current, metrics["sft"] = _sft(cfg, k, policy, mix, out)
+    if algorithm in ("sft+dpo", "dpo"):
+        n_pairs = len(read_rows(pairs)) if pairs is not None else 0
+        counts["pairs"] = n_pairs
+        if n_pairs:  # no pairs (every sample tied): the policy stays as it is
+            current, metrics["dpo"] = _dpo(cfg, k, current, pairs, out)
+    if algorithm == "grpo":
+        current, metrics["grpo"] = _grpo(cfg, k, policy, prompts, out)
+    assert current is not None
+    # run-relative: a run folder can be moved or copied (the ablations copy round 0)
+    return {"counts": counts, "metrics": {**metrics, "policy": os.path.relpath(current, cfg.output)},
+            "hash": model_hash(Path(current))}
+
+
+def _summary(run: dict, keys: tuple[str, ...] = ("steps", "train_loss", "rows", "padding_fraction", "seconds")) -> dict:
+    return {key: run.get(key) for key in keys if key in run}
+
+
+def _sft(cfg: FlywheelConfig, k: int, policy: Path | None, mix: list[dict], out: Path) -> tuple[Path, dict]:
+    from ..train import sft as sft_mod
+
     data = out / "mix.jsonl"
     if not data.is_file():  # a resumed stage trains on the same file
         data.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in mix))
@@ -262,26 +286,57 @@ def stage_train(cfg: FlywheelConfig, k: int, policy: Path | None, seed_dir: Path
     else:
         start = {"model": str(policy)}
         loop = cfg.train.loop.model_copy(update={"max_steps": cfg.train.steps, "seed": cfg.seed * 1000 + k})
-    sft_cfg = sft_mod.SftConfig(**start, data=[str(data)], output=str(out / "sft"), eval_fraction=0.0,
-                                max_length=cfg.train.max_length, loop=loop)
-    summary = sft_mod.run(sft_cfg)
-    metrics: dict[str, Any] = {"sft": {key: summary.get(key) for key in
-                                       ("steps", "train_loss", "rows", "padding_fraction", "seconds")}}
-    counts = {"mix": len(mix), "seed": len(seed_rows), "pool": len(pool_rows)}
-    if k > 0 and "dpo" in cfg.train.algorithm and pairs is not None and not cfg.control:
-        n_pairs = len(read_rows(pairs))
-        counts["pairs"] = n_pairs
-        if n_pairs:
-            dloop = cfg.train.dpo_loop.model_copy(update={"max_steps": cfg.train.dpo_steps, "seed": cfg.seed * 1000 + k})
-            dpo_cfg = dpo_mod.DpoConfig(model=summary["final"], data=[str(pairs)], output=str(out / "dpo"),
-                                        eval_fraction=0.0, max_length=cfg.train.max_length, beta=cfg.train.dpo_beta,
-                                        loop=dloop.model_dump())
-            d = dpo_mod.run(dpo_cfg)
-            metrics["dpo"] = {key: d.get(key) for key in ("steps", "train_loss", "seconds")}
-    final = policy_path(out)
-    # run-relative: a run folder can be moved or copied (the ablations copy round 0)
-    policy = os.path.relpath(final, cfg.output)
-    return {"counts": counts, "metrics": {**metrics, "policy": policy}, "hash": model_hash(final)}
+    summary = sft_mod.run(sft_mod.SftConfig(**start, data=[str(data)], output=str(out / "sft"), eval_fraction=0.0,
+                                            max_length=cfg.train.max_length, loop=loop))
+    return Path(summary["final"]), _summary(summary)
+
+
+def _dpo(cfg: FlywheelConfig, k: int, policy: Path, pairs: Path, out: Path) -> tuple[Path, dict]:
+    from ..train import dpo as dpo_mod
+
+    loop = cfg.train.dpo_loop.model_copy(update={"max_steps": cfg.train.dpo_steps, "seed": cfg.seed * 1000 + k})
+    summary = dpo_mod.run(dpo_mod.DpoConfig(model=str(policy), data=[str(pairs)], output=str(out / "dpo"),
+                                            eval_fraction=0.0, max_length=cfg.train.max_length,
+                                            beta=cfg.train.dpo_beta, loop=loop.model_dump()))
+    return Path(summary["final"]), _summary(summary)
+
+
+def _grpo(cfg: FlywheelConfig, k: int, policy: Path, prompts: Path, out: Path) -> tuple[Path, dict]:
+    """GRPO on this round's prompts, rewarded by the round's verifier (or reward model) scorer."""
+    from ..train import grpo as grpo_mod
+
+    reward: dict[str, Any] = {}
+    for spec in cfg.scorers:
+        if spec.get("stage") == "verify":
+            reward = {"verifier": spec["verifier"], "verifier_options": spec.get("options", {})}
+            break
+        if spec.get("stage") == "reward_model":
+            reward = {"reward_model": spec["model"]}
+            break
+    loop = cfg.train.loop.model_copy(update={"max_steps": cfg.train.steps, "seed": cfg.seed * 1000 + k})
+    options = {"num_generations": cfg.sampling.get("n", 8), "max_completion_length": cfg.sampling.get("max_tokens", 256),
+               "temperature": cfg.sampling.get("temperature", 1.0), **reward, **cfg.train.grpo}
+    summary = grpo_mod.run(grpo_mod.GrpoConfig(model=str(policy), data=[str(prompts)], output=str(out / "grpo"),
+                                               eval_fraction=0.0, max_length=cfg.train.max_length,
+                                               loop=loop.model_dump(), **options))
+    return Path(summary["final"]), _summary(summary, ("steps", "seconds", "reward_start", "reward_end"))
+
+
+def stage_rm(cfg: FlywheelConfig, k: int, rm: Path, pairs: Path, out: Path) -> dict:
+    """Refresh the reward model on the round's West-of-N pairs (+ labelled data)."""
+    from ..train import rm as rm_mod
+
+    r = cfg.rm_refresh
+    n_pairs = len(read_rows(pairs))
+    if not n_pairs and not r.data:  # nothing to learn from: the model stays
+        return {"counts": {"pairs": 0}, "metrics": {"rm": os.path.relpath(rm, cfg.output)}, "hash": model_hash(rm)}
+    data = ([str(pairs)] if n_pairs else []) + list(r.data)
+    loop = {"lr": r.lr, "batch_size": r.batch_size, "max_steps": r.steps, "seed": cfg.seed * 1000 + k, "progress": False}
+    summary = rm_mod.run(rm_mod.RmConfig(model=str(rm), data=data, output=str(out / "train"), eval_fraction=0.0,
+                                         max_length=cfg.train.max_length, loop=loop))
+    final = Path(summary["final"])
+    metrics = {"rm": os.path.relpath(final, cfg.output), **_summary(summary, ("steps", "train_loss", "seconds"))}
+    return {"counts": {"pairs": n_pairs, "labelled_paths": len(r.data)}, "metrics": metrics, "hash": model_hash(final)}
 
 
 def model_hash(folder: Path) -> str:

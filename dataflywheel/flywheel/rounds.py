@@ -23,6 +23,7 @@ from .round import (
     stage_eval,
     stage_pool,
     stage_prompts,
+    stage_rm,
     stage_samples,
     stage_seed,
     stage_train,
@@ -76,10 +77,19 @@ def run_round(cfg: FlywheelConfig, run: Path, k: int, prev: dict | None, heldout
                 rd, "prompts", {"task": cfg.task and cfg.task.model_dump(), "prompts": cfg.prompts.model_dump(),
                                 "round": k, **common},
                 lambda out: stage_prompts(cfg, k, out), log=log)
+            rm = run / prev["rm"] if prev.get("rm") else None  # refreshed in the round before
             stages["samples"] = run_stage(
                 rd, "samples", {"prompts": stages["prompts"]["output"], "policy": prev["policy_hash"],
-                                "sampling": cfg.sampling, "scorers": cfg.scorers, "pool": cfg.pool.model_dump()},
-                lambda out: stage_samples(cfg, k, rd / "prompts", policy, out), log=log)
+                                "sampling": cfg.sampling, "scorers": cfg.scorers, "pool": cfg.pool.model_dump(),
+                                "rm": prev.get("rm_hash")},
+                lambda out: stage_samples(cfg, k, rd / "prompts", policy, out, rm), log=log)
+            if cfg.rm_refresh is not None:
+                start = rm or Path(next(s["model"] for s in cfg.scorers if s.get("stage") == "reward_model"))
+                stages["rm"] = run_stage(
+                    rd, "rm", {"samples": stages["samples"]["output"], "rm": prev.get("rm_hash") or str(start),
+                               "refresh": cfg.rm_refresh.model_dump(), **common},
+                    lambda out: stage_rm(cfg, k, start, rd / "samples" / "pairs", out),
+                    resumable=True, skip_dirs=TRAIN_SKIP, log=log)
             prev_pool = round_dir(run, k - 1) / "pool" if k > 1 else None
             stages["pool"] = run_stage(
                 rd, "pool", {"samples": stages["samples"]["output"], "previous": prev.get("pool_hash"),
@@ -90,11 +100,13 @@ def run_round(cfg: FlywheelConfig, run: Path, k: int, prev: dict | None, heldout
                                "policy": prev["policy_hash"], **common},
                 lambda out: stage_curate(cfg, k, rd / "pool" / "rows", policy, out), log=log)
             inputs = {"policy": prev["policy_hash"], "seed": seed_hash, "curated": stages["curate"]["output"],
-                      "pairs": stages["samples"]["output"], "train": cfg.train.model_dump(),
+                      "pairs": stages["samples"]["output"], "prompts": stages["prompts"]["output"],
+                      "train": cfg.train.model_dump(),
                       "weight": cfg.pool.weight, **common}
             stages["train"] = run_stage(
                 rd, "train", inputs,
-                lambda out: stage_train(cfg, k, policy, seed_dir, rd / "curate", rd / "samples" / "pairs", out),
+                lambda out: stage_train(cfg, k, policy, seed_dir, rd / "curate", rd / "samples" / "pairs", out,
+                                        rd / "prompts"),
                 resumable=True, skip_dirs=TRAIN_SKIP, log=log)
     policy_now = stages["train"]["metrics"]["policy"]
     stages["eval"] = run_stage(
@@ -105,6 +117,8 @@ def run_round(cfg: FlywheelConfig, run: Path, k: int, prev: dict | None, heldout
         "round": k, "policy": policy_now, "policy_hash": stages["train"]["output"],  # policy: run-relative
         "seed_hash": stages["seed"]["output"] if k == 0 else prev["seed_hash"],
         "pool_hash": stages["pool"]["output"] if "pool" in stages else (prev or {}).get("pool_hash"),
+        "rm": stages["rm"]["metrics"]["rm"] if "rm" in stages else (prev or {}).get("rm"),
+        "rm_hash": stages["rm"]["output"] if "rm" in stages else (prev or {}).get("rm_hash"),
         "accuracy": stages["eval"]["metrics"].get("accuracy"),
         "stages": {name: _summary(m) for name, m in stages.items()},
     }
