@@ -30,6 +30,7 @@ from typing import Any
 
 from ..io import ShardWriter, read, write_success
 from .config import FlywheelConfig
+from .state import tree_hash
 
 VOLATILE = ("cached",)  # sample fields that differ between a fresh and a cache-served (re-)run
 
@@ -39,14 +40,24 @@ VOLATILE = ("cached",)  # sample fields that differ between a fresh and a cache-
 def write_dataset(folder: Path, rows: Iterable[dict], fmt: str = "jsonl") -> dict:
     """Rows -> a pipeline-style output folder (part files + ``_SUCCESS.json``), so `export` and the
     readers treat it like any pipeline output."""
-    from ..pipelines.io_transforms import finalize_shards
+    from ..pipelines.io_transforms import TMP_PREFIX, finalize_shards
 
-    writer = ShardWriter(str(folder), fmt, prefix=".tmp-write")
+    writer = ShardWriter(str(folder), fmt, prefix=f"{TMP_PREFIX}write")
     for row in rows:
         writer.write(row)
     info = finalize_shards(str(folder), fmt, writer.close())
     write_success(folder, info)
     return info
+
+
+def row_count(folder: Path | str) -> int:
+    """A finished output folder's row count, from its ``_SUCCESS.json`` (no rows read)."""
+    from ..pipelines.io_transforms import read_success
+
+    done = read_success(folder)
+    if done is None:
+        raise FileNotFoundError(f"{folder}: no _SUCCESS.json: not a finished output")
+    return int(done["rows"])
 
 
 def read_rows(folder: Path | str) -> list[dict]:
@@ -158,7 +169,7 @@ def stage_samples(cfg: FlywheelConfig, k: int, prompts: Path, policy: Path, out:
         counts[job.name.rsplit("-", 1)[-1]] = {"in": report.stages[0].rows_in, "kept": last.kept,
                                                 "rejected": {k2: v for s in report.stages for k2, v in s.rejected.items()},
                                                 "dead_letter": sum(s.dead_letter for s in report.stages)}
-    scored = read_rows(out / "scored")
+    scored, pairs = read_rows(out / "scored"), read_rows(out / "pairs")
     samples = [c for r in scored for c in r.get("completions", [])]
     rewards = [(c.get("scores") or {}).get(cfg.pool.field) for c in samples]
     verified = sum(1 for r in scored if any(((c.get("scores") or {}).get(cfg.pool.field) or 0) >= cfg.pool.min_score
@@ -166,9 +177,9 @@ def stage_samples(cfg: FlywheelConfig, k: int, prompts: Path, policy: Path, out:
     metrics = {"prompts": len(scored), "samples": len(samples),
                "sample_accuracy": _mean([x for x in rewards if x is not None]),
                "prompts_with_verified": verified / max(1, len(scored)),
-               "pair_margins": [p["scores"]["margin"] for p in read_rows(out / "pairs")][:2000],
+               "pair_margins": [p["scores"]["margin"] for p in pairs][:2000],
                "mean_tokens": _mean([c.get("tokens") for c in samples if c.get("tokens") is not None])}
-    h = rows_hash([*scored, *read_rows(out / "pairs"), *read_rows(out / "sft")], cfg.output)
+    h = rows_hash([*scored, *pairs, *read_rows(out / "sft")], cfg.output)
     return {"counts": counts, "metrics": metrics, "hash": h}
 
 
@@ -215,7 +226,7 @@ def stage_curate(cfg: FlywheelConfig, k: int, rows: Path, policy: Path, out: Pat
     from ..pipelines.job import run_job
     from ..pipelines.sft import sft_run_config
 
-    if not read_rows(rows):  # nothing verified yet: an empty selection, no pipeline to run
+    if not row_count(rows):  # nothing verified yet: an empty selection, no pipeline to run
         write_dataset(out, [])
         return {"counts": {"in": 0, "kept": 0}, "hash": rows_hash([], cfg.output)}
     run = sft_run_config(select_config(cfg, k, rows, policy, out), f"<{cfg.name} curate {k}>")
@@ -258,7 +269,7 @@ def stage_train(cfg: FlywheelConfig, k: int, policy: Path | None, seed_dir: Path
         counts["mix"] = len(mix)
         current, metrics["sft"] = _sft(cfg, k, policy, mix, out)
     if algorithm in ("sft+dpo", "dpo"):
-        n_pairs = len(read_rows(pairs)) if pairs is not None else 0
+        n_pairs = row_count(pairs) if pairs is not None else 0
         counts["pairs"] = n_pairs
         if n_pairs:  # no pairs (every sample tied): the policy stays as it is
             current, metrics["dpo"] = _dpo(cfg, k, current, pairs, out)
@@ -267,7 +278,7 @@ def stage_train(cfg: FlywheelConfig, k: int, policy: Path | None, seed_dir: Path
     assert current is not None
     # run-relative: a run folder can be moved or copied (the ablations copy round 0)
     return {"counts": counts, "metrics": {**metrics, "policy": os.path.relpath(current, cfg.output)},
-            "hash": model_hash(Path(current))}
+            "hash": tree_hash(Path(current))}
 
 
 def _summary(run: dict, keys: tuple[str, ...] = ("steps", "train_loss", "rows", "padding_fraction", "seconds")) -> dict:
@@ -327,22 +338,16 @@ def stage_rm(cfg: FlywheelConfig, k: int, rm: Path, pairs: Path, out: Path) -> d
     from ..train import rm as rm_mod
 
     r = cfg.rm_refresh
-    n_pairs = len(read_rows(pairs))
+    n_pairs = row_count(pairs)
     if not n_pairs and not r.data:  # nothing to learn from: the model stays
-        return {"counts": {"pairs": 0}, "metrics": {"rm": os.path.relpath(rm, cfg.output)}, "hash": model_hash(rm)}
+        return {"counts": {"pairs": 0}, "metrics": {"rm": os.path.relpath(rm, cfg.output)}, "hash": tree_hash(rm)}
     data = ([str(pairs)] if n_pairs else []) + list(r.data)
     loop = {"lr": r.lr, "batch_size": r.batch_size, "max_steps": r.steps, "seed": cfg.seed * 1000 + k, "progress": False}
     summary = rm_mod.run(rm_mod.RmConfig(model=str(rm), data=data, output=str(out / "train"), eval_fraction=0.0,
                                          max_length=cfg.train.max_length, loop=loop))
     final = Path(summary["final"])
     metrics = {"rm": os.path.relpath(final, cfg.output), **_summary(summary, ("steps", "train_loss", "seconds"))}
-    return {"counts": {"pairs": n_pairs, "labelled_paths": len(r.data)}, "metrics": metrics, "hash": model_hash(final)}
-
-
-def model_hash(folder: Path) -> str:
-    from .state import tree_hash
-
-    return tree_hash(folder)
+    return {"counts": {"pairs": n_pairs, "labelled_paths": len(r.data)}, "metrics": metrics, "hash": tree_hash(final)}
 
 
 def evaluate(cfg: FlywheelConfig, policy: Path, rows: list[dict]) -> tuple[list[dict], dict]:
