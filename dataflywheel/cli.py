@@ -12,7 +12,8 @@ from .stats import ReconcileError
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .config import load_config, read_yaml
+    from .config import read_yaml
+    from .pipelines.config import load_config
 
     data = read_yaml(args.config)
     if isinstance(data, dict) and "policy" in data and "jobs" not in data:  # a flywheel (rounds) config
@@ -60,8 +61,8 @@ def _synth(args: argparse.Namespace) -> int:
     summary, report = run_synth(cfg)
     print(json.dumps(summary, indent=2))
     print(report.table())
-    path = report.save(Path(cfg.output.path) / "_report.json")
-    print(f"rows in {cfg.output.path}; rejected candidates in {cfg.output.path}/_synth; report {path}", flush=True)
+    print(f"rows in {cfg.output.path}; rejected candidates in {cfg.output.path}/_synth; "
+          f"report {Path(cfg.output.path) / '_report.json'}", flush=True)
     return 0
 
 
@@ -140,7 +141,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _execute(cfg, args: argparse.Namespace) -> int:
-    from .pipelines.job import run_job
+    from .pipelines.job import REPORT, run_job
 
     if args.engine:
         cfg.runner.engine = args.engine
@@ -158,21 +159,26 @@ def _execute(cfg, args: argparse.Namespace) -> int:
     for job in cfg.jobs:
         print(f"== job {job.name}: {cfg.runner.engine} engine", flush=True)
         stages = job.build_stages()
-        for stage in stages:  # e.g. the LSH S-curve a dedup stage will run with
-            if hasattr(stage, "describe"):
-                print(stage.describe(), flush=True)
-        report = run_job(job, cfg.runner)
+        for note in (stage.describe() for stage in stages):  # e.g. the LSH S-curve a dedup stage will run with
+            if note:
+                print(note, flush=True)
+        try:
+            report = run_job(job, cfg.runner)
+        except ReconcileError:
+            print(f"the rows do not add up; the numbers are in {Path(job.output.path) / REPORT}", flush=True)
+            raise
         reports.append(report)
         if report.outputs.get("dry_run"):
-            print("dry run: the Dataflow job graph was built and validated; nothing was submitted")
+            n = len(report.job_graph.components.transforms) if report.job_graph is not None else 0
+            print(f"dry run: the Dataflow job graph was built and validated ({n} transforms); nothing was submitted")
             continue
         print(report.table())
         stats = {s.stage: s.stats for s in report.stages}
         for stage in stages:  # what a stage realized, e.g. the mixture per group beside the request
-            if hasattr(stage, "summarize") and stage.name in stats:
-                print(stage.summarize(stats[stage.name]), flush=True)
-        path = report.save(Path(job.output.path) / "_report.json")
-        print(f"kept rows in {job.output.path}; report {path}", flush=True)
+            note = stage.summarize(stats.get(stage.name, {}))
+            if note:
+                print(note, flush=True)
+        print(f"kept rows in {job.output.path}; report {Path(job.output.path) / REPORT}", flush=True)
     if cfg.report:
         import json
 
@@ -182,7 +188,7 @@ def _execute(cfg, args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .pipelines.config import load_config
 
     cfg = load_config(args.config)
     names = ", ".join(f"{j.name} ({len(j.stages)} stages)" for j in cfg.jobs)
@@ -307,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as err:
-        print(f"dataflywheel: error: {err}", file=sys.stderr)
+        for line in str(err).splitlines() or [""]:  # a config with several problems: one line each
+            print(f"dataflywheel: error: {line}", file=sys.stderr)
         return 2
     except ReconcileError as err:
         print(f"dataflywheel: run failed: {err}", file=sys.stderr)

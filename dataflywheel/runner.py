@@ -1,8 +1,8 @@
-"""Engines (DESIGN §4): PipelineOptions for the local FnApiRunner (pinned), Dataflow and portable
-runners, plus ``plain`` (no Beam: the same stage objects in a Python loop).
+"""Engines (docs/engines.md): PipelineOptions for the local FnApiRunner (pinned), Dataflow and
+portable runners, plus ``plain`` (no Beam: the same stage objects in a Python loop).
 
-The local runner is pinned to ``FnApiRunner`` on purpose: Beam's default DirectRunner first tries
-Prism, which downloads a Go binary and can hang offline (REFERENCES §1.5).
+The local runner is pinned to ``FnApiRunner`` on purpose: Beam 2.77's default DirectRunner first
+tries Prism, which downloads a Go binary from GitHub with no timeout, so it can hang offline.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class _Strict(BaseModel):
 class DataflowConfig(_Strict):
     project: str
     region: str = "us-central1"
-    temp_location: str  # must be gs://: a local path makes Beam validate a default bucket and hang (REFERENCES §1.6)
+    temp_location: str  # must be gs://: a local path makes Beam validate a default bucket (~120 s, then fails offline)
     staging_location: str | None = None
     job_name: str | None = None
     machine_type: str | None = None  # e.g. n1-standard-8; GPU stages need an N1 / G2 / A2 / A3 family
@@ -67,6 +67,11 @@ class RunnerConfig(_Strict):
         if self.engine == "portable" and self.portable is None:
             raise ValueError("engine portable needs a 'portable:' section (job_endpoint, ...)")
         return self
+
+    @property
+    def dry_run(self) -> bool:
+        """A Dataflow dry run: the job graph is built and validated, nothing runs."""
+        return self.engine == "dataflow" and self.dataflow is not None and self.dataflow.dry_run
 
 
 def beam_args(cfg: RunnerConfig, job_name: str | None = None) -> list[str]:

@@ -1,4 +1,4 @@
-"""The stage contract (DESIGN §3): score, then decide. No Beam import here.
+"""The stage contract: score, then decide. No Beam import here (docs/concepts.md).
 
 - a **Scorer** adds fields (``scores``, ``tags``, ``text``...) to a batch: ``score(rows) -> rows``;
 - a **Filter** decides from fields with thresholds: ``keep(row) -> (bool, reason)``;
@@ -8,8 +8,9 @@
 A class may be both a Scorer and a Filter (score, then decide on the fresh scores); thresholds can
 later be re-applied from stored scores by a Filter alone. ``process_batch`` and ``process_group``
 are the one place where outcomes are sorted into kept / rejected / dead letter, and both the Beam
-wrapper (``pipelines/stage_transform.py``) and the plain loop (``run_local``) call them, so the
-two engines cannot disagree.
+wrapper (``pipelines/stage_transform.py``) and the plain loop (``pipelines/job.py``) call them, so
+the two engines cannot disagree. Neither trusts them for the row accounting: both engines count
+the rows entering and leaving every stage themselves (``stats.py``).
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ from __future__ import annotations
 import time
 import traceback
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
 from .io.base import DeadLetter
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class StageConfig(BaseModel):
@@ -37,20 +41,59 @@ class StageConfig(BaseModel):
 
 
 class Stage:
-    """Common base: a config, a name, and the once-per-worker hooks."""
+    """Common base: a config, a name, resources built once per worker, and the report hooks.
+
+    ``resources`` names the attributes ``build()`` fills (models, backends, sandboxes): they are
+    built once by ``setup()`` (Beam's ``DoFn.setup``, or the plain loop), or on first use when a
+    stage is called directly, are never pickled (Beam ships stages to workers, which build their
+    own), and are dropped by ``teardown()``.
+    """
 
     Config: ClassVar[type[StageConfig]] = StageConfig
     stage_name: ClassVar[str] = ""  # set by @register
+    resources: ClassVar[tuple[str, ...]] = ()
+    # Rows out are new rows by design (e.g. a preference pair made from a prompt's samples): the
+    # run checks this stage on counts (in == kept + rejected + dead), not on row identities.
+    new_rows: ClassVar[bool] = False
 
     def __init__(self, config: StageConfig | None = None, **kwargs: Any):
         self.config = config if config is not None else self.Config(**kwargs)
         self.name = self.config.name or self.stage_name or type(self).__name__
 
+    def build(self) -> None:
+        """Create every attribute named in ``resources`` (load models here, never per row)."""
+
     def setup(self) -> None:
-        """Load models here: called once per worker (Beam DoFn.setup), never per row."""
+        """Build the resources unless they are built (once per worker; idempotent)."""
+        if any(name not in self.__dict__ for name in self.resources):
+            self.build()
 
     def teardown(self) -> None:
-        """Release what setup() took."""
+        """Release what ``build()`` took; a later ``setup()`` builds it again."""
+        for name in self.resources:
+            self.__dict__.pop(name, None)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for attributes not set: a resource used before setup() is built now.
+        if name in type(self).resources:
+            self.setup()
+            if name in self.__dict__:
+                return self.__dict__[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in self.resources}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def describe(self) -> str | None:
+        """A note printed before the run (e.g. the LSH S-curve of a dedup stage), or None."""
+        return None
+
+    def summarize(self, stats: dict[str, int]) -> str | None:
+        """A note printed after the run from the summed ``tally()`` (e.g. a realized mixture), or None."""
+        return None
 
     def tally(self, rows: list[dict]) -> dict[str, int]:
         """Counts for the run report beyond in/kept/rejected (e.g. rows per language), summed over
@@ -77,17 +120,12 @@ class GlobalStep(Stage):
         """Yield (row, None) to keep a row or (row, reason) to reject it; every input row once."""
         raise NotImplementedError
 
-    def beam_transform(self) -> Any:
-        """Optional Beam plan replacing key -> GroupByKey -> run, for a step that scales better
-        another way (MinHash dedup: band keys, not one group). A PTransform from batches to a dict
-        of ``kept`` / ``rejected`` / ``dead_letter`` batches, deciding exactly as ``run`` does."""
-        return None
-
 
 @dataclass
 class Outcome:
     """What one batch (or group) of rows became."""
 
+    rows_in: int = 0  # rows given to the stage, counted before it ran
     kept: list[dict] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
     dead: list[dict] = field(default_factory=list)
@@ -95,7 +133,7 @@ class Outcome:
     stats: dict[str, int] = field(default_factory=dict)  # the stage's tally()
 
     @property
-    def rows_in(self) -> int:
+    def rows_out(self) -> int:
         return len(self.kept) + len(self.rejected) + len(self.dead)
 
 
@@ -104,27 +142,46 @@ def rejected_row(stage: Stage, row: dict, reason: str | None) -> dict:
 
 
 def dead_row(stage: Stage, row: Any, err: BaseException) -> dict:
-    """A row that made a stage raise: kept whole, with the error, so nothing is lost."""
+    """A row that made a stage raise: kept whole under ``record``, with the error and the row's
+    ``id`` (its identity in the run's accounting), so nothing is lost."""
     rid = row.get("id") if isinstance(row, dict) else None
     tb = traceback.extract_tb(err.__traceback__)
     where = f" at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else ""
     letter = DeadLetter(source=f"id={rid}", stage=stage.name, reason="stage_error",
                         detail=f"{type(err).__name__}: {err}{where}")
-    return {**letter.to_row(), "record": row}
+    return {**({"id": rid} if rid is not None else {}), **letter.to_row(), "record": row}
+
+
+def retry_singly(fn: Callable[[list[T]], list[R]], items: list[T],
+                 on_error: Callable[[T, Exception], list[R]]) -> list[R]:
+    """``fn(items)``; when that raises, ``fn([item])`` item by item, so one bad item does not sink
+    its batch. An item that fails alone is replaced by ``on_error(item, err)`` (``[]`` drops it)."""
+    try:
+        return fn(items)
+    except Exception as err:  # noqa: BLE001 - any error: find the items that cause it
+        if len(items) == 1:
+            return on_error(items[0], err)
+    out: list[R] = []
+    for item in items:
+        try:
+            out += fn([item])
+        except Exception as err:  # noqa: BLE001
+            out += on_error(item, err)
+    return out
 
 
 def _score(stage: Scorer, rows: list[dict], out: Outcome) -> list[dict]:
-    try:
-        scored = stage.score(rows)
-        if len(scored) != len(rows):
-            raise RuntimeError(f"stage {stage.name}: score() returned {len(scored)} rows for {len(rows)}")
+    def score(batch: list[dict]) -> list[dict]:
+        scored = stage.score(batch)
+        if len(scored) != len(batch):
+            raise RuntimeError(f"stage {stage.name}: score() returned {len(scored)} rows for {len(batch)}")
         return scored
-    except Exception as err:  # noqa: BLE001 - any error of a stage on a row is a dead letter
-        if len(rows) == 1:
-            out.dead.append(dead_row(stage, rows[0], err))
-            return []
-    # The batch failed: score rows one by one so only the bad ones become dead letters.
-    return [row for one in rows for row in _score(stage, [one], out)]
+
+    def dead(row: dict, err: Exception) -> list[dict]:
+        out.dead.append(dead_row(stage, row, err))
+        return []
+
+    return retry_singly(score, rows, dead)
 
 
 def _tally(stage: Stage, rows: list[dict]) -> dict[str, int]:
@@ -134,7 +191,7 @@ def _tally(stage: Stage, rows: list[dict]) -> dict[str, int]:
 def process_batch(stage: Stage, rows: list[dict]) -> Outcome:
     """Run a Scorer and/or Filter over a batch; every input row lands in exactly one output."""
     start = time.perf_counter()
-    out = Outcome()
+    out = Outcome(rows_in=len(rows))
     if isinstance(stage, Scorer) and rows:
         rows = _score(stage, rows, out)
     out.stats = _tally(stage, rows)
@@ -158,7 +215,7 @@ def process_batch(stage: Stage, rows: list[dict]) -> Outcome:
 def process_group(stage: GlobalStep, rows: list[dict]) -> Outcome:
     """Run a GlobalStep on one group; a step that raises dead-letters the whole group."""
     start = time.perf_counter()
-    out = Outcome()
+    out = Outcome(rows_in=len(rows))
     try:
         decisions = list(stage.run(rows))
         if len(decisions) != len(rows):

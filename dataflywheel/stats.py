@@ -1,8 +1,19 @@
-"""Run report: per stage rows in / kept / rejected by reason / dead letter, and the invariant
-``in == kept + rejected + dead_letter`` that every run must satisfy (DESIGN §3).
+"""The run report and the row accounting every run must pass (docs/concepts.md#row-accounting).
 
-Counts come from Beam metrics (namespace ``dfw/<stage>``) or from the plain loop; either way they
-end as a list of ``StageReport`` rows that print as a table and save as JSON.
+Each engine counts, for every stage, the rows *entering* it (before the stage runs) and the rows
+leaving it as kept / rejected (by reason) / dead letter, and keeps an order-independent checksum
+of each set's row identities: the sum mod 2^64 of the 64-bit xxh3 hash of each row's ``id``. The
+stage's own code counts nothing that is checked. A run passes when, for every stage,
+
+- in == kept + rejected + dead letter, and the checksums of the rows in and out agree (a stage
+  whose output rows are new by design, ``Stage.new_rows``, is checked on counts only);
+- its rows in are the previous stage's kept rows (the reader's for the first stage);
+
+and the rows written are the last stage's kept rows (and every rejected / dead row), by count and
+checksum. A mismatch fails the run with one line naming the stage and the numbers.
+
+Beam counters are int64, so each checksum travels as two counters of 32-bit halves (each a sum of
+values below 2^32: no overflow below 2^31 batches) and is put together when the report is read.
 """
 
 from __future__ import annotations
@@ -10,48 +21,107 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import xxhash
+
 NAMESPACE_PREFIX = "dfw/"
+MASK64 = (1 << 64) - 1
+MASK32 = (1 << 32) - 1
+OUTS = ("in", "kept", "rejected", "dead")  # the row sets of a stage that carry a checksum
 _SECRET_KEY = re.compile(r"(token|secret|password|api[_-]?key|credential)", re.IGNORECASE)
+_hash64 = xxhash.xxh3_64_intdigest
 
 
 class ReconcileError(RuntimeError):
-    """A stage lost or invented rows: in != kept + rejected + dead_letter."""
+    """The rows of a run do not add up: a stage lost, replaced or invented rows."""
+
+
+def row_key(row: dict) -> int:
+    """A row's identity as 64 bits: its ``id`` (a stage's dead letter carries its record's id);
+    a row without one is identified by its content."""
+    rid = row.get("id") if isinstance(row, dict) else None
+    text = str(rid) if rid is not None else json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
+    return _hash64(text.encode("utf-8", "surrogatepass"))
+
+
+def checksum(rows: Iterable[dict]) -> int:
+    """Order-independent checksum of row identities: sum of ``row_key`` mod 2^64."""
+    return sum(map(row_key, rows)) & MASK64
+
+
+def split64(value: int) -> tuple[int, int]:
+    return value & MASK32, value >> 32
+
+
+def join64(lo: int, hi: int) -> int:
+    return ((hi << 32) + lo) & MASK64
 
 
 @dataclass
 class StageReport:
     stage: str
-    rows_in: int = 0
+    rows_in: int = 0  # counted before the stage ran, not derived from what it emitted
     kept: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
-    dead_letter: int = 0
-    seconds: float = 0.0  # busy time summed over workers (wall time for the plain loop)
+    dead_letter: int = 0  # input records lost (a reader's file-level letter may stand for many)
+    seconds: float = 0.0  # busy time summed over workers
     stats: dict[str, int] = field(default_factory=dict)  # the stage's own counts (Stage.tally)
+    ids: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTS, 0))  # checksums per row set
+    new_rows: bool = False  # rows out are new by design (a reader; pairs from samples): counts only
+    problems: list[str] = field(default_factory=list)  # file-level problems (the reader)
 
     @property
     def rejected_total(self) -> int:
         return sum(self.rejected.values())
 
     @property
-    def balanced(self) -> bool:
-        return self.rows_in == self.kept + self.rejected_total + self.dead_letter
+    def rows_out(self) -> int:
+        return self.kept + self.rejected_total + self.dead_letter
 
-    def add(self, kept: int = 0, rejected: Counter | dict | None = None, dead: int = 0, seconds: float = 0.0,
-            stats: dict[str, int] | None = None) -> None:
-        rejected = rejected or {}
-        for key, n in (stats or {}).items():
+    @property
+    def ids_out(self) -> int:
+        return (self.ids["kept"] + self.ids["rejected"] + self.ids["dead"]) & MASK64
+
+    def count(self, which: str, rows: list[dict], n: int | None = None) -> None:
+        """Count ``rows`` into a row set: ``in``, ``kept``, ``rejected`` (by reason) or ``dead``
+        (``n``: the records they stand for, when not one each)."""
+        self.ids[which] = (self.ids[which] + checksum(rows)) & MASK64
+        size = len(rows) if n is None else n
+        if which == "in":
+            self.rows_in += size
+        elif which == "kept":
+            self.kept += size
+        elif which == "dead":
+            self.dead_letter += size
+        else:
+            for row in rows:
+                reason = row["rejected"]["reason"]
+                self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def add_stats(self, stats: dict[str, int], seconds: float = 0.0) -> None:
+        for key, n in stats.items():
             self.stats[key] = self.stats.get(key, 0) + n
-        self.kept += kept
-        self.dead_letter += dead
-        for reason, n in rejected.items():
-            self.rejected[reason] = self.rejected.get(reason, 0) + n
-        self.rows_in += kept + sum(rejected.values()) + dead
         self.seconds += seconds
+
+    def mismatches(self) -> list[str]:
+        """This stage's own accounting problems, one line each."""
+        out = []
+        if self.rows_in != self.rows_out:
+            out.append(f"stage {self.stage}: {self.rows_in} rows in != {self.rows_out} out "
+                       f"(kept {self.kept} + rejected {self.rejected_total} + dead letter {self.dead_letter})")
+        elif not self.new_rows and self.ids["in"] != self.ids_out:
+            out.append(f"stage {self.stage}: the {self.rows_out} rows out are not the {self.rows_in} rows in "
+                       f"(id checksum in {self.ids['in']:016x}, out {self.ids_out:016x}): "
+                       "a row was lost, replaced or emitted twice")
+        return out
+
+    @property
+    def balanced(self) -> bool:
+        return not self.mismatches()
 
 
 @dataclass
@@ -59,21 +129,55 @@ class RunReport:
     name: str
     stages: list[StageReport]
     wall_seconds: float = 0.0
-    outputs: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)  # each output folder's _SUCCESS.json
     config: dict[str, Any] = field(default_factory=dict)
+    job_graph: Any = None  # a Dataflow dry run: the pipeline proto that was built (not saved)
+
+    def mismatches(self) -> list[str]:
+        """Every accounting problem of the run, one line each (empty: the run reconciles)."""
+        lines = [line for s in self.stages for line in s.mismatches()]
+        for prev, s in zip(self.stages, self.stages[1:]):
+            if s.rows_in != prev.kept or s.ids["in"] != prev.ids["kept"]:
+                lines.append(f"stage {s.stage}: {s.rows_in} rows in (id checksum {s.ids['in']:016x}) are not the "
+                             f"{prev.kept} rows {prev.stage} kept ({prev.ids['kept']:016x})")
+        if self.stages and self.outputs.get("kept") is not None:
+            lines += self._written_mismatches()
+        return lines
+
+    def _written_mismatches(self) -> list[str]:
+        last = self.stages[-1]
+        expected = {"kept": (last.kept, last.ids["kept"]),
+                    "rejected": (sum(s.rejected_total for s in self.stages),
+                                 sum(s.ids["rejected"] for s in self.stages) & MASK64),
+                    "dead_letter": (None, sum(s.ids["dead"] for s in self.stages) & MASK64)}
+        lines = []
+        for which, (rows, ids) in expected.items():
+            info = self.outputs.get(which)
+            if info is None:  # not written (write_rejected: false)
+                continue
+            got_ids = int(info.get("ids", "0"), 16)
+            if (rows is not None and info["rows"] != rows) or got_ids != ids:
+                want = f"{rows} rows" if rows is not None else "rows"
+                lines.append(f"output {which}: {info['rows']} rows written (id checksum {got_ids:016x}) are not "
+                             f"the {want} the stages sent there ({ids:016x})")
+        return lines
 
     def check(self) -> None:
-        """Fail loudly when any stage does not reconcile."""
-        bad = [s for s in self.stages if not s.balanced]
-        if bad:
-            lines = [f"{s.stage}: in {s.rows_in} != kept {s.kept} + rejected {s.rejected_total} + dead {s.dead_letter}"
-                     for s in bad]
-            raise ReconcileError("row counts do not reconcile: " + "; ".join(lines))
+        """Raise ReconcileError naming the first problem (and how many more) if the run does not add up."""
+        lines = self.mismatches()
+        if lines:
+            more = f" (+{len(lines) - 1} more in the report)" if len(lines) > 1 else ""
+            raise ReconcileError(f"job {self.name}: {lines[0]}{more}")
 
     def to_dict(self) -> dict[str, Any]:
-        stages = [{**asdict(s), "rejected_total": s.rejected_total, "balanced": s.balanced} for s in self.stages]
+        stages = []
+        for s in self.stages:
+            d = {k: v for k, v in asdict(s).items() if k != "ids"}
+            d["ids"] = {k: f"{v:016x}" for k, v in s.ids.items()}
+            stages.append({**d, "rejected_total": s.rejected_total, "balanced": s.balanced})
         return {"name": self.name, "wall_seconds": round(self.wall_seconds, 3), "stages": stages,
-                "outputs": self.outputs, "config": redact(self.config)}
+                "outputs": self.outputs, "reconciled": not self.mismatches(), "problems": self.mismatches(),
+                "config": redact(self.config)}
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -91,6 +195,9 @@ class RunReport:
         fmt = "  ".join(("{:<%d}" if i == 0 else "{:>%d}") % w for i, w in enumerate(widths))
         lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
         lines += [fmt.format(*r) for r in rows]
+        problems = [f"  {s.stage}: {p}" for s in self.stages for p in s.problems]
+        if problems:
+            lines += ["file problems:", *problems]
         reasons = [f"  {s.stage}: " + ", ".join(f"{r}={n}" for r, n in sorted(s.rejected.items(), key=lambda x: -x[1]))
                    for s in self.stages if s.rejected]
         if reasons:
@@ -112,6 +219,7 @@ def reports_from_beam(result: Any, stage_names: list[str]) -> list[StageReport]:
     from apache_beam.metrics.metric import MetricsFilter
 
     by_stage: dict[str, StageReport] = {n: StageReport(n) for n in stage_names}
+    halves: dict[tuple[str, str], list[int]] = {}
     for c in result.metrics().query(MetricsFilter())["counters"]:
         ns = c.key.metric.namespace
         if not ns.startswith(NAMESPACE_PREFIX):
@@ -129,11 +237,16 @@ def reports_from_beam(result: Any, stage_names: list[str]) -> list[StageReport]:
         elif name.startswith("rejected/"):
             reason = name[len("rejected/"):]
             report.rejected[reason] = report.rejected.get(reason, 0) + value
-        elif name == "busy_ms":
-            report.seconds += value / 1000.0
+        elif name.startswith("ids/"):  # ids/<set>/lo|hi
+            _, which, half = name.split("/")
+            halves.setdefault((report.stage, which), [0, 0])[half == "hi"] += value
+        elif name == "busy_us":
+            report.seconds += value / 1e6
         elif name.startswith("stat/"):
             key = name[len("stat/"):]
             report.stats[key] = report.stats.get(key, 0) + value
+    for (stage, which), (lo, hi) in halves.items():
+        by_stage[stage].ids[which] = join64(lo, hi)
     return list(by_stage.values())
 
 

@@ -1,11 +1,11 @@
-"""Config errors are one line naming file, key and what is allowed."""
+"""Config errors: one line per problem, each naming the file, the key and what is allowed."""
 
 import textwrap
 
 import pytest
 
-from dataflywheel.config import load_config
 from dataflywheel.errors import UserError
+from dataflywheel.pipelines.config import JobConfig, load_config
 
 
 def write(tmp_path, text):
@@ -29,7 +29,7 @@ def error(tmp_path, text):
     with pytest.raises(UserError) as err:
         load_config(path)
     msg = str(err.value)
-    assert "\n" not in msg and str(path) in msg
+    assert all(line.startswith(f"{path}") for line in msg.splitlines()), msg
     return msg
 
 
@@ -100,3 +100,31 @@ def test_secrets_are_masked_in_reports():
     cfg = {"hub": {"hf_token": "hf_abc", "repo": "me/data"}, "judges": [{"api_key": "sk-1", "model": "m"}], "password": ""}
     assert redact(cfg) == {"hub": {"hf_token": "***", "repo": "me/data"}, "judges": [{"api_key": "***", "model": "m"}],
                            "password": ""}
+
+
+def test_every_problem_is_reported_one_line_each(tmp_path):
+    text = GOOD.replace("min_words: 3", "min_words: lots\n    max_wrds: 2").replace("kind: conversation", "kind: chat")
+    lines = error(tmp_path, text).splitlines()
+    assert len(lines) == 3, lines
+    assert any("stages[0].max_wrds: unknown key; allowed:" in x and "max_words" in x for x in lines)
+    assert any("stages[0].min_words" in x and "'lots'" in x for x in lines)
+    assert any("input.kind" in x and "'chat'" in x for x in lines)
+
+
+def test_single_job_file_is_not_described_as_jobs_0(tmp_path):
+    msg = error(tmp_path, GOOD.replace("min_words: 3", "min_words: lots"))
+    assert "jobs" not in msg and "stages[0].min_words" in msg
+    multi = "jobs:\n  - name: a\n" + textwrap.indent(GOOD.replace("min_words: 3", "min_words: lots"), "    ")
+    assert "jobs[0].stages[0].min_words" in error(tmp_path, multi)
+
+
+def test_job_config_built_in_code_validates_its_stages():
+    """However a JobConfig is made, its stages are validated specs: no way to run zero stages silently."""
+    job = JobConfig(input={"paths": ["x"]}, output={"path": "o"},
+                    stages=[{"stage": "length", "min_words": 2}, {"stage": "exact_dedup"}])
+    assert [type(s).__name__ for s in job.build_stages()] == ["Length", "ExactDedup"]
+    assert job.build_stages()[0].config.min_words == 2
+    with pytest.raises(ValueError, match="min_wrds"):
+        JobConfig(input={"paths": ["x"]}, output={"path": "o"}, stages=[{"stage": "length", "min_wrds": 2}])
+    copy = JobConfig.model_validate(job.model_dump())
+    assert copy.stages == job.stages

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dataflywheel.config import parse_config
+from dataflywheel.pipelines.config import parse_config
 from dataflywheel.io import read
 from dataflywheel.pipelines.job import run_job
 from dataflywheel.stages import Scorer
@@ -121,7 +121,7 @@ def test_failed_run_leaves_no_complete_looking_output(tmp_path):
 
 def test_report_check_fails_loudly():
     bad = RunReport("x", [StageReport("s", rows_in=10, kept=5, rejected={"r": 3}, dead_letter=1)])
-    with pytest.raises(ReconcileError, match="in 10 != kept 5"):
+    with pytest.raises(ReconcileError, match=r"stage s: 10 rows in != 9 out \(kept 5 \+ rejected 3 \+ dead letter 1\)"):
         bad.check()
     text = bad.table()
     assert "NO" in text and "s" in text
@@ -129,8 +129,6 @@ def test_report_check_fails_loudly():
 
 def test_dataflow_dry_run_graph_contains_our_transforms(tmp_path):
     pytest.importorskip("apitools", reason="needs apache-beam[gcp]")
-    from dataflywheel.pipelines import job as job_module
-
     inputs = write_input(tmp_path / "in")
     stages = [{"stage": "length", "min_words": 5, "gpu": True}, {"stage": "exact_dedup"}]
     cfg = config(inputs, tmp_path / "out", "dataflow", stages=stages,
@@ -138,7 +136,7 @@ def test_dataflow_dry_run_graph_contains_our_transforms(tmp_path):
                            "gpu_type": "nvidia-l4"})
     report = run(cfg)
     assert report.outputs == {"dry_run": True}
-    proto = job_module._LAST_DRY_RUN["proto"]
+    proto = report.job_graph
     names = {t.unique_name for t in proto.components.transforms.values()}
     assert any("Stage[length]" in n for n in names) and any("Stage[exact_dedup]" in n for n in names)
     assert any(n.startswith("Read") for n in names) and any("WriteKept" in n for n in names)

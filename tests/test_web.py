@@ -10,22 +10,25 @@ import pytest
 import yaml
 
 from dataflywheel.cli import main
-from dataflywheel.config import load_config
 from dataflywheel.errors import UserError
+from dataflywheel.filters.extract import ExtractConfig
 from dataflywheel.io import read
-from dataflywheel.pipelines.web import WEB_STEPS, WebSteps, load_web_config, web_run_config, web_stages
+from dataflywheel.pipelines.config import load_config
+from dataflywheel.pipelines.steps import step_specs
+from dataflywheel.pipelines.web import WEB_STEPS, WebSteps, load_web_config, web_run_config
 
 REPO = Path(__file__).resolve().parent.parent
 WEB_YAML = REPO / "configs" / "web.yaml"
 
 
 def test_steps_in_fixed_order_with_defaults_and_skips():
-    stages = web_stages(WebSteps(c4=False, langid={"languages": ["de"]}, perplexity={"model": "m"}))
-    names = [s["stage"] for s in stages]
-    order = [stage for _, stage, _ in WEB_STEPS]
+    specs = step_specs(WebSteps(c4=False, langid={"languages": ["de"]}, perplexity={"model": "m"}), WEB_STEPS)
+    names = [s.stage for s in specs]
+    order = [cls.stage_name for cls in WEB_STEPS.values()]
     assert names == [n for n in order if n not in ("c4", "decontaminate")]  # perplexity on, c4 skipped
-    assert stages[1] == {"stage": "extract", "mode": "precision"}  # the step's default under the user's options
-    assert next(s for s in stages if s["stage"] == "langid")["languages"] == ["de"]
+    assert specs[1].config == ExtractConfig()  # the stage's own defaults, stated once in its config
+    assert next(s for s in specs if s.stage == "langid").config.languages == ["de"]
+    assert step_specs(WebSteps(), WEB_STEPS)[3].config.languages == ["en"]  # the web pipeline keeps English
 
 
 def test_bad_step_option_names_the_step():
@@ -36,12 +39,13 @@ def test_bad_step_option_names_the_step():
         web_run_config({**data, "steps": {"colour": {}}}, "web.yaml")
 
 
-def test_demo_web_job_is_the_web_config():
-    """The demo's web job spells out configs/web.yaml's stages, so the two cannot drift apart."""
-    demo = next(j for j in load_config(REPO / "configs" / "demo.yaml").jobs if j.name == "web")
+def test_demo_runs_the_web_config_itself(monkeypatch):
+    """The demo's first job names configs/web.yaml: the same stages, with only the output moved."""
+    monkeypatch.chdir(REPO)
+    demo = load_config(REPO / "configs" / "demo.yaml").jobs[0]
     web = load_web_config(WEB_YAML).jobs[0]
-    assert [s["stage"] for s in demo.stages] == [s["stage"] for s in web.stages]
-    assert [c.model_dump() for c in demo._stage_configs] == [c.model_dump() for c in web._stage_configs]
+    assert demo.stages == web.stages and demo.input == web.input
+    assert demo.output.path == "runs/demo/web" and web.output.path == "runs/web"
 
 
 def report_of(out: Path) -> dict:

@@ -1,2 +1,2 @@
 """The flywheel: generate, score, select and train in rounds, each round's model feeding the next
-(DESIGN §7). ``tasks/`` holds small verifiable tasks that configs and tests run end to end."""
+(docs/flywheel.md). ``tasks/`` holds small verifiable tasks that configs and tests run end to end."""

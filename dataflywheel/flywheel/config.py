@@ -13,9 +13,11 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import Strict, expand_env, format_validation_error, read_yaml
+from ..config import Strict, expand_env, load_yaml, read_yaml
 from ..errors import UserError
+from ..registry import StageSpec
 from ..runner import RunnerConfig
+from ..synth.backends.base import Sampling
 from ..train.config import LoopConfig
 from ..train.model import TinyInit
 
@@ -59,22 +61,22 @@ class CurateConfig(Strict):
 
 class TrainConfig(Strict):
     algorithm: Literal["sft", "sft+dpo", "dpo", "grpo"] = "sft"
-    steps: int = Field(150, ge=1)  # fixed optimizer steps per round (not wall time: REFERENCES §9)
+    steps: int = Field(150, ge=1)  # fixed optimizer steps per round: compute-matched arms, not wall time
     loop: LoopConfig = LoopConfig(lr=5e-4, batch_size=8, warmup_ratio=0.05, progress=False)
     dpo_steps: int = Field(50, ge=1)
     dpo_loop: LoopConfig = LoopConfig(lr=1e-4, batch_size=8, progress=False)
-    dpo_beta: float = Field(0.1, gt=0)  # TRL's default (REFERENCES §6.4)
+    dpo_beta: float = Field(0.1, gt=0)  # TRL 1.16 DPOConfig's default
     grpo: dict[str, Any] = {}  # GrpoConfig options (prompts_per_step, beta, loss_type, ...); steps and lr as above
     max_length: int = Field(256, ge=8)
 
 
 class RmRefreshConfig(Strict):
-    """West-of-N's use (Pace et al. 2024, REFERENCES §5.1): after sampling, the reward model is trained
+    """West-of-N's use (Pace et al. 2024): after sampling, the reward model is trained
     further on the round's West-of-N pairs (labelled by itself), plus labelled pairs when given;
     the next round scores with the refreshed model."""
 
     steps: int = Field(50, ge=1)
-    lr: float = Field(1e-4, gt=0)  # TRL RewardConfig's default (REFERENCES §6.3)
+    lr: float = Field(1e-4, gt=0)  # TRL 1.16 RewardConfig's default
     batch_size: int = Field(8, ge=1)
     data: list[str] = []  # labelled preference rows (D_L) mixed with the synthetic pairs
 
@@ -110,9 +112,10 @@ class FlywheelConfig(Strict):
     task: TaskConfig | None = TaskConfig()
     prompts: PromptsConfig = PromptsConfig()
     policy: SeedPolicyConfig
-    sampling: dict[str, Any] = {"n": 16, "temperature": 1.0, "max_tokens": 8}  # the generate stage's sampling
+    sampling: Sampling = Sampling(n=16, temperature=1.0, max_tokens=8)  # each round's samples; seed: round_seed
     batch_size: int = Field(128, ge=1)  # generation batch (prompts x samples per forward)
-    scorers: list[dict[str, Any]] = [{"stage": "verify", "verifier": "exact_match"}]  # the samples' scorers
+    scorers: list[StageSpec] = Field(  # the samples' scorers
+        default_factory=lambda: [StageSpec.of("verify", {"verifier": "exact_match"})])
     pool: PoolConfig = PoolConfig()
     curate: CurateConfig = CurateConfig()
     train: TrainConfig = TrainConfig()
@@ -128,30 +131,33 @@ class FlywheelConfig(Strict):
             raise ValueError("give a task or prompts.paths (a prompt pool)")
         if self.task is None and not self.prompts.eval_paths:
             raise ValueError("a prompt pool needs prompts.eval_paths (held-out prompts)")
-        n = self.sampling.get("n", 1)
-        if not isinstance(n, int) or n < 2:
-            raise ValueError(f"sampling.n must be >= 2 (got {n})")
-        if self.rm_refresh is not None and not any(s.get("stage") == "reward_model" for s in self.scorers):
+        if self.sampling.n < 2:
+            raise ValueError(f"sampling.n must be >= 2 (got {self.sampling.n})")
+        if self.rm_refresh is not None and not self.scorer("reward_model"):
             raise ValueError("rm_refresh needs a reward_model scorer to refresh")
         if self.curate.select != "none" and self.curate.budget is None:
             raise ValueError(f"curate.select {self.curate.select} needs a budget")
         return self
 
+    def scorer(self, stage: str) -> StageSpec | None:
+        """The first scorer of this stage (``reward_model``, ``verify``, ...), if any."""
+        return next((s for s in self.scorers if s.stage == stage), None)
+
+    def round_seed(self, k: int) -> int:
+        """Round ``k``'s seed for everything random in it (sampling, selection, training): distinct
+        per round and per run seed (rounds stay below 1000)."""
+        return self.seed * 1000 + k
+
 
 def load_flywheel_config(path: str | Path, overrides: dict | None = None) -> FlywheelConfig:
-    """Read and validate (``${VAR}`` expanded); errors name the file and the key, as every config's do."""
-    from pydantic import ValidationError
+    """Read and validate (``${VAR}`` expanded); errors name the file and the key, as every config's do.
+    ``runner`` may name a file holding a ``runner:`` section (configs/dataflow.yaml)."""
+    def runner_file(data: dict[str, Any], source: str) -> dict[str, Any]:
+        if isinstance(data.get("runner"), (str, Path)):
+            section = expand_env(read_yaml(Path(data["runner"])), str(data["runner"]))
+            if not isinstance(section, dict) or "runner" not in section:
+                raise UserError(f"{data['runner']}: no runner section to use for {source}")
+            data["runner"] = section["runner"]
+        return data
 
-    data = read_yaml(Path(path))
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping at the top level")
-    data = expand_env({**data, **(overrides or {})}, str(path))
-    if isinstance(data.get("runner"), (str, Path)):  # a file holding a `runner:` section (configs/dataflow.yaml)
-        section = expand_env(read_yaml(Path(data["runner"])), str(data["runner"]))
-        if not isinstance(section, dict) or "runner" not in section:
-            raise UserError(f"{data['runner']}: no runner section to use for {path}")
-        data["runner"] = section["runner"]
-    try:
-        return FlywheelConfig.model_validate(data)
-    except ValidationError as err:
-        raise UserError(format_validation_error(err, str(path), model=FlywheelConfig)) from None
+    return load_yaml(path, FlywheelConfig, overrides, prepare=runner_file)

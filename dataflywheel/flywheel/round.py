@@ -1,4 +1,4 @@
-"""One flywheel round, as stages (DESIGN §7). Each stage function writes into its own folder and
+"""One flywheel round, as stages (docs/flywheel.md). Each stage function writes into its own folder and
 returns ``{"counts", "metrics", "hash"}``; ``state.run_stage`` makes it resumable.
 
     round 0:   seed ----------------------------------------------> train -> eval
@@ -6,7 +6,7 @@ returns ``{"counts", "metrics", "hash"}``; ``state.run_stage`` makes it resumabl
                           (generate N, score, pairs, best-of-N: the `pairs` Beam pipeline)
 
 - ``prompts``: fresh prompts for this round (the task's curriculum, or the next slice of a pool).
-- ``samples``: issue 7's pipeline on the current policy: N samples per prompt, scorers, West-of-N
+- ``samples``: the `pairs` pipeline on the current policy: N samples per prompt, scorers, West-of-N
   pairs (``pairs/``) and verified best-of-N rows (``sft/``), every sample kept in ``scored/``.
 - ``pool``: the best sample per prompt over all rounds (``BestPool``; Llama 2's fix), or this
   round's only (``pool.mode: last_round``, an ablation).
@@ -28,7 +28,18 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..io import ShardWriter, read, write_success
+from ..config import InputConfig, OutputConfig
+from ..io import read, read_success, write_rows
+from ..pipelines.pairs import PairsPipelineConfig
+from ..pipelines.sft import SelectConfig, SftSelectConfig, SftSteps
+from ..registry import StageSpec
+from ..runner import RunnerConfig
+from ..selectors.ifd import IFDConfig
+from ..stages import StageConfig
+from ..synth.backends.base import Sampling
+from ..synth.backends.config import BackendConfig
+from ..synth.generate import GenerateConfig
+from ..synth.pairs import BestOfNConfig, PairsConfig
 from .config import FlywheelConfig
 from .state import tree_hash
 
@@ -40,20 +51,11 @@ VOLATILE = ("cached",)  # sample fields that differ between a fresh and a cache-
 def write_dataset(folder: Path, rows: Iterable[dict], fmt: str = "jsonl") -> dict:
     """Rows -> a pipeline-style output folder (part files + ``_SUCCESS.json``), so `export` and the
     readers treat it like any pipeline output."""
-    from ..pipelines.io_transforms import TMP_PREFIX, finalize_shards
-
-    writer = ShardWriter(str(folder), fmt, prefix=f"{TMP_PREFIX}write")
-    for row in rows:
-        writer.write(row)
-    info = finalize_shards(str(folder), fmt, writer.close())
-    write_success(folder, info)
-    return info
+    return write_rows(folder, rows, fmt)
 
 
 def row_count(folder: Path | str) -> int:
     """A finished output folder's row count, from its ``_SUCCESS.json`` (no rows read)."""
-    from ..pipelines.io_transforms import read_success
-
     done = read_success(folder)
     if done is None:
         raise FileNotFoundError(f"{folder}: no _SUCCESS.json: not a finished output")
@@ -62,8 +64,6 @@ def row_count(folder: Path | str) -> int:
 
 def read_rows(folder: Path | str) -> list[dict]:
     """A finished output folder's kept rows, by id (an empty output has no part files to read)."""
-    from ..pipelines.io_transforms import read_success
-
     done = read_success(folder)
     if done is not None and done.get("rows") == 0:
         return []
@@ -107,7 +107,7 @@ def task_rows(cfg: FlywheelConfig, which: str, k: int = 0) -> list[dict]:
         return make_prompts(t.eval_rows, t.eval_digits, cfg.seed, prefix="heldout", **common)
     curriculum = cfg.prompts.curriculum or [t.eval_digits]
     digits = curriculum[min(k, len(curriculum)) - 1]
-    return make_prompts(cfg.prompts.per_round, tuple(digits), cfg.seed * 1000 + k, prefix=f"r{k}", **common)
+    return make_prompts(cfg.prompts.per_round, tuple(digits), cfg.round_seed(k), prefix=f"r{k}", **common)
 
 
 def as_conversation(row: dict) -> dict:
@@ -133,35 +133,33 @@ def stage_prompts(cfg: FlywheelConfig, k: int, out: Path) -> dict:
     return {"counts": {"rows": len(rows)}, "hash": rows_hash(rows, cfg.output)}
 
 
-# ---- samples: issue 7's pipeline ----------------------------------------------------------------
+# ---- samples: the pairs pipeline ----------------------------------------------------------------
 
-def scorers_for(cfg: FlywheelConfig, rm: Path | None) -> list[dict]:
+def scorers_for(cfg: FlywheelConfig, rm: Path | None) -> list[StageSpec]:
     """The configured scorers, the reward model replaced by the refreshed one when there is one."""
-    return [{**s, "model": str(rm)} if rm is not None and s.get("stage") == "reward_model" else s for s in cfg.scorers]
+    return [StageSpec.of(s.stage, s.config.model_copy(update={"model": str(rm)}))
+            if rm is not None and s.stage == "reward_model" else s for s in cfg.scorers]
 
 
 def pairs_config(cfg: FlywheelConfig, k: int, prompts: Path, policy: Path, out: Path,
-                 runner: dict | None = None, rm: Path | None = None) -> dict:
-    """The round's `pairs` pipeline config (a mapping; pipelines/pairs.py expands it to Beam jobs)."""
-    sampling = {**cfg.sampling, "seed": cfg.seed * 1000 + k}
-    return {
-        "name": f"{cfg.name}-round{k}", "round": k, "runner": runner or cfg.runner.model_dump(exclude_none=True),
-        "input": {"paths": str(prompts), "kind": "prompt", "batch_rows": cfg.batch_size},
-        "output": {"path": str(out), "format": "jsonl"},
-        "generate": {"backend": {"kind": "transformers", "model": str(policy),
-                                 "options": {"device": "cpu", "batch_size": cfg.batch_size}},
-                     "sampling": sampling, "batch_size": cfg.batch_size, "reject_overlong": False},
-        "scorers": scorers_for(cfg, rm),
-        "pairs": {"method": "west_of_n"},
-        "best_of_n": {"field": cfg.pool.field, "min_score": cfg.pool.min_score},
-    }
+                 runner: RunnerConfig | None = None, rm: Path | None = None) -> PairsPipelineConfig:
+    """The round's `pairs` pipeline config (pipelines/pairs.py expands it to Beam jobs)."""
+    backend = BackendConfig(kind="transformers", model=str(policy),
+                            options={"device": "cpu", "batch_size": cfg.batch_size})
+    generate = GenerateConfig(backend=backend, sampling=cfg.sampling.model_copy(update={"seed": cfg.round_seed(k)}),
+                              batch_size=cfg.batch_size, reject_overlong=False)
+    return PairsPipelineConfig(
+        name=f"{cfg.name}-round{k}", round=k, runner=runner or cfg.runner,
+        input=InputConfig(paths=[str(prompts)], kind="prompt", batch_rows=cfg.batch_size),
+        output=OutputConfig(path=str(out), format="jsonl"), generate=generate, scorers=scorers_for(cfg, rm),
+        pairs=PairsConfig(method="west_of_n"), best_of_n=BestOfNConfig(field=cfg.pool.field, min_score=cfg.pool.min_score))
 
 
 def stage_samples(cfg: FlywheelConfig, k: int, prompts: Path, policy: Path, out: Path, rm: Path | None = None) -> dict:
     from ..pipelines.job import run_job
-    from ..pipelines.pairs import pairs_run_config
+    from ..pipelines.pairs import pairs_run
 
-    run = pairs_run_config(pairs_config(cfg, k, prompts, policy, out, rm=rm), f"<{cfg.name} round {k}>")
+    run = pairs_run(pairs_config(cfg, k, prompts, policy, out, rm=rm))
     counts: dict[str, Any] = {}
     for job in run.jobs:
         report = run_job(job, run.runner)
@@ -207,29 +205,29 @@ def stage_pool(cfg: FlywheelConfig, k: int, prev: Path | None, best: Path, out: 
 
 
 def select_config(cfg: FlywheelConfig, k: int, rows: Path, policy: Path, out: Path,
-                  runner: dict | None = None) -> dict:
+                  runner: RunnerConfig | None = None) -> SftSelectConfig:
     """The round's `select` pipeline config over the pool (pipelines/sft.py)."""
     c = cfg.curate
-    steps: dict[str, Any] = {"exact_dedup": c.exact_dedup, "minhash_dedup": False}
-    select: dict[str, Any] = {"method": "none"}
+    steps = SftSteps(exact_dedup=StageConfig() if c.exact_dedup else None, minhash_dedup=None)
+    select = SelectConfig()
     if c.select == "random":
-        select = {"method": "random", "budget": c.budget, "options": {"seed": cfg.seed * 1000 + k}}
+        select = SelectConfig(method="random", budget=c.budget, options={"seed": cfg.round_seed(k)})
     elif c.select == "ifd":  # IFD under the policy that wrote the samples (Cherry_LLM's own-model IFD)
-        steps["ifd"] = {"model": str(policy), "template": "chat", "max_length": cfg.train.max_length}
-        select = {"method": "top", "field": "ifd", "budget": c.budget}
-    return {"name": f"{cfg.name}-curate{k}", "runner": runner or cfg.runner.model_dump(exclude_none=True),
-            "input": {"paths": str(rows), "kind": "conversation"},
-            "output": {"path": str(out), "format": "jsonl"}, "steps": steps, "select": select}
+        steps.ifd = IFDConfig(model=str(policy), template="chat", max_length=cfg.train.max_length)
+        select = SelectConfig(method="top", field="ifd", budget=c.budget)
+    return SftSelectConfig(name=f"{cfg.name}-curate{k}", runner=runner or cfg.runner,
+                           input=InputConfig(paths=[str(rows)], kind="conversation"),
+                           output=OutputConfig(path=str(out), format="jsonl"), steps=steps, select=select)
 
 
 def stage_curate(cfg: FlywheelConfig, k: int, rows: Path, policy: Path, out: Path) -> dict:
     from ..pipelines.job import run_job
-    from ..pipelines.sft import sft_run_config
+    from ..pipelines.sft import sft_run
 
     if not row_count(rows):  # nothing verified yet: an empty selection, no pipeline to run
         write_dataset(out, [])
         return {"counts": {"in": 0, "kept": 0}, "hash": rows_hash([], cfg.output)}
-    run = sft_run_config(select_config(cfg, k, rows, policy, out), f"<{cfg.name} curate {k}>")
+    run = sft_run(select_config(cfg, k, rows, policy, out))
     report = run_job(run.jobs[0], run.runner)
     kept = read_rows(out)
     counts = {"in": report.stages[0].rows_in if report.stages else 0, "kept": len(kept),
@@ -296,7 +294,7 @@ def _sft(cfg: FlywheelConfig, k: int, policy: Path | None, mix: list[dict], out:
         loop = cfg.policy.loop.model_copy(update={"max_steps": cfg.policy.steps, "seed": cfg.seed})
     else:
         start = {"model": str(policy)}
-        loop = cfg.train.loop.model_copy(update={"max_steps": cfg.train.steps, "seed": cfg.seed * 1000 + k})
+        loop = cfg.train.loop.model_copy(update={"max_steps": cfg.train.steps, "seed": cfg.round_seed(k)})
     summary = sft_mod.run(sft_mod.SftConfig(**start, data=[str(data)], output=str(out / "sft"), eval_fraction=0.0,
                                             max_length=cfg.train.max_length, loop=loop))
     return Path(summary["final"]), _summary(summary)
@@ -305,7 +303,7 @@ def _sft(cfg: FlywheelConfig, k: int, policy: Path | None, mix: list[dict], out:
 def _dpo(cfg: FlywheelConfig, k: int, policy: Path, pairs: Path, out: Path) -> tuple[Path, dict]:
     from ..train import dpo as dpo_mod
 
-    loop = cfg.train.dpo_loop.model_copy(update={"max_steps": cfg.train.dpo_steps, "seed": cfg.seed * 1000 + k})
+    loop = cfg.train.dpo_loop.model_copy(update={"max_steps": cfg.train.dpo_steps, "seed": cfg.round_seed(k)})
     summary = dpo_mod.run(dpo_mod.DpoConfig(model=str(policy), data=[str(pairs)], output=str(out / "dpo"),
                                             eval_fraction=0.0, max_length=cfg.train.max_length,
                                             beta=cfg.train.dpo_beta, loop=loop.model_dump()))
@@ -316,17 +314,16 @@ def _grpo(cfg: FlywheelConfig, k: int, policy: Path, prompts: Path, out: Path) -
     """GRPO on this round's prompts, rewarded by the round's verifier (or reward model) scorer."""
     from ..train import grpo as grpo_mod
 
+    verify, rm = cfg.scorer("verify"), cfg.scorer("reward_model")
     reward: dict[str, Any] = {}
-    for spec in cfg.scorers:
-        if spec.get("stage") == "verify":
-            reward = {"verifier": spec["verifier"], "verifier_options": spec.get("options", {})}
-            break
-        if spec.get("stage") == "reward_model":
-            reward = {"reward_model": spec["model"]}
-            break
-    loop = cfg.train.loop.model_copy(update={"max_steps": cfg.train.steps, "seed": cfg.seed * 1000 + k})
-    options = {"num_generations": cfg.sampling.get("n", 8), "max_completion_length": cfg.sampling.get("max_tokens", 256),
-               "temperature": cfg.sampling.get("temperature", 1.0), **reward, **cfg.train.grpo}
+    if verify is not None:
+        reward = {"verifier": verify.config.verifier, "verifier_options": verify.config.options}
+    elif rm is not None:
+        reward = {"reward_model": rm.config.model}
+    loop = cfg.train.loop.model_copy(update={"max_steps": cfg.train.steps, "seed": cfg.round_seed(k)})
+    s = cfg.sampling
+    options = {"num_generations": s.n, "max_completion_length": s.max_tokens, "temperature": s.temperature,
+               **reward, **cfg.train.grpo}
     summary = grpo_mod.run(grpo_mod.GrpoConfig(model=str(policy), data=[str(prompts)], output=str(out / "grpo"),
                                                eval_fraction=0.0, max_length=cfg.train.max_length,
                                                loop=loop.model_dump(), **options))
@@ -342,7 +339,7 @@ def stage_rm(cfg: FlywheelConfig, k: int, rm: Path, pairs: Path, out: Path) -> d
     if not n_pairs and not r.data:  # nothing to learn from: the model stays
         return {"counts": {"pairs": 0}, "metrics": {"rm": os.path.relpath(rm, cfg.output)}, "hash": tree_hash(rm)}
     data = ([str(pairs)] if n_pairs else []) + list(r.data)
-    loop = {"lr": r.lr, "batch_size": r.batch_size, "max_steps": r.steps, "seed": cfg.seed * 1000 + k, "progress": False}
+    loop = {"lr": r.lr, "batch_size": r.batch_size, "max_steps": r.steps, "seed": cfg.round_seed(k), "progress": False}
     summary = rm_mod.run(rm_mod.RmConfig(model=str(rm), data=data, output=str(out / "train"), eval_fraction=0.0,
                                          max_length=cfg.train.max_length, loop=loop))
     final = Path(summary["final"])
@@ -352,15 +349,14 @@ def stage_rm(cfg: FlywheelConfig, k: int, rm: Path, pairs: Path, out: Path) -> d
 
 def evaluate(cfg: FlywheelConfig, policy: Path, rows: list[dict]) -> tuple[list[dict], dict]:
     """Greedy answers (and pass@k samples when asked) to held-out prompts, verified."""
-    from ..synth.backends.base import Request, Sampling
+    from ..synth.backends.base import Request
     from ..synth.backends.transformers import TransformersBackend
     from ..synth.generate import prompt_messages
     from ..synth.verifiers import verifier_reward
 
     check = verifier_reward(cfg.prompts.verifier)
     backend = TransformersBackend(str(policy), batch_size=cfg.batch_size, device="cpu")
-    max_tokens = int(cfg.sampling.get("max_tokens", 256))
-    greedy = Sampling(n=1, temperature=0.0, max_tokens=max_tokens, seed=0)
+    greedy = Sampling(n=1, temperature=0.0, max_tokens=cfg.sampling.max_tokens, seed=0)
     reqs = [Request(r["id"], messages=tuple(prompt_messages(r)), sampling=greedy) for r in rows]
     texts = {res.request_id: res.samples[0].text for res in backend.generate(reqs)}
     scores = check(rows, [texts[r["id"]] for r in rows])
@@ -369,7 +365,7 @@ def evaluate(cfg: FlywheelConfig, policy: Path, rows: list[dict]) -> tuple[list[
     metrics: dict[str, Any] = {"accuracy": _mean([s or 0.0 for s in scores]), "n": len(rows)}
     if cfg.eval.pass_at:
         k = cfg.eval.pass_at
-        sampled = Sampling(**{**cfg.sampling, "n": k, "seed": cfg.seed + 7})
+        sampled = cfg.sampling.model_copy(update={"n": k, "seed": cfg.seed + 7})
         reqs = [Request(r["id"], messages=tuple(prompt_messages(r)), sampling=sampled) for r in rows]
         got = {res.request_id: [s.text for s in res.samples] for res in backend.generate(reqs)}
         hits = [max((v or 0.0) for v in check([r] * k, got[r["id"]])) for r in rows]

@@ -80,11 +80,12 @@ def run_round(cfg: FlywheelConfig, run: Path, k: int, prev: dict | None, heldout
             rm = run / prev["rm"] if prev.get("rm") else None  # refreshed in the round before
             stages["samples"] = run_stage(
                 rd, "samples", {"prompts": stages["prompts"]["output"], "policy": prev["policy_hash"],
-                                "sampling": cfg.sampling, "scorers": cfg.scorers, "pool": cfg.pool.model_dump(),
+                                "sampling": cfg.sampling.model_dump(), "scorers": [s.model_dump() for s in cfg.scorers],
+                                "pool": cfg.pool.model_dump(),
                                 "rm": prev.get("rm_hash")},
                 lambda out: stage_samples(cfg, k, rd / "prompts", policy, out, rm), log=log)
             if cfg.rm_refresh is not None:
-                start = rm or Path(next(s["model"] for s in cfg.scorers if s.get("stage") == "reward_model"))
+                start = rm or Path(cfg.scorer("reward_model").config.model)
                 stages["rm"] = run_stage(
                     rd, "rm", {"samples": stages["samples"]["output"], "rm": prev.get("rm_hash") or str(start),
                                "refresh": cfg.rm_refresh.model_dump(), **common},
@@ -111,7 +112,7 @@ def run_round(cfg: FlywheelConfig, run: Path, k: int, prev: dict | None, heldout
     policy_now = stages["train"]["metrics"]["policy"]
     stages["eval"] = run_stage(
         rd, "eval", {"policy": stages["train"]["output"], "heldout": rows_hash(heldout), "eval": cfg.eval.model_dump(),
-                     "verifier": cfg.prompts.verifier, "max_tokens": cfg.sampling.get("max_tokens")},
+                     "verifier": cfg.prompts.verifier, "max_tokens": cfg.sampling.max_tokens},
         lambda out: stage_eval(cfg, run / policy_now, heldout, out), log=log)
     record = {
         "round": k, "policy": policy_now, "policy_hash": stages["train"]["output"],  # policy: run-relative
@@ -131,9 +132,9 @@ def dry_run_round(cfg: FlywheelConfig, k: int = 1) -> dict[str, Any]:
     Dataflow with ``dry_run``: each job graph is built and validated, nothing is submitted or run.
     Returns {job name: pipeline proto}. Paths are where the round would read and write them."""
     from ..errors import UserError
-    from ..pipelines import job as job_module
-    from ..pipelines.pairs import pairs_run_config
-    from ..pipelines.sft import sft_run_config
+    from ..pipelines.job import run_job
+    from ..pipelines.pairs import pairs_run
+    from ..pipelines.sft import sft_run
     from .round import pairs_config, select_config
 
     if cfg.runner.engine != "dataflow" or cfg.runner.dataflow is None:
@@ -141,19 +142,12 @@ def dry_run_round(cfg: FlywheelConfig, k: int = 1) -> dict[str, Any]:
                         "(e.g. --runner configs/dataflow.yaml)")
     if k < 1:
         raise UserError("round 0 has no Beam stages (seed, train, eval): dry-run a round >= 1")
-    runner = cfg.runner.model_copy(deep=True)
-    runner.dataflow.dry_run = True
+    runner = cfg.runner.model_copy(update={"dataflow": cfg.runner.dataflow.model_copy(update={"dry_run": True})})
     run = Path(cfg.output)
     rd, policy = round_dir(run, k), round_dir(run, k - 1) / "train" / "sft" / "final"
-    r = runner.model_dump(exclude_none=True)
-    runs = [pairs_run_config(pairs_config(cfg, k, rd / "prompts", policy, rd / "samples", r), f"<{cfg.name} samples>"),
-            sft_run_config(select_config(cfg, k, rd / "pool" / "rows", policy, rd / "curate", r), f"<{cfg.name} curate>")]
-    graphs = {}
-    for one in runs:
-        for job in one.jobs:
-            job_module.run_job(job, one.runner)
-            graphs[job.name] = job_module._LAST_DRY_RUN["proto"]
-    return graphs
+    runs = [pairs_run(pairs_config(cfg, k, rd / "prompts", policy, rd / "samples", runner)),
+            sft_run(select_config(cfg, k, rd / "pool" / "rows", policy, rd / "curate", runner))]
+    return {job.name: run_job(job, one.runner).job_graph for one in runs for job in one.jobs}
 
 
 def plateaued(accuracies: list[float], patience: int, min_delta: float) -> bool:
@@ -205,7 +199,7 @@ def write_manifest(cfg: FlywheelConfig, run: Path, records: list[dict], stopped:
     card = {"run": cfg.name, "rounds": len(rounds), "config_hash": canonical_hash(cfg.model_dump()),
             "held_out_accuracy": {r["round"]: r["accuracy"] for r in rounds},
             "policies": {r["round"]: r["policy_hash"] for r in rounds},
-            "curation": cfg.curate.model_dump(), "pool": cfg.pool.model_dump(), "sampling": cfg.sampling,
+            "curation": cfg.curate.model_dump(), "pool": cfg.pool.model_dump(), "sampling": cfg.sampling.model_dump(),
             "stage_counts": {r["round"]: {s: m["counts"] for s, m in r["stages"].items()} for r in rounds}}
     manifest: dict[str, Any] = {"name": cfg.name, "config": cfg.model_dump(), "rounds": rounds,
                                 "stopped": stopped, "exports": exports, "card": card}

@@ -1,4 +1,4 @@
-"""Stage markers: what makes a flywheel run resumable (DESIGN §7; issue 8 item 1).
+"""Stage markers: what makes a flywheel run resumable (docs/flywheel.md).
 
 A stage writes into its own folder, then, atomically, ``<stage>.done.json``: the hash of its inputs
 (config section + the output hashes of the stages it reads), the hash of its outputs, its counts,

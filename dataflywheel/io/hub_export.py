@@ -35,7 +35,8 @@ from ..errors import UserError
 from .base import DeadLetter
 from .hf import card_metadata, write_shards
 from .hub_card import ConfigInfo, folder_provenance, render_card, row_kind
-from .sink import ROWS_PER_SHARD, SUCCESS_NAME, atomic_path
+from .commit import SUCCESS as SUCCESS_NAME
+from .sink import ROWS_PER_SHARD, atomic_path
 
 # Config names become folder names and YAML values: the characters the Hub's own config names use.
 _CONFIG_NAME = re.compile(r"[A-Za-z0-9][\w.-]*")

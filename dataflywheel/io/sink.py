@@ -2,9 +2,9 @@
 
 ``open_shard`` writes to a hidden temp file in the target folder (``.<name>.tmp-<uuid>``), fsyncs
 it, then ``os.replace``s it onto the final name; if the body raises, the temp file is removed.
-``ShardWriter`` rolls shards every ``rows_per_shard`` rows, ``write_success`` writes the
-``_SUCCESS.json`` marker last. Readers and globs skip names starting with "." or "_", so temp
-files and markers are never read as data.
+``ShardWriter`` rolls shards every ``rows_per_shard`` rows and keeps each shard's row count and
+id checksum, which the commit protocol (``commit.py``) puts in ``_SUCCESS.json``. Readers and
+globs skip names starting with "." or "_", so temp files and markers are never read as data.
 
 Formats: jsonl, jsonl.gz, jsonl.zst (one compact UTF-8 JSON object per line; NaN/Infinity are
 refused because they are not JSON and our reader rejects them) and parquet (rows buffered per
@@ -25,13 +25,14 @@ from typing import Any
 
 import zstandard
 
+from ..stats import MASK64, row_key
+
 WRITE_FORMATS = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet")
 # Parquet shards are buffered in memory whole: 50k rows of ~2 KB is ~100 MB of Python objects,
 # and a few tens of MB compressed on disk, a comfortable Hub shard.
 ROWS_PER_SHARD = 50_000
 GZIP_LEVEL = 6  # gzip(1)'s default: level 9 is ~2x slower for ~1% smaller files
 ZSTD_LEVEL = 3  # zstd's default level
-SUCCESS_NAME = "_SUCCESS.json"
 
 Writer = Callable[[dict], None]
 
@@ -142,8 +143,9 @@ def _empty_dicts_to_none(value: Any) -> Any:
 class ShardWriter:
     """Writes rows into ``<out_dir>/<prefix>-00000.<fmt>``, ``-00001``, ... rolling every ``rows_per_shard``.
 
-    Use as a context manager; ``close()`` returns ``[(path, rows), ...]`` of the finished shards.
-    If the body raises, the shard being written is discarded (finished shards stay: each is complete).
+    Use as a context manager; ``close()`` returns ``[(path, rows), ...]`` of the finished shards,
+    and ``ids[path]`` is a shard's row-id checksum (``stats.checksum``). If the body raises, the
+    shard being written is discarded (finished shards stay: each is complete).
     """
 
     def __init__(
@@ -156,11 +158,13 @@ class ShardWriter:
         self.out_dir, self.fmt, self.prefix = out_dir, fmt, prefix
         self.rows_per_shard, self.schema = rows_per_shard, schema
         self.shards: list[tuple[str, int]] = []
+        self.ids: dict[str, int] = {}
         self.rows = 0
         self._shard = None  # the open shard's context manager
         self._write: Writer | None = None
         self._path = ""
         self._in_shard = 0
+        self._ids = 0
 
     def write(self, row: dict) -> None:
         if self._write is None:
@@ -169,18 +173,20 @@ class ShardWriter:
             self._write = self._shard.__enter__()
             self._path = path
         self._write(row)
+        self._ids += row_key(row)
         self.rows += 1
         self._in_shard += 1
         if self._in_shard >= self.rows_per_shard:
             self._finish(None, None, None)
 
     def _finish(self, *exc_info) -> None:
-        shard, rows = self._shard, self._in_shard
-        self._shard, self._write, self._in_shard = None, None, 0
+        shard, rows, ids = self._shard, self._in_shard, self._ids & MASK64
+        self._shard, self._write, self._in_shard, self._ids = None, None, 0, 0
         if shard is not None:
             shard.__exit__(*exc_info)
             if exc_info[0] is None:
                 self.shards.append((self._path, rows))
+                self.ids[self._path] = ids
 
     def close(self) -> list[tuple[str, int]]:
         """Finish the open shard; the finished shards as ``(path, rows)``."""
@@ -192,12 +198,3 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._finish(exc_type, exc, tb)
-
-
-def write_success(out_dir: str, info: dict) -> str:
-    """Write ``<out_dir>/_SUCCESS.json`` atomically (call it last: its presence means 'complete')."""
-    path = os.path.join(out_dir, SUCCESS_NAME)
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(info, fh, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
-        fh.write("\n")
-    return path

@@ -16,16 +16,18 @@ same rows, and the dedup benchmark checks identical clusters on 20k rows).
 
 from __future__ import annotations
 
+import time
+
 import apache_beam as beam
 import numpy as np
 
 from ..filters.dedup.components import union_find_components
 from ..filters.dedup.lsh import bucket_pairs
-from ..filters.dedup.stage import DUPLICATE_ID, MinHashDedup, _meta, decide
-from ..stages import Outcome, dead_row, rejected_row
+from ..filters.dedup.stage import MinHashDedup
+from ..stages import Outcome, dead_row, rejected_row, retry_singly
 from ..stats import counter_name
 from .components import ConnectedComponents
-from .stage_transform import DEAD, KEPT, REJECTED, Rebatch, _emit, _StageFn
+from .stage_transform import DEAD, KEPT, REJECTED, Rebatch, StageFn, emit
 
 _ROWS, _MEMBERS = "rows", "members"
 
@@ -46,23 +48,24 @@ def _first(packed_members) -> tuple:
     return min(packed_members, key=lambda p: (p[1], p[2] if p[2] is not None else b""))
 
 
-class _SignFn(_StageFn):
+class _SignFn(StageFn):
     """Batches of rows -> rows and members keyed by id, and (band key, id) for every band; a row
     that cannot be signed (no id, a text that breaks the shingler) is a dead letter."""
 
     def process(self, batch: list[dict]):
-        try:
-            signed = list(zip(batch, self.stage.sign(batch)))
-        except Exception:  # noqa: BLE001 - find the bad rows one by one
-            signed, dead = [], []
-            for row in batch:
-                try:
-                    signed.append((row, self.stage.sign([row])[0]))
-                except Exception as err:  # noqa: BLE001
-                    dead.append(dead_row(self.stage, row, err))
-            self.counters.record(Outcome(dead=dead))
-            if dead:
-                yield beam.pvalue.TaggedOutput(DEAD, dead)
+        dead: list[dict] = []
+
+        def sign(rows: list[dict]) -> list[tuple[dict, tuple]]:
+            return list(zip(rows, self.stage.sign(rows), strict=True))
+
+        def dead_letter(row: dict, err: Exception) -> list:
+            dead.append(dead_row(self.stage, row, err))
+            return []
+
+        with self.busy():
+            signed = retry_singly(sign, batch, dead_letter)
+        if dead:
+            yield beam.pvalue.TaggedOutput(DEAD, dead)
         for row, (rid, keys, member) in signed:
             yield beam.pvalue.TaggedOutput(_ROWS, (rid, row))
             yield beam.pvalue.TaggedOutput(_MEMBERS, (rid, _pack(member)))
@@ -86,16 +89,15 @@ def _half(keyed):
             yield other, packed
 
 
-class _JudgeFn(_StageFn):
+class _JudgeFn(StageFn):
     def process(self, keyed):
         _, joined = keyed
         if not (joined["halves"] and joined[_MEMBERS]):
             return
-        b = _unpack(_first(joined[_MEMBERS]))
-        for packed in joined["halves"]:
-            a = _unpack(packed)
-            if self.stage.is_edge(a, b):
-                yield a[0], b[0]
+        with self.busy():
+            b = _unpack(_first(joined[_MEMBERS]))
+            edges = [(a[0], b[0]) for a in map(_unpack, joined["halves"]) if self.stage.is_edge(a, b)]
+        yield from edges
 
 
 def _with_sizes(keyed):
@@ -105,7 +107,7 @@ def _with_sizes(keyed):
         yield rid, (cluster, len(ids))
 
 
-class _DecideFn(_StageFn):
+class _DecideFn(StageFn):
     """One id's rows and its label (none for a singleton) -> the stage's decision, with counts."""
 
     def process(self, keyed):
@@ -113,18 +115,18 @@ class _DecideFn(_StageFn):
         rows, labels = list(joined[_ROWS]), list(joined["label"])
         if not rows:  # labels come from signed rows, so every label meets its row
             return
-        firsts, repeats = self.stage.split_repeated_ids(rows) if len(rows) > 1 else (rows, [])
+        start = time.perf_counter()
         cluster, size = labels[0] if labels else (rid, 1)
-        decided = [decide(firsts[0], cluster, size)]
-        decided += [(_meta(r, duplicate_of=first), DUPLICATE_ID) for r, first in repeats]
-        out = Outcome(stats=self.stage.tally([r for r, _ in decided]))
+        decided = self.stage.decide_id(rows, cluster, size)
+        out = Outcome(rows_in=len(rows), stats=self.stage.tally([r for r, _ in decided]))
         for row, why in decided:
             if why is None:
                 out.kept.append(row)
             else:
                 out.rejected.append(rejected_row(self.stage, row, why))
+        out.seconds = time.perf_counter() - start
         self.counters.record(out)
-        yield from _emit(out)
+        yield from emit(out)
 
 
 class MinHashDedupTransform(beam.PTransform):

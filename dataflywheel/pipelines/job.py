@@ -1,27 +1,32 @@
 """A job: read -> stages -> write, on Beam (any engine) or in a plain Python loop.
 
-Both engines call the same ``process_batch`` / ``process_group`` on the same stage objects and
-write through the same atomic shard writers, and both end with the same reconciliation check,
-so the plain loop is a faithful reference for tests and small jobs.
+Both engines call the same ``process_batch`` / ``process_group`` on the same stage objects, write
+through the same shard writers and commit protocol, and count the same things the same way: the
+rows entering each stage before it runs, the rows of each output after it, each with its id
+checksum (``stats.py``). ``run_job`` then checks the accounting (every stage, the hand-over
+between stages, the rows written) and fails with one line naming the stage and the numbers; a
+failed job's output folders are uncommitted (no ``_SUCCESS.json``), so nothing downstream takes
+them as complete. The report is saved to ``<output>/_report.json`` either way.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from ..config import JobConfig
 from ..errors import UserError
-from ..io import DeadLetter, ShardWriter, expand_paths, read_file
+from ..io import DeadLetter, ShardWriter, expand_paths, read, read_file
+from ..io.commit import TMP_PREFIX, finalize_shards, read_success, shards_of, uncommit
 from ..runner import RunnerConfig, make_pipeline
 from ..stages import GlobalStep, Outcome, Stage, batches, group_rows, process_batch, process_group
 from ..stats import ReconcileError, RunReport, StageReport, reports_from_beam
-from .io_transforms import TMP_PREFIX, finalize_shards, read_success
+from .config import JobConfig
 
 READ = "read"
+REPORT = "_report.json"
 
 
 def output_dirs(job: JobConfig) -> dict[str, str]:
@@ -34,43 +39,48 @@ def output_format(job: JobConfig, which: str) -> str:
 
 
 def run_job(job: JobConfig, runner: RunnerConfig) -> RunReport:
-    """Run one job; returns its checked report (raises ReconcileError when counts do not add up)."""
+    """Run one job and check its accounting; returns the report (a Dataflow dry run: the job graph
+    in ``report.job_graph``, nothing run). Raises ReconcileError when the rows do not add up."""
     stages = job.build_stages()
-    dry = runner.engine == "dataflow" and runner.dataflow is not None and runner.dataflow.dry_run
     try:
         files = expand_paths(job.input.paths)
     except UserError:
-        if not dry:
+        if not runner.dry_run:
             raise
         files = list(job.input.paths)  # a dry run builds the graph: the workers would read these later
     start = time.perf_counter()
+    graph = None
     if runner.engine == "plain":
         reports = _run_plain(job, stages, files)
     else:
-        reports = _run_beam(job, stages, files, runner)
-    report = RunReport(job.name, reports, time.perf_counter() - start)
-    if runner.engine == "dataflow" and runner.dataflow and runner.dataflow.dry_run:
-        report.outputs = {"dry_run": True}
+        reports, graph = _run_beam(job, stages, files, runner)
+    report = RunReport(job.name, reports, time.perf_counter() - start, config=job.model_dump(mode="json"))
+    if runner.dry_run:
+        report.job_graph, report.outputs = graph, {"dry_run": True}
         return report
-    report.outputs = {k: read_success(d) for k, d in output_dirs(job).items()}
-    report.config = job.model_dump()
+    dirs = output_dirs(job)
+    report.outputs = {k: read_success(d) for k, d in dirs.items()}
+    if reports[0].dead_letter:
+        reports[0].problems = file_problems(dirs["dead_letter"])
+    failed = report.mismatches()
+    if failed:
+        for folder in dirs.values():
+            uncommit(folder)
+    report.save(Path(job.output.path) / REPORT)
     report.check()
-    _check_outputs(report)
     return report
 
 
-def _check_outputs(report: RunReport) -> None:
-    """What reached the files must match the counters: nothing lost between stage and sink."""
-    last_kept = report.stages[-1].kept if report.stages else 0
-    rejected = sum(s.rejected_total for s in report.stages)
-    written_kept = report.outputs["kept"]["rows"]
-    written_rejected = report.outputs["rejected"]["rows"] if report.outputs.get("rejected") else rejected
-    if written_kept != last_kept or written_rejected != rejected:
-        raise ReconcileError(f"rows written (kept {written_kept}, rejected {written_rejected}) do not match "
-                             f"the stage counts (kept {last_kept}, rejected {rejected})")
+def file_problems(dead_dir: str) -> list[str]:
+    """The reader's file-level dead letters (a broken stream, an unreadable file), one line each."""
+    if not read_success(dead_dir):
+        return []
+    return [str(DeadLetter(**{k: v for k, v in row.items() if k in DeadLetter.__dataclass_fields__}))
+            for row in read(dead_dir) if isinstance(row, dict) and row.get("scope") == "file"]
 
 
-def _run_beam(job: JobConfig, stages: list[Stage], files: list[str], runner: RunnerConfig) -> list[StageReport]:
+def _run_beam(job: JobConfig, stages: list[Stage], files: list[str],
+              runner: RunnerConfig) -> tuple[list[StageReport], Any]:
     import apache_beam as beam
 
     from .io_transforms import ReadFiles, WriteShards
@@ -79,8 +89,9 @@ def _run_beam(job: JobConfig, stages: list[Stage], files: list[str], runner: Run
     accel = runner.dataflow.accelerator_hint() if runner.engine == "dataflow" and runner.dataflow else None
     dirs = output_dirs(job)
     p = make_pipeline(runner, job.name)
-    read = p | "Read" >> ReadFiles(files, job.input.format, job.input.kind, job.input.batch_rows, job.input.options, READ)
-    current, rejected, dead = read[KEPT], [], [read[DEAD]]
+    read_out = p | "Read" >> ReadFiles(files, job.input.format, job.input.kind, job.input.batch_rows,
+                                       job.input.options, READ)
+    current, rejected, dead = read_out[KEPT], [], [read_out[DEAD]]
     for stage in stages:
         outs = current | ApplyStage(stage, accelerator=accel if stage.config.gpu else None)
         current = outs[KEPT]
@@ -94,25 +105,26 @@ def _run_beam(job: JobConfig, stages: list[Stage], files: list[str], runner: Run
      | "WriteDead" >> WriteShards(dirs["dead_letter"], "jsonl", job.output.rows_per_shard))
     result = p.run()
     result.wait_until_finish()
-    if runner.engine == "dataflow" and runner.dataflow and runner.dataflow.dry_run:
-        job_graph = getattr(getattr(result, "job", None), "proto_pipeline", None)
-        _LAST_DRY_RUN["proto"] = job_graph
-        return []
-    return reports_from_beam(result, [READ] + [s.name for s in stages])
-
-
-_LAST_DRY_RUN: dict = {}  # the job graph of the last Dataflow dry run, for inspection and tests
+    if runner.dry_run:
+        return [], getattr(getattr(result, "job", None), "proto_pipeline", None)
+    reports = reports_from_beam(result, [READ] + [s.name for s in stages])
+    for report, new_rows in zip(reports, [True] + [s.new_rows for s in stages]):
+        report.new_rows = new_rows
+    return reports, None
 
 
 class _Sinks:
-    """The plain loop's writers: hidden shards while running, finalized like the Beam sink."""
+    """The plain loop's writers: hidden shards while running, committed like the Beam sink."""
 
     def __init__(self, job: JobConfig):
         self.job, self.dirs = job, output_dirs(job)
         self.writers: dict[str, ShardWriter] = {}
 
+    def wanted(self, which: str) -> bool:
+        return which != "rejected" or self.job.output.write_rejected
+
     def write(self, which: str, rows: list[dict]) -> None:
-        if which == "rejected" and not self.job.output.write_rejected:
+        if not rows or not self.wanted(which):
             return
         if which not in self.writers:
             Path(self.dirs[which]).mkdir(parents=True, exist_ok=True)
@@ -122,21 +134,27 @@ class _Sinks:
             self.writers[which].write(row)
 
     def close(self) -> None:
-        for which, d in self.dirs.items():
-            if which == "rejected" and not self.job.output.write_rejected:
-                continue
-            shards = self.writers[which].close() if which in self.writers else []
-            finalize_shards(d, output_format(self.job, which), shards)
+        for which, folder in self.dirs.items():
+            if self.wanted(which):
+                shards = shards_of(self.writers[which]) if which in self.writers else []
+                finalize_shards(folder, output_format(self.job, which), shards)
+
+
+def _counted(stream: Iterator[list[dict]], report: StageReport, which: str) -> Iterator[list[dict]]:
+    """Pass batches through, counting them into ``report`` (rows in, or a reader's kept rows)."""
+    for batch in stream:
+        report.count(which, batch)
+        yield batch
 
 
 def _run_plain(job: JobConfig, stages: list[Stage], files: list[str]) -> list[StageReport]:
     sinks = _Sinks(job)
-    read_report = StageReport(READ)
-    reports = [read_report] + [StageReport(s.name) for s in stages]
+    reader = StageReport(READ, new_rows=True)
+    reports = [reader] + [StageReport(s.name, new_rows=s.new_rows) for s in stages]
 
     def read_rows() -> Iterator[dict]:
         for path in files:
-            items, kept, busy = read_file(path, job.input.format, kind=job.input.kind, **job.input.options), 0, 0.0
+            items, busy = read_file(path, job.input.format, kind=job.input.kind, **job.input.options), 0.0
             while True:  # time only the reader: while suspended at `yield`, later stages run
                 t0 = time.perf_counter()
                 item = next(items, None)
@@ -144,16 +162,19 @@ def _run_plain(job: JobConfig, stages: list[Stage], files: list[str]) -> list[St
                 if item is None:
                     break
                 if isinstance(item, DeadLetter):
-                    read_report.add(dead=item.records)
-                    sinks.write("dead_letter", [item.to_row()])
+                    letter = item.to_row()
+                    reader.rows_in += item.records
+                    reader.count("dead", [letter], item.records)
+                    sinks.write("dead_letter", [letter])
                 else:
-                    kept += 1
+                    reader.rows_in += 1
                     yield item
-            read_report.add(kept=kept, seconds=busy)
+            reader.seconds += busy
 
     def record(report: StageReport, out: Outcome) -> list[dict]:
-        report.add(len(out.kept), Counter(r["rejected"]["reason"] for r in out.rejected), len(out.dead), out.seconds,
-                   out.stats)
+        for which, rows in (("kept", out.kept), ("rejected", out.rejected), ("dead", out.dead)):
+            report.count(which, rows)
+        report.add_stats(out.stats, out.seconds)
         sinks.write("rejected", out.rejected)
         sinks.write("dead_letter", out.dead)
         return out.kept
@@ -174,9 +195,9 @@ def _run_plain(job: JobConfig, stages: list[Stage], files: list[str]) -> list[St
     for stage in stages:
         stage.setup()
     try:
-        stream: Iterator[list[dict]] = batches(read_rows(), job.input.batch_rows)
+        stream = _counted(batches(read_rows(), job.input.batch_rows), reader, "kept")
         for stage, report in zip(stages, reports[1:]):
-            stream = apply(stage, report, stream)
+            stream = apply(stage, report, _counted(stream, report, "in"))
         for batch in stream:
             sinks.write("kept", batch)
         sinks.close()

@@ -9,13 +9,13 @@ text) when a step's ``cache`` is set, so a second run with another method, thres
 recomputes nothing. Steps run in a fixed order, each taking its stage's options, ``{}`` or
 ``false`` (as ``curate``). ``select.method`` names a recipe, expanded here into plain stages:
 
-- ``top``: the top ``budget`` / ``fraction`` rows by ``field`` (Cherry_LLM's IFD top-k, REFERENCES §3.1).
+- ``top``: the top ``budget`` / ``fraction`` rows by ``field`` (Cherry_LLM's IFD top-k, Li et al. 2024).
 - ``deita``: rows ranked by ``field`` (default ``deita_score`` = sum over turns of complexity x
   quality), then Deita's representation filter (cosine <= 0.9 to every row already taken) until
-  the budget is met (REFERENCES §3.4).
-- ``superfiltering_d``: Superfiltering.D (REFERENCES §3.2): keep rows with ``field`` (IFD) in
+  the budget is met (Liu et al. 2024, "What Makes Good Data for Alignment").
+- ``superfiltering_d``: Superfiltering.D (Li et al. 2024): keep rows with ``field`` (IFD) in
   [0.9, 1.0], the top ``quality_fraction`` (0.2) of them, then facility location to the budget.
-- ``instag``: InsTag's complexity-first diverse sampling over normalized tags (REFERENCES §3.3).
+- ``instag``: InsTag's complexity-first diverse sampling over normalized tags (Lu et al. 2024).
 - ``kcenter`` / ``kmeans`` / ``facility_location`` / ``repr_filter``: embedding diversity alone.
 - ``none``: scores only; selection can be run later on the scored output.
 
@@ -26,45 +26,46 @@ engine, the report and the reconciliation (in == kept + rejected + dead letter) 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import (
-    InputConfig,
-    OutputConfig,
-    RunConfig,
-    Strict,
-    read_yaml,
-)
+from ..config import InputConfig, OutputConfig, Strict, read_yaml
+from ..filters.basic import ExactDedup
+from ..filters.decontam import DecontamConfig, Decontaminate
+from ..filters.dedup.stage import MinHashDedup, MinHashDedupConfig
+from ..filters.perplexity import ScoreBand
+from ..registry import StageSpec
 from ..runner import RunnerConfig
-from .steps import Step, StepOrder, expand_steps, one_job_run, parse_pipeline, stage_spec
-
-# Cheap, row-shrinking steps first; model scoring on what is left (step key, stage, defaults).
-SFT_STEPS: StepOrder = [
-    ("exact_dedup", "exact_dedup", {}),
-    ("minhash_dedup", "minhash_dedup", {}),
-    ("decontaminate", "decontaminate", {}),
-    ("ifd", "ifd", {}),
-    ("deita_score", "deita_score", {}),
-    ("instag_tag", "instag_tag", {}),
-    ("instag_normalize", "instag_normalize", {}),
-    ("combine_scores", "combine_scores", {}),
-]
+from ..selectors.deita import CombineScores, CombineScoresConfig, DeitaScore, DeitaScoreConfig
+from ..selectors.diversity_stage import Diversity
+from ..selectors.ifd import IFD, IFDConfig
+from ..selectors.instag import InsTagTag, InsTagTagConfig
+from ..selectors.mixture import Mixture, MixtureConfig
+from ..selectors.tag_normalize import InsTagNormalize, InsTagNormalizeConfig
+from ..selectors.tag_sample import InsTagSample
+from ..selectors.top import SelectRandom, SelectTop
+from ..stages import StageConfig
+from .config import RunConfig, one_job
+from .steps import Step, parse_front_end, spec, step_specs
 
 
 class SftSteps(Strict):
-    exact_dedup: Step = True
-    # Near-copies of one instruction are the commonest waste in merged SFT pools (REFERENCES §7 idea 3).
-    minhash_dedup: Step = True
-    decontaminate: Step = False  # needs eval sets
-    ifd: Step = False  # needs a model
-    deita_score: Step = False  # needs a model
-    instag_tag: Step = False  # needs a generation backend
-    instag_normalize: Step = False  # after instag_tag; needs the whole pool
-    combine_scores: Step = False  # e.g. ifd x instag_count as one ranking field
+    exact_dedup: Step[StageConfig] = StageConfig()
+    # Near-copies of one instruction are the commonest waste in merged SFT pools.
+    minhash_dedup: Step[MinHashDedupConfig] = MinHashDedupConfig()
+    decontaminate: Step[DecontamConfig] = None  # needs evaluation sets
+    ifd: Step[IFDConfig] = None  # needs a model
+    deita_score: Step[DeitaScoreConfig] = None  # needs a model
+    instag_tag: Step[InsTagTagConfig] = None  # needs a generation backend
+    instag_normalize: Step[InsTagNormalizeConfig] = None  # after instag_tag; needs the whole pool
+    combine_scores: Step[CombineScoresConfig] = None  # e.g. ifd x instag_count as one ranking field
 
+
+# Cheap, row-shrinking steps first; model scoring on what is left.
+SFT_STEPS = {"exact_dedup": ExactDedup, "minhash_dedup": MinHashDedup, "decontaminate": Decontaminate, "ifd": IFD,
+             "deita_score": DeitaScore, "instag_tag": InsTagTag, "instag_normalize": InsTagNormalize,
+             "combine_scores": CombineScores}
 
 Method = Literal["none", "random", "top", "deita", "superfiltering_d", "instag", "kcenter", "kmeans", "facility_location",
                  "repr_filter"]
@@ -77,11 +78,11 @@ class SelectConfig(Strict):
     budget: int | None = Field(None, gt=0)  # rows to select
     fraction: float | None = Field(None, gt=0, le=1)  # or a share of the rows reaching selection
     field: str | None = None  # the score ranked by (top, deita, superfiltering_d); also diversity order
-    # superfiltering_d's quality stage (Superfiltering code_diversity_fla/do_fla.py, REFERENCES §3.2)
+    # superfiltering_d's quality stage (Superfiltering's code_diversity_fla/do_fla.py)
     ifd_lower: float = 0.9
     ifd_upper: float = 1.0
     quality_fraction: float = Field(0.2, gt=0, le=1)  # the paper keeps the top 20% before diversity
-    options: dict[str, Any] = {}  # passed to the method's final stage (e.g. threshold, part, n_clusters, cache)
+    options: dict[str, Any] = {}  # the method's final stage's options (e.g. threshold, n_clusters, cache, seed)
 
     @model_validator(mode="after")
     def _budget(self) -> SelectConfig:
@@ -99,12 +100,12 @@ class SftSelectConfig(Strict):
     output: OutputConfig
     steps: SftSteps = SftSteps()
     select: SelectConfig = SelectConfig()
-    mixture: dict[str, Any] | Literal[False] = False  # `mixture` stage options (group_by, budget...), or false
+    mixture: Step[MixtureConfig] = None  # the `mixture` stage's options (group_by, budget...), or off
     report: str | None = None
-    extra_stages: list[dict[str, Any]] = Field(default_factory=list)  # appended last, as in `run`
+    extra_stages: list[StageSpec] = Field(default_factory=list)  # appended last, as in `run`
 
 
-def select_stages(sel: SelectConfig, source: str = "<config>") -> list[dict[str, Any]]:
+def select_stages(sel: SelectConfig, source: str = "<config>") -> list[StageSpec]:
     """The stages of a selection recipe (see the module docstring)."""
     size = {"budget": sel.budget} if sel.budget is not None else {"fraction": sel.fraction}
     field = sel.field or DEFAULT_FIELD.get(sel.method)
@@ -112,33 +113,36 @@ def select_stages(sel: SelectConfig, source: str = "<config>") -> list[dict[str,
     if sel.method == "none":
         return []
     if sel.method == "random":  # the equal-budget baseline for every other method
-        return [stage_spec("select_random", {**size, **sel.options}, source, where)]
+        return [spec(SelectRandom, {**size, **sel.options}, source, where)]
     if sel.method == "top":
-        return [stage_spec("select_top", {"field": field, **size, **sel.options}, source, where)]
+        return [spec(SelectTop, {"field": field, **size, **sel.options}, source, where)]
     if sel.method == "instag":
-        return [stage_spec("instag_sample", {**size, **sel.options}, source, where)]
+        return [spec(InsTagSample, {**size, **sel.options}, source, where)]
     if sel.method == "deita":
-        opts = {"method": "repr_filter", "order_by": field, **size, **sel.options}
-        return [stage_spec("diversity", opts, source, where)]
+        return [spec(Diversity, {"method": "repr_filter", "order_by": field, **size, **sel.options}, source, where)]
     if sel.method == "superfiltering_d":
         band = {"name": "ifd_band", "field": field, "min_value": sel.ifd_lower, "max_value": sel.ifd_upper}
         top = {"name": "ifd_top", "field": field, "fraction": sel.quality_fraction}
-        return [stage_spec("score_band", band, source, ("select",)),
-                stage_spec("select_top", top, source, ("select",)),
-                stage_spec("diversity", {"method": "facility_location", **size, **sel.options}, source, where)]
+        return [spec(ScoreBand, band, source, ("select",)), spec(SelectTop, top, source, ("select",)),
+                spec(Diversity, {"method": "facility_location", **size, **sel.options}, source, where)]
     opts = {"method": sel.method, **size, **({"order_by": sel.field} if sel.field else {}), **sel.options}
-    return [stage_spec("diversity", opts, source, where)]
+    return [spec(Diversity, opts, source, where)]
+
+
+def sft_run(cfg: SftSelectConfig, source: str = "<config>") -> RunConfig:
+    """The run config of a typed selection config."""
+    stages = step_specs(cfg.steps, SFT_STEPS) + select_stages(cfg.select, source)
+    if cfg.mixture is not None:
+        stages.append(StageSpec.of(Mixture, cfg.mixture))
+    return one_job(cfg.name, cfg.runner, cfg.input, stages + cfg.extra_stages, cfg.output, cfg.report)
 
 
 def sft_run_config(data: Any, source: str = "<config>", inputs: list[str] | None = None,
                    output: str | None = None) -> RunConfig:
     """An SFT selection config (mapping) -> the equivalent run config; ``inputs``/``output`` override the file's."""
-    cfg = parse_pipeline(SftSelectConfig, data, source, inputs, output, input_defaults={"kind": "conversation"})
-    stages = expand_steps(SFT_STEPS, cfg.steps, source) + select_stages(cfg.select, source)
-    if cfg.mixture is not False:
-        stages.append(stage_spec("mixture", cfg.mixture, source, ("mixture",)))
-    return one_job_run(cfg, stages, source)
+    cfg = parse_front_end(SftSelectConfig, data, source, inputs, output, input_defaults={"kind": "conversation"})
+    return sft_run(cfg, source)
 
 
 def load_sft_config(path: str | os.PathLike, inputs: list[str] | None = None, output: str | None = None) -> RunConfig:
-    return sft_run_config(read_yaml(Path(path)), str(path), inputs, output)
+    return sft_run_config(read_yaml(path), str(path), inputs, output)

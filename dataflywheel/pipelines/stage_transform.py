@@ -1,56 +1,83 @@
-"""The one thin Beam wrapper around a stage (DESIGN §3).
+"""The one thin Beam wrapper around a stage.
 
 Elements between our transforms are *batches* (lists of rows): Beam costs microseconds per
-element (REFERENCES §1.5), which is more than a cheap filter spends on a row, so rows travel in
-lists and the per-element cost is paid once per batch. A PCollection of single rows (a user's own,
-or one after a GroupByKey) is batched with ``BatchElements`` first.
+element, more than a cheap filter spends on a row (docs/engines.md), so rows travel in lists and
+the per-element cost is paid once per batch. A PCollection of single rows (a user's own, or one
+after a GroupByKey) is batched with ``BatchElements`` first.
 
-``ApplyStage`` returns a ``DoOutputsTuple`` with ``kept`` (main), ``rejected`` and ``dead_letter``,
-each a PCollection of batches; counts go to Beam metrics under ``dfw/<stage>``.
+``ApplyStage`` returns ``kept`` / ``rejected`` / ``dead_letter``, each a PCollection of batches.
+It counts the rows entering the stage before the stage's plan runs, and the rows of each output
+after it, with their id checksums (``stats.py``): the plan itself (a ParDo over batches, key ->
+GroupByKey -> run, or a global step's own plan from ``plans.py``) only reports its busy time and
+its ``tally()``. So a plan that loses, duplicates or replaces rows is caught by the run's checks.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from contextlib import contextmanager
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from ..stages import GlobalStep, Outcome, Stage, batches, dead_row, process_batch, process_group
-from ..stats import counter_name
+from ..stats import checksum, counter_name, split64
 
 KEPT, REJECTED, DEAD = "kept", "rejected", "dead_letter"
+_SETS = {KEPT: "kept", REJECTED: "rejected", DEAD: "dead"}  # output tag -> counted row set
+
+
+class CountRows(beam.DoFn):
+    """Passes batches through, counting their rows and id checksum into ``dfw/<stage>``: ``in``,
+    ``kept``, ``rejected`` (by reason) or ``dead`` (``dead_letter``); ``records`` counts a reader's
+    letters by the records they stand for."""
+
+    def __init__(self, stage: str, which: str, records: bool = False):
+        self.stage, self.which, self.records = stage, which, records
+
+    def setup(self) -> None:
+        ns = counter_name(self.stage)
+        self.ns = ns
+        self.rows = Metrics.counter(ns, {"dead": "dead_letter"}.get(self.which, self.which))
+        self.lo, self.hi = Metrics.counter(ns, f"ids/{self.which}/lo"), Metrics.counter(ns, f"ids/{self.which}/hi")
+        self.reasons: dict[str, object] = {}
+
+    def process(self, batch: list[dict]):
+        lo, hi = split64(checksum(batch))
+        self.lo.inc(lo)
+        self.hi.inc(hi)
+        if self.which == "rejected":
+            for reason, n in Counter(r["rejected"]["reason"] for r in batch).items():
+                if reason not in self.reasons:
+                    self.reasons[reason] = Metrics.counter(self.ns, f"rejected/{reason}")
+                self.reasons[reason].inc(n)
+        else:
+            self.rows.inc(sum(r.get("records", 1) for r in batch) if self.records else len(batch))
+        yield batch
 
 
 class StageCounters:
-    """Beam counters of one stage; created lazily per DoFn instance (not picklable state)."""
+    """What a stage's own plan reports: busy time (µs) and its ``tally()`` counts."""
 
     def __init__(self, stage_name: str):
-        ns = counter_name(stage_name)
-        self.ns = ns
-        self.rows_in = Metrics.counter(ns, "in")
-        self.kept = Metrics.counter(ns, "kept")
-        self.dead = Metrics.counter(ns, "dead_letter")
-        self.busy_ms = Metrics.counter(ns, "busy_ms")
-        self.rejected: dict[str, object] = {}
+        self.ns = counter_name(stage_name)
+        self.busy_us = Metrics.counter(self.ns, "busy_us")
         self.stats: dict[str, object] = {}
 
     def record(self, out: Outcome) -> None:
-        self.rows_in.inc(out.rows_in)
-        self.kept.inc(len(out.kept))
-        self.dead.inc(len(out.dead))
-        self.busy_ms.inc(int(out.seconds * 1000))
-        for reason, n in Counter(r["rejected"]["reason"] for r in out.rejected).items():
-            if reason not in self.rejected:
-                self.rejected[reason] = Metrics.counter(self.ns, f"rejected/{reason}")
-            self.rejected[reason].inc(n)
-        for key, n in out.stats.items():
+        self.busy_us.inc(int(out.seconds * 1e6))
+        self.add_stats(out.stats)
+
+    def add_stats(self, stats: dict[str, int]) -> None:
+        for key, n in stats.items():
             if key not in self.stats:
                 self.stats[key] = Metrics.counter(self.ns, f"stat/{key}")
             self.stats[key].inc(n)
 
 
-def _emit(out: Outcome):
+def emit(out: Outcome):
+    """An outcome's rows as the main (kept) and tagged outputs of a DoFn."""
     if out.kept:
         yield out.kept
     if out.rejected:
@@ -59,8 +86,8 @@ def _emit(out: Outcome):
         yield beam.pvalue.TaggedOutput(DEAD, out.dead)
 
 
-class _StageFn(beam.DoFn):
-    """Holds a stage: its models load once per worker in ``setup``, its counters live per DoFn."""
+class StageFn(beam.DoFn):
+    """Holds a stage: its resources are built once per worker in ``setup``, its counters live per DoFn."""
 
     def __init__(self, stage: Stage):
         self.stage = stage
@@ -72,18 +99,27 @@ class _StageFn(beam.DoFn):
     def teardown(self) -> None:
         self.stage.teardown()
 
+    @contextmanager
+    def busy(self):
+        """Time the stage's own work (never around a ``yield``: downstream work runs inside it)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.counters.busy_us.inc(int((time.perf_counter() - start) * 1e6))
 
-class StageDoFn(_StageFn):
+
+class StageDoFn(StageFn):
     """Runs a Scorer/Filter over batches, in chunks of the stage's ``batch_size``."""
 
     def process(self, batch: list[dict]):
         for chunk in batches(batch, self.stage.config.batch_size):
             out = process_batch(self.stage, chunk)
             self.counters.record(out)
-            yield from _emit(out)
+            yield from emit(out)
 
 
-class _KeyDoFn(_StageFn):
+class _KeyDoFn(StageFn):
     """Keys rows for a GlobalStep; a row whose key() raises is a dead letter, not a crash."""
 
     def process(self, batch: list[dict]):
@@ -96,16 +132,15 @@ class _KeyDoFn(_StageFn):
                 continue
             yield ("" if key is None else str(key), row)
         if dead:
-            self.counters.record(Outcome(dead=dead))
             yield beam.pvalue.TaggedOutput(DEAD, dead)
 
 
-class _GroupDoFn(_StageFn):
+class _GroupDoFn(StageFn):
     def process(self, keyed):
         _, rows = keyed
         out = process_group(self.stage, list(rows))
         self.counters.record(out)
-        yield from _emit(out)
+        yield from emit(out)
 
 
 class Rebatch(beam.PTransform):
@@ -122,6 +157,23 @@ class Rebatch(beam.PTransform):
                 | "Batch" >> beam.BatchElements(min_batch_size=self.size, max_batch_size=self.size))
 
 
+class GroupPlan(beam.PTransform):
+    """A GlobalStep's default plan: key -> GroupByKey -> run per group -> re-batched outputs."""
+
+    def __init__(self, stage: GlobalStep):
+        super().__init__()
+        self.stage = stage
+
+    def expand(self, pcoll):
+        keyed = pcoll | "Key" >> beam.ParDo(_KeyDoFn(self.stage)).with_outputs(DEAD, main="keyed")
+        grouped = keyed.keyed | "Group" >> beam.GroupByKey()
+        outs = grouped | "Run" >> beam.ParDo(_GroupDoFn(self.stage)).with_outputs(REJECTED, DEAD, main=KEPT)
+        size = self.stage.config.batch_size
+        return {KEPT: outs[KEPT] | "RebatchKept" >> Rebatch(size),
+                REJECTED: outs[REJECTED] | "RebatchRejected" >> Rebatch(size),
+                DEAD: (keyed[DEAD], outs[DEAD]) | "Dead" >> beam.Flatten()}
+
+
 class ApplyStage(beam.PTransform):
     """``pcoll | ApplyStage(stage)`` -> outputs ``kept`` / ``rejected`` / ``dead_letter`` (batches).
 
@@ -134,22 +186,19 @@ class ApplyStage(beam.PTransform):
         self.stage, self.batched, self.accelerator = stage, batched, accelerator
 
     def expand(self, pcoll):
+        from .plans import plan_for
+
+        stage = self.stage
         if not self.batched:
-            size = self.stage.config.batch_size
+            size = stage.config.batch_size
             pcoll = pcoll | "Batch" >> beam.BatchElements(min_batch_size=min(8, size), max_batch_size=size)
-        own_plan = self.stage.beam_transform() if isinstance(self.stage, GlobalStep) else None
-        if own_plan is not None:
-            return pcoll | "Run" >> own_plan
-        if isinstance(self.stage, GlobalStep):
-            keyed = pcoll | "Key" >> beam.ParDo(_KeyDoFn(self.stage)).with_outputs(DEAD, main="keyed")
-            grouped = keyed.keyed | "Group" >> beam.GroupByKey()
-            outs = grouped | "Run" >> beam.ParDo(_GroupDoFn(self.stage)).with_outputs(REJECTED, DEAD, main=KEPT)
-            dead = (keyed[DEAD], outs[DEAD]) | "Dead" >> beam.Flatten()
-            size = self.stage.config.batch_size
-            return {KEPT: outs[KEPT] | "RebatchKept" >> Rebatch(size),
-                    REJECTED: outs[REJECTED] | "RebatchRejected" >> Rebatch(size), DEAD: dead}
-        pardo = beam.ParDo(StageDoFn(self.stage))
-        if self.accelerator:
-            pardo = pardo.with_resource_hints(accelerator=self.accelerator)
-        outs = pcoll | "Run" >> pardo.with_outputs(REJECTED, DEAD, main=KEPT)
-        return {KEPT: outs[KEPT], REJECTED: outs[REJECTED], DEAD: outs[DEAD]}
+        pcoll = pcoll | "CountIn" >> beam.ParDo(CountRows(stage.name, "in"))
+        if isinstance(stage, GlobalStep):
+            outs = pcoll | "Run" >> plan_for(stage)
+        else:
+            pardo = beam.ParDo(StageDoFn(stage))
+            if self.accelerator:
+                pardo = pardo.with_resource_hints(accelerator=self.accelerator)
+            outs = pcoll | "Run" >> pardo.with_outputs(REJECTED, DEAD, main=KEPT)
+        return {tag: outs[tag] | f"Count{which.title()}" >> beam.ParDo(CountRows(stage.name, which))
+                for tag, which in _SETS.items()}

@@ -20,15 +20,23 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ValidationError
-
-from ..config import OutputConfig, RunConfig, Strict, expand_env, format_validation_error, parse_config, read_yaml
+from ..config import InputConfig, OutputConfig, Strict, load_yaml
 from ..errors import UserError
+from ..filters.basic import ExactDedup
+from ..filters.dedup.stage import MinHashDedup, MinHashDedupConfig
+from ..registry import StageSpec
 from ..runner import RunnerConfig
 from ..stats import RunReport
 from ..synth.backends.config import BackendConfig, build_backend
 from ..synth.evol import EvolConfig, EvolInstruct, failure_row
+from ..synth.generate import Generate, GenerateConfig
 from ..synth.self_instruct import SelfInstruct, SelfInstructConfig, load_seed_tasks
+from .config import RunConfig, one_job
+from .steps import Step
+
+
+class ResponsesConfig(GenerateConfig):
+    backend: BackendConfig | None = None  # None: the synth config's backend
 
 
 class SynthConfig(Strict):
@@ -39,18 +47,14 @@ class SynthConfig(Strict):
     backend: BackendConfig
     self_instruct: SelfInstructConfig = SelfInstructConfig()
     evol_instruct: EvolConfig = EvolConfig()
-    responses: dict[str, Any] | None = None  # `generate` stage options: answer the synthesized prompts in the job
-    dedup: dict[str, Any] | bool = {}  # minhash_dedup options, or false (exact dedup always runs)
+    responses: Step[ResponsesConfig] = None  # answer the synthesized prompts in the job (`generate` options)
+    dedup: Step[MinHashDedupConfig] = MinHashDedupConfig()  # near-dedup of the results (exact dedup always runs)
     output: OutputConfig
     report: str | None = None
 
 
 def load_synth_config(path: str | os.PathLike) -> SynthConfig:
-    data = expand_env(read_yaml(path), str(path))
-    try:
-        return SynthConfig.model_validate(data)
-    except ValidationError as err:
-        raise UserError(format_validation_error(err, str(path), model=SynthConfig)) from None
+    return load_yaml(path, SynthConfig)
 
 
 def synthesize(cfg: SynthConfig, backend: Any) -> tuple[list[dict], list[dict], Counter, str]:
@@ -89,16 +93,15 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def job_config(cfg: SynthConfig, candidates: Path, kind: str) -> RunConfig:
-    stages: list[dict] = []
+    stages: list[StageSpec] = []
     if cfg.responses is not None:
-        stages.append({"stage": "generate", "backend": cfg.backend.model_dump(), **cfg.responses})
-    stages.append({"stage": "exact_dedup"})
-    if cfg.dedup is not False:
-        stages.append({"stage": "minhash_dedup", **(cfg.dedup if isinstance(cfg.dedup, dict) else {})})
-    data = {"name": cfg.name, "runner": cfg.runner.model_dump(exclude_none=True),
-            "jobs": [{"name": cfg.name, "input": {"paths": [str(candidates)], "kind": kind},
-                      "stages": stages, "output": cfg.output.model_dump()}], "report": cfg.report}
-    return parse_config(data, "<synth>")
+        responses = cfg.responses if cfg.responses.backend else cfg.responses.model_copy(update={"backend": cfg.backend})
+        stages.append(StageSpec.of(Generate, responses))
+    stages.append(StageSpec.of(ExactDedup))
+    if cfg.dedup is not None:
+        stages.append(StageSpec.of(MinHashDedup, cfg.dedup))
+    return one_job(cfg.name, cfg.runner, InputConfig(paths=[str(candidates)], kind=kind), stages, cfg.output,
+                   cfg.report)
 
 
 def run_synth(cfg: SynthConfig) -> tuple[dict, RunReport]:

@@ -9,11 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from dataflywheel.config import expand_env
-from dataflywheel.errors import UserError
+from dataflywheel.config import load_yaml
 
 from .model import TinyInit
 
@@ -59,7 +57,7 @@ class TrainBase(BaseModel):
     output: str
     eval_data: list[str] = []  # held-out rows; empty: split off eval_fraction of data
     eval_fraction: float = Field(0.05, ge=0, lt=1)
-    max_length: int = Field(1024, ge=8)  # TRL's default (REFERENCES §6.1)
+    max_length: int = Field(1024, ge=8)  # TRL 1.16 SFTConfig's default
     chat_template: str | None = None  # a Jinja template overriding the tokenizer's
     lint: Literal["fail", "drop"] = "fail"  # fail: any linter finding stops the run; drop: drop those rows, report
     resume: bool = True  # continue from the latest checkpoint in output, if any
@@ -72,28 +70,13 @@ class TrainBase(BaseModel):
 
 def load_train_config(path: str | Path, cls: type[TrainBase], overrides: dict | None = None) -> TrainBase:
     """Read a YAML config into ``cls`` (``${VAR}`` expanded; relative paths are from the working
-    directory, as in the other commands). Errors name the file and the key."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise UserError(f"config not found: {path}") from None
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping at the top level")
-    raw = expand_env(raw, str(path))  # ${VAR}, as in every other config
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            raw[key] = value
-    if (overrides or {}).get("model"):
-        raw.pop("tiny", None)  # a model given on the command line replaces the config's tiny init
-    if isinstance(raw.get("data"), str):
-        raw["data"] = [raw["data"]]
-    if isinstance(raw.get("eval_data"), str):
-        raw["eval_data"] = [raw["eval_data"]]
-    try:
-        return cls.model_validate(raw)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise UserError(f"{path}: {where}: {first['msg']}") from None
+    directory, as in the other commands); ``overrides`` are the command line's (None: not given)."""
+    def prepare(raw: dict, source: str) -> dict:
+        if (overrides or {}).get("model"):
+            raw.pop("tiny", None)  # a model given on the command line replaces the config's tiny init
+        for key in ("data", "eval_data"):
+            if isinstance(raw.get(key), str):
+                raw[key] = [raw[key]]
+        return raw
+
+    return load_yaml(path, cls, overrides, prepare)

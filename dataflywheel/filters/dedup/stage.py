@@ -4,13 +4,13 @@ Two executions of one algorithm, which must decide every row identically:
 
 - ``run(rows)`` (the plain engine, and a whole-dataset group anywhere): everything in memory, with
   union-find over the edges;
-- ``beam_transform()`` (every Beam engine): band keys as a keyed ``GroupByKey``, candidate pairs
-  judged after joining each end's signature by id, connected components by union-find on one
-  worker or by distributed star rounds (``components: beam``), joined back to the rows by id
-  (``pipelines/dedup.py``).
+- the Beam plan registered for this class in ``pipelines/plans.py`` (every Beam engine): band keys
+  as a keyed ``GroupByKey``, candidate pairs judged after joining each end's signature by id,
+  connected components by union-find on one worker or by distributed star rounds
+  (``components: beam``), joined back to the rows by id (``pipelines/dedup.py``).
 
 Both share ``sign`` (signatures + band keys), ``lsh.bucket_pairs`` (candidates), ``is_edge``
-(exact Jaccard verification of a candidate) and ``decide`` (the cluster's smallest id survives:
+(exact Jaccard verification of a candidate) and ``decide_id`` (the cluster's smallest id survives:
 deterministic, whatever the engine, order or sharding). Every row of a cluster of two or more gets
 ``meta.cluster`` and ``meta.cluster_size`` for audit, and duplicates get ``meta.duplicate_of``, so
 the kept output and ``_rejected`` together hold the full cluster table.
@@ -46,9 +46,9 @@ DUPLICATE, DUPLICATE_ID = "near_duplicate", "duplicate_id"
 
 class MinHashDedupConfig(StageConfig):
     threshold: float = Field(THRESHOLD, gt=0.0, lt=1.0)  # Jaccard at which two rows are duplicates
-    num_perm: int = Field(NUM_PERM, ge=8)  # datasketch default (REFERENCES §1.7)
+    num_perm: int = Field(NUM_PERM, ge=8)  # datasketch 2.0 MinHash default
     seed: int = SEED  # datasketch default
-    ngram: int = Field(NGRAM, ge=1)  # word n-grams (REFERENCES §2.8)
+    ngram: int = Field(NGRAM, ge=1)  # word 5-grams: datatrove, data-juicer, text-dedup
     char_ngram: int | None = Field(None, ge=1)  # character n-grams instead of words (NeMo uses 24)
     verify: bool = True  # judge candidates by exact Jaccard (MinHash estimate past max_exact_shingles)
     max_exact_shingles: int = Field(MAX_EXACT_SHINGLES, ge=1)
@@ -76,7 +76,8 @@ class MinHashDedup(GlobalStep):
         self.bands, self.rows_per_band = lsh_params(c.threshold, c.num_perm, c.verify, c.lsh_threshold)
 
     def describe(self) -> str:
-        """The S-curve of the chosen bands x rows, printed at the start of a run (REFERENCES §2.7)."""
+        """The S-curve of the chosen bands x rows, printed at the start of a run: the probability
+        that a pair at each Jaccard similarity becomes a candidate, 1 - (1 - s^r)^b."""
         return f"{self.name}: threshold {self.config.threshold}\n" + s_curve_table(self.bands, self.rows_per_band)
 
     # -- shared by both executions -----------------------------------------------------------------
@@ -124,7 +125,14 @@ class MinHashDedup(GlobalStep):
             cluster = assign[str(row["id"])]
             yield decide(row, cluster, sizes[cluster])
         for row, first_id in repeats:
-            yield _meta(row, duplicate_of=first_id), DUPLICATE_ID
+            yield with_meta(row, duplicate_of=first_id), DUPLICATE_ID
+
+    def decide_id(self, rows: list[dict], cluster: str, size: int) -> list[tuple[dict, str | None]]:
+        """The decisions for the rows sharing one id, given the id's cluster and the cluster's size
+        (what ``run`` decides for them; the Beam plan calls this once per id)."""
+        firsts, repeats = self.split_repeated_ids(rows) if len(rows) > 1 else (rows, [])
+        return [decide(firsts[0], cluster, size)] + [(with_meta(r, duplicate_of=first), DUPLICATE_ID)
+                                                     for r, first in repeats]
 
     def split_repeated_ids(self, rows: list[dict]) -> tuple[list[dict], list[tuple[dict, str]]]:
         """Rows sharing an id cannot be told apart in the graph: one stands for the id and the
@@ -143,12 +151,6 @@ class MinHashDedup(GlobalStep):
             repeats.extend((row, rid) for row in group[1:])
         return firsts, repeats
 
-    def beam_transform(self):
-        from ...pipelines.dedup import MinHashDedupTransform
-
-        return MinHashDedupTransform(self)
-
-
 def _content_order(row: dict) -> str:
     return repr(sorted(row.items(), key=lambda kv: kv[0]))
 
@@ -158,10 +160,10 @@ def decide(row: dict, cluster: str, size: int) -> tuple[dict, str | None]:
     if size <= 1:
         return row, None
     if str(row["id"]) == cluster:
-        return _meta(row, cluster=cluster, cluster_size=size), None
-    return _meta(row, cluster=cluster, cluster_size=size, duplicate_of=cluster), DUPLICATE
+        return with_meta(row, cluster=cluster, cluster_size=size), None
+    return with_meta(row, cluster=cluster, cluster_size=size, duplicate_of=cluster), DUPLICATE
 
 
-def _meta(row: dict, **fields) -> dict:
+def with_meta(row: dict, **fields) -> dict:
     return {**row, "meta": {**(row.get("meta") or {}), **fields}}
 
