@@ -2,8 +2,9 @@
 
 ``read(patterns, kind=...)`` expands globs / folders, picks the reader by extension (or folder
 layout), and yields row dicts, validated as ``kind`` when given, or ``DeadLetter``s for what could
-not be read: nothing is dropped silently. Writers (``open_shard``, ``ShardWriter``,
-``write_success``) are atomic. Names starting with "." or "_" (temp files, markers) are never read.
+not be read: nothing is dropped silently. Writers (``open_shard``, ``ShardWriter``) are atomic,
+and an output folder is committed by ``commit.finalize_shards`` (``_SUCCESS.json`` last). Names
+starting with "." or "_" (temp files, markers) are never read.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from itertools import chain
 from .. import records
 from ..errors import RecordError, UserError
 from .base import DeadLetter, snippet
-from .sink import ShardWriter, open_shard, write_success
+from .commit import read_success, write_rows, write_success
+from .sink import ShardWriter, open_shard
 
 __all__ = [
     "FORMATS",
@@ -29,6 +31,8 @@ __all__ = [
     "open_shard",
     "read",
     "read_file",
+    "read_success",
+    "write_rows",
     "write_success",
 ]
 
