@@ -187,12 +187,67 @@ def _execute(cfg, args: argparse.Namespace) -> int:
     return 0
 
 
-def _validate(args: argparse.Namespace) -> int:
-    from .pipelines.config import load_config
+CONFIG_KINDS = ("run", "curate", "select", "pairs", "synth", "rounds", "train-sft", "train-rm", "train-dpo", "train-grpo")
 
-    cfg = load_config(args.config)
-    names = ", ".join(f"{j.name} ({len(j.stages)} stages)" for j in cfg.jobs)
-    print(f"{args.config}: ok: engine {cfg.runner.engine}; jobs: {names}")
+
+def config_kind(data: object) -> str | None:
+    """Which command a config file is for, from its keys (None: cannot tell)."""
+    if not isinstance(data, dict):
+        return None
+    keys = set(data)
+    if "policy" in keys:
+        return "rounds"
+    if {"method", "seeds"} <= keys:
+        return "synth"
+    if "generate" in keys:
+        return "pairs"
+    if keys & {"select", "mixture"} or set(data.get("steps") or {}) & {"ifd", "deita_score", "instag_tag"}:
+        return "select"
+    if "steps" in keys:
+        return "curate"
+    if keys & {"jobs", "stages"}:
+        return "run"
+    return None
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .config import read_yaml
+
+    kind = args.kind or config_kind(read_yaml(args.config))
+    if kind is None:
+        raise UserError(f"{args.config}: cannot tell which command this config is for; pass --as "
+                        f"({', '.join(CONFIG_KINDS)})")
+    if kind.startswith("train-"):
+        import importlib
+
+        from .train.config import load_train_config
+
+        algorithm = kind.split("-", 1)[1]
+        module = importlib.import_module(f".train.{algorithm}", __package__)
+        load_train_config(args.config, getattr(module, TRAIN_ALGORITHMS[algorithm]))
+        print(f"{args.config}: ok: a train {algorithm} config")
+        return 0
+    if kind == "synth":
+        from .pipelines.synth import load_synth_config
+
+        cfg = load_synth_config(args.config)
+        print(f"{args.config}: ok: a synth config ({cfg.method})")
+        return 0
+    if kind == "rounds":
+        from .flywheel.config import load_flywheel_config
+
+        cfg = load_flywheel_config(args.config)
+        print(f"{args.config}: ok: a rounds config ({cfg.rounds} rounds, training {cfg.train.algorithm})")
+        return 0
+    from .pipelines.config import load_config
+    from .pipelines.pairs import load_pairs_config
+    from .pipelines.sft import load_sft_config
+    from .pipelines.web import load_web_config
+
+    load = {"run": load_config, "curate": load_web_config, "select": load_sft_config, "pairs": load_pairs_config}
+    cfg = load[kind](args.config)
+    names = ", ".join(f"{j.name} ({', '.join(s.stage for s in j.stages) or 'no stages'})" for j in cfg.jobs)
+    print(f"{args.config}: ok: a {kind} config; engine {cfg.runner.engine}; jobs: {names}")
     return 0
 
 
@@ -293,8 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--endpoint", metavar="URL", help="Hub endpoint (default: huggingface_hub's, HF_ENDPOINT)")
     exp.set_defaults(func=_export)
 
-    val = sub.add_parser("validate", help="check a config file without running it")
+    val = sub.add_parser("validate", help="check a config file of any command without running it")
     val.add_argument("config")
+    val.add_argument("--as", dest="kind", choices=CONFIG_KINDS,
+                     help="the command the config is for (default: told from its keys; training configs need it)")
     val.set_defaults(func=_validate)
 
     stages = sub.add_parser("stages", help="list the registered stages")

@@ -163,13 +163,3 @@ def load_yaml(path: str | os.PathLike, model: type[M], overrides: dict[str, Any]
     if prepare is not None:
         data = prepare(data, source)
     return validate(model, data, source)
-
-
-def __getattr__(name: str) -> Any:
-    # The run config moved to pipelines/config.py (it holds stage specs, which this module must
-    # not know); kept importable from here while callers move.
-    if name in ("JobConfig", "RunConfig", "parse_config", "load_config"):
-        from .pipelines import config as run_config
-
-        return getattr(run_config, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,8 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
+
+import xxhash
 
 from .errors import RecordError
 
@@ -255,3 +257,21 @@ def validate(kind: str, row: Any) -> dict:
     if kind not in VALIDATORS:
         raise ValueError(f"unknown record kind {kind!r}; expected one of {', '.join(KINDS)}")
     return VALIDATORS[kind](row)
+
+
+# ---- identity: what the run's accounting counts ------------------------------------------------
+
+MASK64 = (1 << 64) - 1
+
+
+def row_key(row: dict) -> int:
+    """A row's identity as 64 bits (xxh3): its ``id`` (a stage's dead letter carries its record's
+    id); a row without one is identified by its content."""
+    rid = row.get("id") if isinstance(row, dict) else None
+    text = str(rid) if rid is not None else json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
+    return xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass"))
+
+
+def checksum(rows: Iterable[dict]) -> int:
+    """Order-independent checksum of row identities: the sum of ``row_key`` mod 2^64."""
+    return sum(map(row_key, rows)) & MASK64

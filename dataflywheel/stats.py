@@ -21,36 +21,21 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import xxhash
+from .records import MASK64, checksum, row_key
 
 NAMESPACE_PREFIX = "dfw/"
-MASK64 = (1 << 64) - 1
 MASK32 = (1 << 32) - 1
 OUTS = ("in", "kept", "rejected", "dead")  # the row sets of a stage that carry a checksum
 _SECRET_KEY = re.compile(r"(token|secret|password|api[_-]?key|credential)", re.IGNORECASE)
-_hash64 = xxhash.xxh3_64_intdigest
+__all__ = ["MASK64", "RunReport", "StageReport", "checksum", "row_key"]
 
 
 class ReconcileError(RuntimeError):
     """The rows of a run do not add up: a stage lost, replaced or invented rows."""
-
-
-def row_key(row: dict) -> int:
-    """A row's identity as 64 bits: its ``id`` (a stage's dead letter carries its record's id);
-    a row without one is identified by its content."""
-    rid = row.get("id") if isinstance(row, dict) else None
-    text = str(rid) if rid is not None else json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
-    return _hash64(text.encode("utf-8", "surrogatepass"))
-
-
-def checksum(rows: Iterable[dict]) -> int:
-    """Order-independent checksum of row identities: sum of ``row_key`` mod 2^64."""
-    return sum(map(row_key, rows)) & MASK64
 
 
 def split64(value: int) -> tuple[int, int]:
@@ -212,42 +197,6 @@ class RunReport:
 
 def counter_name(stage: str) -> str:
     return NAMESPACE_PREFIX + stage
-
-
-def reports_from_beam(result: Any, stage_names: list[str]) -> list[StageReport]:
-    """Read our counters back from a finished Beam pipeline result, in pipeline order."""
-    from apache_beam.metrics.metric import MetricsFilter
-
-    by_stage: dict[str, StageReport] = {n: StageReport(n) for n in stage_names}
-    halves: dict[tuple[str, str], list[int]] = {}
-    for c in result.metrics().query(MetricsFilter())["counters"]:
-        ns = c.key.metric.namespace
-        if not ns.startswith(NAMESPACE_PREFIX):
-            continue
-        report = by_stage.get(ns[len(NAMESPACE_PREFIX):])
-        if report is None:  # another transform's metrics (e.g. dfw/components)
-            continue
-        name, value = c.key.metric.name, c.committed if c.committed is not None else c.attempted
-        if name == "in":
-            report.rows_in += value
-        elif name == "kept":
-            report.kept += value
-        elif name == "dead_letter":
-            report.dead_letter += value
-        elif name.startswith("rejected/"):
-            reason = name[len("rejected/"):]
-            report.rejected[reason] = report.rejected.get(reason, 0) + value
-        elif name.startswith("ids/"):  # ids/<set>/lo|hi
-            _, which, half = name.split("/")
-            halves.setdefault((report.stage, which), [0, 0])[half == "hi"] += value
-        elif name == "busy_us":
-            report.seconds += value / 1e6
-        elif name.startswith("stat/"):
-            key = name[len("stat/"):]
-            report.stats[key] = report.stats.get(key, 0) + value
-    for (stage, which), (lo, hi) in halves.items():
-        by_stage[stage].ids[which] = join64(lo, hi)
-    return list(by_stage.values())
 
 
 def redact(obj: Any) -> Any:

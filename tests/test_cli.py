@@ -93,3 +93,32 @@ def test_train_commands_run_each_shipped_config_and_fail_in_one_line(tmp_path):
     bad.write_text(f"tiny: {{}}\ndata: {tmp_path / 'missing.jsonl'}\noutput: {tmp_path / 'o'}\n")
     out = cli("train", "sft", str(bad))
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "missing.jsonl" in out.stderr
+
+
+def test_validate_checks_every_shipped_config(monkeypatch, capsys):
+    from dataflywheel.cli import main
+
+    monkeypatch.chdir(REPO)
+    for var in ("DATAFLOW_BUCKET", "DATAFLOW_IMAGE", "DATAFLOW_PROJECT", "PAIRS_POLICY", "PAIRS_RM", "SELECT_MODEL",
+                "SYNTH_MODEL"):
+        monkeypatch.setenv(var, "x")
+    kinds = {"demo": "run", "web": "curate", "sft_select": "select", "pairs": "pairs", "synth": "synth",
+             "flywheel": "rounds"}
+    for name, kind in kinds.items():
+        assert main(["validate", f"configs/{name}.yaml"]) == 0
+        assert f"ok: a {kind} config" in capsys.readouterr().out
+    for algo in ("sft", "rm", "dpo", "grpo"):
+        assert main(["validate", "--as", f"train-{algo}", f"configs/train_{algo}.yaml"]) == 0
+    assert main(["validate", "configs/train_sft.yaml"]) == 2  # a training config needs --as
+    assert "pass --as" in capsys.readouterr().err
+
+
+def test_help_and_stage_docs_cite_nothing_outside_the_repo():
+    """Help text and `stages -v` name facts or docs/ pages, never documents a clone does not have."""
+    import re
+
+    texts = [cli("stages", "-v").stdout, cli("--help").stdout]
+    texts += [cli(cmd, "--help").stdout for cmd in ("run", "curate", "select", "pairs", "synth", "train", "rounds",
+                                                    "report", "export", "validate", "stages")]
+    for text in texts:
+        assert not re.search(r"DESIGN|REFERENCES|shared/|[Ii]ssue \d", text), text

@@ -38,9 +38,9 @@ def test_config_expands_to_sample_pairs_and_best_of_n_jobs():
     run = pairs_run_config(data, "p.yaml")
     jobs = {j.name: j for j in run.jobs}
     assert list(jobs) == ["pairs-sample", "pairs-pairs", "pairs-best_of_n"]
-    assert [s["stage"] for s in jobs["pairs-sample"].stages] == ["generate", "verify", "reward_model"]
-    assert [s["stage"] for s in jobs["pairs-pairs"].stages] == ["pairs", "pair_quantile"]
-    assert jobs["pairs-pairs"].stages[0]["round"] == jobs["pairs-best_of_n"].stages[0]["round"] == 3
+    assert [s.stage for s in jobs["pairs-sample"].stages] == ["generate", "verify", "reward_model"]
+    assert [s.stage for s in jobs["pairs-pairs"].stages] == ["pairs", "pair_quantile"]
+    assert jobs["pairs-pairs"].stages[0].config.round == jobs["pairs-best_of_n"].stages[0].config.round == 3
     assert jobs["pairs-sample"].input.kind == "prompt" and jobs["pairs-sample"].output.format == "jsonl"
     assert jobs["pairs-pairs"].input.paths == [str(Path("out") / "scored")]
     assert jobs["pairs-best_of_n"].output.path == str(Path("out") / "sft")

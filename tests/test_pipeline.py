@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dataflywheel.pipelines.config import parse_config
 from dataflywheel.io import read
+from dataflywheel.pipelines.config import parse_config
 from dataflywheel.pipelines.job import run_job
 from dataflywheel.stages import Scorer
 from dataflywheel.stats import ReconcileError, RunReport, StageReport

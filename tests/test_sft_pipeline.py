@@ -26,11 +26,11 @@ def stages_of(data: dict) -> list[dict]:
 
 
 def test_default_steps_and_order():
-    assert [s["stage"] for s in stages_of(BASE)] == ["exact_dedup", "minhash_dedup"]
+    assert [s.stage for s in stages_of(BASE)] == ["exact_dedup", "minhash_dedup"]
     data = {**BASE, "steps": {"ifd": {"model": "m"}, "deita_score": {"model": "m"}, "exact_dedup": False},
             "select": {"method": "top", "field": "ifd", "fraction": 0.1}}
-    names = [s["stage"] for s in stages_of(data)]
-    order = [stage for _, stage, _ in SFT_STEPS]
+    names = [s.stage for s in stages_of(data)]
+    order = [cls.stage_name for cls in SFT_STEPS.values()]
     assert names[:-1] == [n for n in order if n in names]  # the steps keep the fixed order
     assert names == ["minhash_dedup", "ifd", "deita_score", "select_top"]
     assert sft_run_config(BASE, "x").jobs[0].input.kind == "conversation"  # SFT pools are conversations
@@ -47,7 +47,7 @@ def test_default_steps_and_order():
 ])
 def test_select_recipes_expand_to_stages(method, expected):
     sel = SelectConfig(method=method, budget=7, **({"field": "ifd"} if method == "top" else {}))
-    got = [(s.pop("stage"), {k: v for k, v in s.items() if k != "name"}) for s in select_stages(sel)]
+    got = [(s.stage, s.config.model_dump(exclude_unset=True, exclude={"name"})) for s in select_stages(sel)]
     assert got == expected
 
 
@@ -66,7 +66,7 @@ def test_config_errors_name_the_place():
 
 def test_shipped_config_loads(monkeypatch):
     monkeypatch.setenv("SELECT_MODEL", "gpt2")
-    names = [s["stage"] for s in load_sft_config(REPO / "configs" / "sft_select.yaml").jobs[0].stages]
+    names = [s.stage for s in load_sft_config(REPO / "configs" / "sft_select.yaml").jobs[0].stages]
     assert names == ["exact_dedup", "minhash_dedup", "ifd", "score_band", "select_top", "diversity"]
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..stats import MASK64
+from ..records import MASK64
 from .sink import ShardWriter, atomic_path
 
 TMP_PREFIX = ".tmp-"

@@ -25,7 +25,7 @@ from typing import Any
 
 import zstandard
 
-from ..stats import MASK64, row_key
+from ..records import MASK64, row_key
 
 WRITE_FORMATS = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet")
 # Parquet shards are buffered in memory whole: 50k rows of ~2 KB is ~100 MB of Python objects,

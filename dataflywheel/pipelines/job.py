@@ -22,7 +22,7 @@ from ..io import DeadLetter, ShardWriter, expand_paths, read, read_file
 from ..io.commit import TMP_PREFIX, finalize_shards, read_success, shards_of, uncommit
 from ..runner import RunnerConfig, make_pipeline
 from ..stages import GlobalStep, Outcome, Stage, batches, group_rows, process_batch, process_group
-from ..stats import ReconcileError, RunReport, StageReport, reports_from_beam
+from ..stats import RunReport, StageReport
 from .config import JobConfig
 
 READ = "read"
@@ -84,7 +84,7 @@ def _run_beam(job: JobConfig, stages: list[Stage], files: list[str],
     import apache_beam as beam
 
     from .io_transforms import ReadFiles, WriteShards
-    from .stage_transform import DEAD, KEPT, REJECTED, ApplyStage
+    from .stage_transform import DEAD, KEPT, REJECTED, ApplyStage, reports_from_beam
 
     accel = runner.dataflow.accelerator_hint() if runner.engine == "dataflow" and runner.dataflow else None
     dirs = output_dirs(job)

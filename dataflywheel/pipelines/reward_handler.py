@@ -22,8 +22,8 @@ from typing import Any
 from apache_beam.ml.inference.base import ModelHandler
 
 from ..models.fingerprint import model_fingerprint
+from ..models.reward_model import RewardModel
 from ..synth.score import RewardModelConfig, reward_model_scores
-from ..train.rm import RewardModel
 
 DEFAULT_NAME = "reward_model"  # the provenance name, as the stage's default
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 import time
 from collections import Counter
 from contextlib import contextmanager
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
 
 from ..stages import GlobalStep, Outcome, Stage, batches, dead_row, process_batch, process_group
-from ..stats import checksum, counter_name, split64
+from ..stats import NAMESPACE_PREFIX, StageReport, checksum, counter_name, join64, split64
 
 KEPT, REJECTED, DEAD = "kept", "rejected", "dead_letter"
 _SETS = {KEPT: "kept", REJECTED: "rejected", DEAD: "dead"}  # output tag -> counted row set
@@ -202,3 +204,37 @@ class ApplyStage(beam.PTransform):
             outs = pcoll | "Run" >> pardo.with_outputs(REJECTED, DEAD, main=KEPT)
         return {tag: outs[tag] | f"Count{which.title()}" >> beam.ParDo(CountRows(stage.name, which))
                 for tag, which in _SETS.items()}
+
+
+def reports_from_beam(result: Any, stage_names: list[str]) -> list[StageReport]:
+    """Read our counters back from a finished Beam pipeline result, in pipeline order."""
+    by_stage: dict[str, StageReport] = {n: StageReport(n) for n in stage_names}
+    halves: dict[tuple[str, str], list[int]] = {}
+    for c in result.metrics().query(MetricsFilter())["counters"]:
+        ns = c.key.metric.namespace
+        if not ns.startswith(NAMESPACE_PREFIX):
+            continue
+        report = by_stage.get(ns[len(NAMESPACE_PREFIX):])
+        if report is None:  # another transform's metrics (e.g. dfw/components)
+            continue
+        name, value = c.key.metric.name, c.committed if c.committed is not None else c.attempted
+        if name == "in":
+            report.rows_in += value
+        elif name == "kept":
+            report.kept += value
+        elif name == "dead_letter":
+            report.dead_letter += value
+        elif name.startswith("rejected/"):
+            reason = name[len("rejected/"):]
+            report.rejected[reason] = report.rejected.get(reason, 0) + value
+        elif name.startswith("ids/"):  # ids/<set>/lo|hi
+            _, which, half = name.split("/")
+            halves.setdefault((report.stage, which), [0, 0])[half == "hi"] += value
+        elif name == "busy_us":
+            report.seconds += value / 1e6
+        elif name.startswith("stat/"):
+            key = name[len("stat/"):]
+            report.stats[key] = report.stats.get(key, 0) + value
+    for (stage, which), (lo, hi) in halves.items():
+        by_stage[stage].ids[which] = join64(lo, hi)
+    return list(by_stage.values())
