@@ -187,8 +187,8 @@ def run_stage(rows: list[dict], threshold: float) -> tuple[dict[str, str], str]:
     import json
     import tempfile
 
-    from dataflywheel.config import parse_config
     from dataflywheel.io import read
+    from dataflywheel.pipelines.config import parse_config
     from dataflywheel.pipelines.job import run_job
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,4 @@
-"""Preference pairs (issue 7 "Measured"): the pairs pipeline vs a direct loop, and HH-RLHF, in one run.
+"""Preference pairs: the pairs pipeline vs a direct loop, and HH-RLHF, in one run.
 
 Part 1, throughput. A tiny Llama policy (hidden 256, 4 layers, built here) and a tiny reward model
 (a randomly initialised 1-logit head on a tiny Llama, saved as a folder; fine for throughput) on
@@ -14,8 +14,9 @@ prompts written here, no generation cache, CPU:
 
 Pairs and best-of-N texts per prompt id must be identical (``BENCH pairs_same_output``); the pipeline
 may cost at most 15% over the loop (``BENCH pairs_pipeline_overhead``), best of ``--repeats`` (3)
-interleaved runs: on a shared 2-core machine one side can lose a few seconds to a neighbour. Beam's fixed start-up (about 0.6 s per job, three jobs) is part of ours, so the
-quick mode (32 prompts) measures mostly that and its ratio says little.
+interleaved runs: on a shared 2-core machine one side can lose a few seconds to a neighbour.
+Beam's fixed start-up (about 0.6 s per job, three jobs) is part of ours, so the quick mode (32
+prompts) measures mostly that: there the outputs are checked and the overhead line says ``SKIP``.
 
 Part 2, HH-RLHF (../shared/data/hh_rlhf; SKIP without it). One in eight pairs is held out (those
 that fit 512 tokens); 2,000 of the others are the training pairs. A tiny Llama (hidden 128, 4
@@ -61,15 +62,15 @@ from generation import prompts  # noqa: E402
 from train_sft import bench  # noqa: E402
 from trl_peer import DATA, corpus_text, load_pairs  # noqa: E402
 
-from dataflywheel.config import parse_config  # noqa: E402
 from dataflywheel.io import read  # noqa: E402
+from dataflywheel.pipelines.config import parse_config  # noqa: E402
 from dataflywheel.pipelines.job import run_job  # noqa: E402
 from dataflywheel.pipelines.pairs import output_dirs, pairs_run_config  # noqa: E402
 
 N_SAMPLES, BATCH, MAX_LENGTH = 4, 32, 512
-# SFT: ours, for a tiny model trained from scratch in two minutes (TRL's 2e-5, REFERENCES §6.1, is for
-# pretrained models): the lowest final loss of 1e-3/3e-3/6e-3 at 120 steps. RM: TRL RewardConfig's (§6.3),
-# not tuned on the held-out pairs (3e-4 was within noise of it in a trial: +-0.03 on 360 pairs).
+# SFT: ours, for a tiny model trained from scratch in two minutes (TRL SFTConfig's 2e-5 is for
+# pretrained models): the lowest final loss of 1e-3/3e-3/6e-3 at 120 steps. RM: TRL RewardConfig's
+# 1e-4, not tuned on the held-out pairs (3e-4 was within noise of it in a trial: +-0.03 on 360 pairs).
 SFT_LR, RM_LR = 3e-3, 1e-4
 
 
@@ -115,11 +116,11 @@ def random_rm(folder: Path) -> str:
 
 def direct(rows: list[dict], policy: str, rm_path: str, stage: dict) -> dict[str, tuple]:
     """The peer: the same backend, reward model and builder in a loop over the pipeline's batches."""
+    from dataflywheel.models.reward_model import RewardModel
     from dataflywheel.synth.backends.base import Request, Sampling, request_seed
     from dataflywheel.synth.backends.transformers import TransformersBackend
     from dataflywheel.synth.generate import Generate
     from dataflywheel.synth.pair_builders import Candidate, PairRules, west_of_n
-    from dataflywheel.train.rm import RewardModel
 
     sampling = Sampling(**stage["sampling"])
     verdict = Generate(**stage).verdict  # the stage's rule for an unusable sample (error, empty, NUL, refusal)
@@ -155,7 +156,7 @@ def piped(out: Path) -> dict[str, tuple]:
     return {k: tuple(v) for k, v in got.items()}
 
 
-def part1(tmp: Path, n: int, tokens: int, repeats: int) -> list[str]:
+def part1(tmp: Path, n: int, tokens: int, repeats: int, quick: bool = False) -> list[str]:
     from dataflywheel.models.tiny_lm import build_tiny_causal_lm
 
     policy = str(build_tiny_causal_lm(tmp / "policy", hidden=256, layers=4, max_positions=1024))
@@ -191,9 +192,12 @@ def part1(tmp: Path, n: int, tokens: int, repeats: int) -> list[str]:
     built = sum(v[0] is not None for v in peer.values())
     diff = sum(ours.get(k) != v for k, v in peer.items()) + len(set(ours) - set(peer))
     ratio = best_o / best_p
+    overhead = bench("pairs_pipeline_overhead", best_o, best_p, "<=1.15", ratio <= 1.15)
+    if quick:  # three jobs' Beam start-up against a few seconds of work: the ratio is not the claim's
+        overhead = (overhead.rsplit(" ", 1)[0]
+                    + f" SKIP (quick: {n} prompts x {tokens} tokens, Beam start-up dominates; run without --quick)")
     return [f"BENCH pairs_same_output prompts={n} pairs={built} best_of_n={len(peer)} differing={diff} "
-            f"{'PASS' if same else 'FAIL'}",
-            bench("pairs_pipeline_overhead", best_o, best_p, "<=1.15", ratio <= 1.15)]
+            f"{'PASS' if same else 'FAIL'}", overhead]
 
 
 # ----------------------------------------------------------------------------- part 2
@@ -223,7 +227,7 @@ def train_models(tmp: Path, base: Path, train: list[dict], held: list[dict], siz
 
 
 def rm_accuracy(rm_path: str, held: list[dict], summary: dict, quick: bool) -> str:
-    from dataflywheel.train.rm import RewardModel
+    from dataflywheel.models.reward_model import RewardModel
 
     rm = RewardModel(rm_path, device="cpu")
     chosen = rm.score([{"prompt": p["prompt"], "completion": p["chosen"]} for p in held])
@@ -361,13 +365,13 @@ def main() -> int:
     lines, start = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         if args.part in ("1", "both"):
-            lines += part1(Path(tmp) / "p1", n, tokens, repeats)
+            lines += part1(Path(tmp) / "p1", n, tokens, repeats, args.quick)
         if args.part in ("2", "both"):
             lines += part2(Path(tmp) / "p2", QUICK if args.quick else FULL)
     print(f"torch threads: {args.threads}; total {time.perf_counter() - start:.0f} s")
     print("\n".join(lines))
-    # wrong output always fails; in --quick the timing is Beam start-up, so only the full mode fails on it
-    failed = [line for line in lines if line.endswith("FAIL") and (not args.quick or "same_output" in line)]
+    # in --quick the timing and RM-accuracy claims say SKIP: any FAIL left is a real one
+    failed = [line for line in lines if line.endswith("FAIL")]
     return 1 if failed else 0
 
 

@@ -11,10 +11,10 @@ import pytest
 import xxhash
 from pydantic import ValidationError
 
-from dataflywheel.config import parse_config
 from dataflywheel.errors import UserError
 from dataflywheel.filters.decontam import Decontaminate, TextNorm, ngram_hashes, normalize, tokens
 from dataflywheel.io import read
+from dataflywheel.pipelines.config import parse_config
 from dataflywheel.pipelines.job import run_job
 from dataflywheel.registry import stage_class
 from dataflywheel.stages import process_batch

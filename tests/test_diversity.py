@@ -316,8 +316,8 @@ def test_stage_cache_second_run_embeds_nothing(tmp_path, monkeypatch):
 
 
 def test_stage_on_beam_fnapirunner_equals_plain_loop_and_reconciles(tmp_path):
-    from dataflywheel.config import parse_config
     from dataflywheel.io import read
+    from dataflywheel.pipelines.config import parse_config
     from dataflywheel.pipelines.job import run_job
 
     rows = pool()

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from dataflywheel.cli import main
-from dataflywheel.config import parse_config
 from dataflywheel.io import read
 from dataflywheel.models.tiny_lm import build_tiny_causal_lm
+from dataflywheel.pipelines.config import parse_config
 from dataflywheel.pipelines.job import run_job
 from dataflywheel.synth.generate import Generate
 

@@ -258,8 +258,8 @@ def test_chat_template_required_for_chat(tmp_path):
 
 
 def test_ifd_and_select_top_on_beam_equal_the_plain_loop(model_dir, lm, tmp_path):
-    from dataflywheel.config import parse_config
     from dataflywheel.io import read
+    from dataflywheel.pipelines.config import parse_config
     from dataflywheel.pipelines.job import run_job
 
     folder = tmp_path / "in"

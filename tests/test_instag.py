@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dataflywheel.config import parse_config
 from dataflywheel.io import read
+from dataflywheel.pipelines.config import parse_config
 from dataflywheel.pipelines.job import run_job
 from dataflywheel.selectors import instag as instag_module
 from dataflywheel.selectors.instag import InsTagTag, parse_tags

@@ -164,8 +164,8 @@ def test_config_errors_and_registry():
 
 
 def test_mixture_job_on_beam_equals_plain_and_reconciles(tmp_path):
-    from dataflywheel.config import parse_config
     from dataflywheel.io import read
+    from dataflywheel.pipelines.config import parse_config
     from dataflywheel.pipelines.job import run_job
 
     folder = tmp_path / "in"

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from dataflywheel.config import parse_config
 from dataflywheel.errors import UserError
 from dataflywheel.io import read
 from dataflywheel.models.tiny_lm import build_tiny_causal_lm
+from dataflywheel.pipelines.config import parse_config
 from dataflywheel.pipelines.job import run_job
 from dataflywheel.registry import load_builtins
 from dataflywheel.stages import process_batch
@@ -65,7 +65,7 @@ def rm_path(tmp_path_factory) -> str:
 
 
 def test_rm_scorer_equals_reward_model_score_and_is_batch_invariant(rm_path):
-    from dataflywheel.train.rm import RewardModel
+    from dataflywheel.models.reward_model import RewardModel
 
     stage = RewardModelScore(model=rm_path, device="cpu", forward_batch_size=16)
     scored = stage.score(ROWS)

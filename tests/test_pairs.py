@@ -10,8 +10,8 @@ import random
 
 import pytest
 
-from dataflywheel.config import parse_config
 from dataflywheel.io import read
+from dataflywheel.pipelines.config import parse_config
 from dataflywheel.pipelines.job import run_job
 from dataflywheel.records import validate
 from dataflywheel.stages import process_batch

@@ -199,8 +199,8 @@ def test_run_inference_handler_equals_the_stage(model_dir, large_model):
 
 
 def test_perplexity_and_band_as_a_beam_job_equal_the_plain_loop(model_dir, tmp_path):
-    from dataflywheel.config import parse_config
     from dataflywheel.io import read
+    from dataflywheel.pipelines.config import parse_config
     from dataflywheel.pipelines.job import run_job
 
     folder = tmp_path / "in"

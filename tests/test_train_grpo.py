@@ -207,7 +207,7 @@ def test_prompt_rows_from_prompt_and_conversation_files(tmp_path):
 def test_reward_model_rewards(tiny, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from dataflywheel.train.rm import RewardModel
+    from dataflywheel.models.reward_model import RewardModel
 
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_pretrained(tiny, num_labels=1).save_pretrained(tmp_path / "rm")

@@ -1,4 +1,4 @@
-"""Reward model (train/rm.py): the Bradley–Terry loss, learning a synthetic preference, and score()."""
+"""Reward model (train/rm.py, scored by models/reward_model.py): the Bradley–Terry loss, learning a synthetic preference, and score()."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from dataflywheel.models.reward_model import RewardModel, last_token_rewards, score_rows
 from dataflywheel.models.tiny_lm import CHAT_TEMPLATE, build_tiny_causal_lm
 from dataflywheel.train.config import load_train_config
 from dataflywheel.train.losses import bradley_terry
-from dataflywheel.train.rm import RewardModel, RmConfig, RmLoop, last_token_rewards, run, score_rows
+from dataflywheel.train.rm import RmConfig, RmLoop, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,8 +91,14 @@ def test_score_reads_the_trained_token_and_is_batch_invariant(trained):
     flat = [{"prompt": r["prompt"][0]["content"], "completion": r[side][0]["content"]}
             for r in rows for side in ("chosen", "rejected")]
     assert max(abs(a - b) for a, b in zip(one, RewardModel(final, device="cpu").score(flat))) < 1e-5
+    # the scorer reads the ids training reads (train/data.tokenize_chat) without importing the trainer
+    from dataflywheel.train.data import split_rows, tokenize_chat
+
+    rm = RewardModel(final, device="cpu")
+    for conv in convs[:6]:
+        ex, _ = tokenize_chat(rm.tok, conv["messages"], 1 << 30, train_from=len(conv["messages"]))
+        assert rm.encode(conv) == ex.input_ids
     # score() gives the held-out accuracy training reported: the same token is read
-    from dataflywheel.train.data import split_rows
 
     _, held = split_rows(rows, cfg.eval_fraction)
     pair_scores = RewardModel(final, device="cpu").score(

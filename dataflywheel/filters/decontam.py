@@ -273,8 +273,9 @@ class Decontaminate(Scorer, Filter):
     """Scores ``contam_ngrams``; rejects rows with at least ``min_matches`` eval n-grams as "contaminated"."""
 
     Config = DecontamConfig
+    resources = ("index",)
 
-    def setup(self) -> None:
+    def build(self) -> None:
         c = self.config
         # One index per process, shared by every DoFn instance of the stage (models.cache.shared).
         self.index = shared(_index_key(c), lambda: build_index(c.eval_sets, c.n, c.normalization))

@@ -28,8 +28,9 @@ class LangIdConfig(StageConfig):
 @register("langid")
 class LangId(Scorer, Filter):
     Config = LangIdConfig
+    resources = ("model",)
 
-    def setup(self) -> None:
+    def build(self) -> None:
         self.model = load_lid(self.config.model_path)
 
     def score(self, rows: list[dict]) -> list[dict]:

@@ -64,8 +64,9 @@ class Perplexity(Scorer, Filter):
     """Causal-LM perplexity (scores ppl, nll, ppl_tokens, ppl_truncated); optional min/max thresholds."""
 
     Config = PerplexityConfig
+    resources = ("scorer",)
 
-    def setup(self) -> None:
+    def build(self) -> None:
         c = self.config
         settings = LMScoreSettings(model=c.model, max_length=c.max_length, batch_size=c.forward_batch_size,
                                    dtype=c.dtype, device=c.device, prefix=c.prefix, long_text=c.long_text,

@@ -134,8 +134,9 @@ class SensitiveContent(Scorer, Filter):
     """Counts keyword and regex hits in the row's text (module doc) and keeps rows under the limit."""
 
     Config = SensitiveContentConfig
+    resources = ("keywords", "regexes", "names")  # the lists, read on each worker
 
-    def setup(self) -> None:
+    def build(self) -> None:
         cfg = self.config
         keyword_files = list_files(cfg.keyword_files, "sensitive_words.txt")
         regex_files = list_files(cfg.regex_files, "sensitive_regex.txt")

@@ -232,8 +232,9 @@ class UrlFilter(Scorer, Filter):
     """Scores ``url_*`` rule counts and decides by them (module doc); rows without a URL per ``missing_url``."""
 
     Config = UrlFilterConfig
+    resources = ("domains", "urls", "banned", "soft", "substrings", "allowed")  # the lists, read on each worker
 
-    def setup(self) -> None:
+    def build(self) -> None:
         cfg = self.config
 
         self.domains = load_entries(list_files(cfg.domain_files, "domains.txt"), _domain_entry)

@@ -233,3 +233,33 @@ def load_causal_lm(
 
     key = f"causal_lm:{text}:{dtype}:{device}:{attn_implementation}:{trust_remote_code}"
     return shared(key, load)
+
+
+def load_fp32(name: str, head: str = "causal_lm", trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """``(model in fp32, tokenizer)``, a fresh private copy (not cached: training changes the
+    weights). ``head="seq_cls"`` loads a 1-logit sequence classifier (a reward model) on the same
+    backbone. A tokenizer without a pad token pads with EOS (batches need a pad id; rewards and
+    labels never depend on it). Training keeps fp32 master weights and runs bf16 as autocast."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        _weights_check(folder)
+    elif folder.exists() or name.startswith(("/", ".", "~")):
+        raise UserError(f"model folder not found: {folder}")
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        if head == "seq_cls":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                name, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                name, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True)
+    except OSError as err:
+        raise UserError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok

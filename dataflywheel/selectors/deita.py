@@ -39,7 +39,7 @@ from ..models.fingerprint import model_fingerprint
 from ..models.lm_score import DEFAULT_BATCH_SIZE, model_context, resolve_device, torch_dtype
 from ..models.score_cache import cache_key
 from ..registry import register
-from ..stages import Filter, Scorer, StageConfig
+from ..stages import Filter, Scorer, StageConfig, retry_singly
 from ..synth.templates import render
 from .turns import assistant_turns
 
@@ -231,8 +231,9 @@ class DeitaScore(Scorer):
     """Deita complexity / quality scores per assistant turn; deita_score = sum_t c_t * q_t."""
 
     Config = DeitaScoreConfig
+    resources = ("scorers",)
 
-    def setup(self) -> None:
+    def build(self) -> None:
         from ..models.score_cache import ScoreCache
 
         c = self.config
@@ -240,19 +241,19 @@ class DeitaScore(Scorer):
         self.scorers = {kind: DigitScorer(c.model_for(kind), c.template, c.max_length, c.forward_batch_size,
                                           c.dtype, c.device, c.digit_token_ids, cache) for kind in c.scorers}
 
+    def teardown(self) -> None:
+        caches = {id(s.cache): s.cache for s in self.__dict__.get("scorers", {}).values() if s.cache is not None}
+        for cache in caches.values():  # one cache, shared by the scorers
+            cache.close()
+        super().teardown()
+
     def _turn_scores(self, kind: str, prompts: list[str]) -> list[tuple[float | None, bool]]:
-        try:
-            return self.scorers[kind].score(prompts)
-        except Exception:
-            if self.config.on_error != "fallback":
-                raise
-        out: list[tuple[float | None, bool]] = []
-        for p in prompts:  # the batch failed: one by one, so only the failing prompts fall back
-            try:
-                out += self.scorers[kind].score([p])
-            except Exception:  # noqa: BLE001 - on_error=fallback: Deita's 3.0, counted in meta and tally
-                out.append((None, False))
-        return out
+        score = self.scorers[kind].score
+        if self.config.on_error != "fallback":
+            return score(prompts)  # raises: the run retries the batch row by row and dead-letters failing rows
+        # a failing batch is scored prompt by prompt, so only the failing prompts fall back (Deita's
+        # 3.0: value None, counted in meta and tally)
+        return retry_singly(score, prompts, lambda prompt, err: [(None, False)])
 
     def score(self, rows: list[dict]) -> list[dict]:
         turns = [[(_user_turn(ctx), answer) for ctx, answer in assistant_turns(row)] for row in rows]
@@ -287,7 +288,7 @@ class DeitaScore(Scorer):
     def tally(self, rows: list[dict]) -> dict[str, int]:
         metas = [(r.get("meta") or {}).get("deita") or {} for r in rows]
         work: Counter = Counter()
-        for scorer in getattr(self, "scorers", {}).values():  # what the last score() call did
+        for scorer in self.__dict__.get("scorers", {}).values():  # what the last score() call did (none if unbuilt)
             work.update(scorer.counts)
             scorer.counts = Counter()
         return {"fallback": sum(m.get("fallback", 0) for m in metas),

@@ -77,15 +77,20 @@ class Diversity(GlobalStep):
     """Embedding-diversity selection to a budget: repr_filter (Deita), kcenter, kmeans, facility_location."""
 
     Config = DiversityConfig
+    resources = ("cache",)
 
-    def setup(self) -> None:
-        # The embedder loads on first use (once per process): a re-run served by the cache loads none.
-        self.cache = ScoreCache(self.config.cache) if self.config.cache else None
+    def __init__(self, config: DiversityConfig | None = None, **kwargs):
+        super().__init__(config, **kwargs)
         self._counts: dict[str, int] = {}
 
+    def build(self) -> None:
+        # The embedder loads on first use (once per process): a re-run served by the cache loads none.
+        self.cache = ScoreCache(self.config.cache) if self.config.cache else None
+
     def teardown(self) -> None:
-        if getattr(self, "cache", None) is not None:
+        if self.__dict__.get("cache") is not None:  # only a built cache: teardown never builds one
             self.cache.close()
+        super().teardown()
 
     def key(self, row: dict) -> None:
         return None
@@ -109,8 +114,6 @@ class Diversity(GlobalStep):
         return facility_location(vectors, budget, c.kernel)
 
     def run(self, rows: list[dict]) -> Iterator[tuple[dict, str | None]]:
-        if not hasattr(self, "cache"):  # called without setup() (a test, an interactive session)
-            self.setup()
         c = self.config
         budget = self.budget_for(len(rows))
         candidates = []  # (sort key, row, text)
@@ -146,4 +149,4 @@ class Diversity(GlobalStep):
 
     def tally(self, rows: list[dict]) -> dict[str, int]:
         # counted by run() on the group just decided (key None: one group per run)
-        return dict(getattr(self, "_counts", {}))
+        return dict(self._counts)

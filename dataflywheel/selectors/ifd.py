@@ -203,8 +203,13 @@ class IFD(Scorer, Filter):
     """Scores IFD (loss ratio) and its ppl-ratio variant per row; drops truncated rows and IFD > max_ifd."""
 
     Config = IFDConfig
+    resources = ("model", "tokenizer", "nll_args", "what", "fingerprint", "cache")
 
-    def setup(self) -> None:
+    def __init__(self, config: IFDConfig | None = None, **kwargs: Any):
+        super().__init__(config, **kwargs)
+        self.counts: Counter = Counter()  # model work since the last tally: pairs scored, cache hits
+
+    def build(self) -> None:
         from ..models.lm_score import CausalLMScorer, LMScoreSettings
         from ..models.score_cache import ScoreCache
 
@@ -228,12 +233,11 @@ class IFD(Scorer, Filter):
         self.what = f"{_CACHE_VERSION}:{c.template}:max_length={c.max_length}:dtype={c.dtype}"
         self.fingerprint = model_fingerprint(c.model, self.model)
         self.cache = ScoreCache(c.cache) if c.cache else None
-        self.counts: Counter = Counter()  # model work since the last tally: pairs scored, cache hits
 
     def teardown(self) -> None:
-        if getattr(self, "cache", None) is not None:
+        if self.__dict__.get("cache") is not None:  # only a built cache: teardown never builds one
             self.cache.close()
-            self.cache = None
+        super().teardown()
 
     def _key(self, prompt: Any, answer: str) -> str:
         from ..models.score_cache import cache_key
@@ -297,7 +301,7 @@ class IFD(Scorer, Filter):
     def tally(self, rows: list[dict]) -> dict[str, int]:
         # truncation is never silent: the run report counts it, as for perplexity
         p = self.config.scores_prefix
-        work, self.counts = dict(getattr(self, "counts", {})), Counter()  # what the last score() call did
+        work, self.counts = dict(self.counts), Counter()  # what the last score() call did
         return {"truncated": sum(1 for r in rows if (r.get("scores") or {}).get(f"{p}ifd_truncated")),
                 "multi_turn": sum(1 for r in rows if len((r.get("meta") or {}).get(f"{p}ifd_turns") or []) > 1),
                 **work}

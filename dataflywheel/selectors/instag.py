@@ -156,17 +156,10 @@ class InsTagTag(Scorer, Filter):
     """Open-set tags for each row from an LLM through any generation backend (InsTag)."""
 
     Config = InsTagTagConfig
+    resources = ("backend",)  # built once per worker, never pickled
 
-    def __init__(self, config: InsTagTagConfig | None = None, **kwargs):
-        super().__init__(config, **kwargs)
-        self.backend = None
-
-    def setup(self) -> None:
-        if self.backend is None:
-            self.backend = build_backend(self.config.backend)
-
-    def __getstate__(self) -> dict:  # Beam pickles stages: the backend is rebuilt on each worker
-        return {**self.__dict__, "backend": None}
+    def build(self) -> None:
+        self.backend = build_backend(self.config.backend)
 
     def retry_sampling(self) -> Sampling:
         """The first try's settings with another seed (and a temperature if the first was greedy)."""
@@ -182,7 +175,6 @@ class InsTagTag(Scorer, Filter):
         return [result.samples[0] for result in self.backend.generate(requests)]
 
     def score(self, rows: list[dict]) -> list[dict]:
-        self.setup()
         attempts: list[list[tuple[Sample, ParsedTags]]] = [[] for _ in rows]
         todo = list(range(len(rows)))
         for attempt, sampling in enumerate((self.config.sampling, self.retry_sampling())):

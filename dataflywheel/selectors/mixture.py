@@ -204,11 +204,14 @@ class Mixture(GlobalStep):
     """Builds the output from groups by proportional / weights / temperature / capped shares, with replay."""
 
     Config = MixtureConfig
+    resources = ("_tokenizer",)  # None when sizes are counted in words
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._tokenizer: Any = None
         self.last_plan: MixturePlan | None = None
+
+    def build(self) -> None:
+        self._tokenizer = _load_tokenizer(self.config.tokenizer) if self.config.tokenizer is not None else None
 
     def key(self, row: dict) -> None:
         return None
@@ -221,8 +224,6 @@ class Mixture(GlobalStep):
         texts = [row_text(r) for r in rows]
         if self.config.tokenizer is None:
             return [math.ceil(len(t.split()) * TOKENS_PER_WORD) for t in texts]
-        if self._tokenizer is None:
-            self._tokenizer = _load_tokenizer(self.config.tokenizer)
         return [len(ids) for ids in self._tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
 
     def _priority(self, row: dict) -> tuple:

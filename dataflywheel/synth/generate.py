@@ -11,8 +11,9 @@ Score, then decide (DESIGN §3): the filter rejects, with the reason counted, a 
 (``refusal``: the phrases below, matched at the start of the answer). A row of n samples is kept
 when any sample is usable; unusable ones stay in ``completions`` with ``rejected`` set, so nothing
 is silently dropped. Each row samples with its own seed, derived from ``sampling.seed`` and the
-row id (``request_seed``), so prompts draw independent samples. The backend is built once per worker in ``setup``; with a ``cache`` a re-run
-or a retried Beam bundle generates nothing that exists (the report counts hits and misses).
+row id (``request_seed``), so prompts draw independent samples. The backend is a resource: built
+once per worker, never pickled; with a ``cache`` a re-run or a retried Beam bundle generates
+nothing that exists (the report counts hits and misses).
 """
 
 from __future__ import annotations
@@ -61,18 +62,14 @@ class Generate(Scorer, Filter):
     """Completions for prompt rows from a transformers / OpenAI-compatible / vLLM backend."""
 
     Config = GenerateConfig
+    resources = ("backend",)
 
     def __init__(self, config: GenerateConfig | None = None, **kwargs):
         super().__init__(config, **kwargs)
         self._refusal = re.compile(r"^\s*(" + "|".join(self.config.refusal_patterns) + ")", re.IGNORECASE)
-        self.backend = None
 
-    def setup(self) -> None:
-        if self.backend is None:
-            self.backend = build_backend(self.config.backend)
-
-    def __getstate__(self) -> dict:  # Beam pickles stages: the backend is rebuilt on each worker
-        return {**self.__dict__, "backend": None}
+    def build(self) -> None:
+        self.backend = build_backend(self.config.backend)
 
     def verdict(self, sample: dict) -> str | None:
         """Why a sample is unusable, or None."""
@@ -89,7 +86,6 @@ class Generate(Scorer, Filter):
         return None
 
     def score(self, rows: list[dict]) -> list[dict]:
-        self.setup()
         base = self.config.sampling
         requests = [Request(str(r["id"]), messages=tuple(prompt_messages(r)),
                             sampling=base.model_copy(update={"seed": request_seed(base.seed, str(r["id"]))}))

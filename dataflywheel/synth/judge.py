@@ -144,17 +144,10 @@ class Judge(Scorer):
     """LLM-as-a-judge scores: Self-Rewarding's 5-point rubric or pairwise win rates with position swap."""
 
     Config = JudgeConfig
+    resources = ("backend",)  # built once per worker, never pickled
 
-    def __init__(self, config: JudgeConfig | None = None, **kwargs: Any):
-        super().__init__(config, **kwargs)
-        self.backend: Any = None
-
-    def setup(self) -> None:
-        if self.backend is None:
-            self.backend = build_backend(self.config.backend)
-
-    def __getstate__(self) -> dict:  # Beam pickles stages: the backend is rebuilt on each worker
-        return {**self.__dict__, "backend": None}
+    def build(self) -> None:
+        self.backend = build_backend(self.config.backend)
 
     def _request(self, rid: str, text: str, *key: Any) -> Request:
         c = self.config
@@ -162,7 +155,6 @@ class Judge(Scorer):
         return Request(rid, messages=({"role": "user", "content": text},), sampling=sampling)
 
     def score(self, rows: list[dict]) -> list[dict]:
-        self.setup()
         c = self.config
         values, extras = self._rubric(rows) if c.mode == "rubric" else self._pairwise(rows)
         template = RUBRIC_TEMPLATE if c.mode == "rubric" else PAIRWISE_TEMPLATE

@@ -12,8 +12,9 @@ A completion ``generate`` marked unusable (``rejected``: overlong, refusal, ...)
 default (its scores are None and it is counted ``skipped_rejected``): a pair builder must not pick
 it, and scoring it would only cost model time.
 
-- ``reward_model``: the training stage's reward model (``train/rm.RewardModel``), every completion
-  of a batch in one call, sorted by length inside it; ``RewardModelHandler``
+- ``reward_model``: a reward model trained by ``train/rm.py``, read by ``models/reward_model.RewardModel``
+  (the inference side: synth never imports the trainer), every completion of a batch in one call,
+  sorted by length inside it; ``RewardModelHandler``
   (``pipelines/reward_handler.py``) runs the same function under Beam's RunInference on GPU workers.
 - ``verify``: a rule verifier (``synth/verifiers.py``) against the row's reference answer.
 - ``judge`` (``synth/judge.py``): an LLM judge, rubric or pairwise.
@@ -101,7 +102,7 @@ def tally_scores(rows: Sequence[dict], cfg: ScoreConfig) -> Counter:
 class RewardModelConfig(ScoreConfig):
     model: str  # a folder written by `dataflywheel train rm` (its final/), or a Hub reward model
     field: str = "reward_model"
-    forward_batch_size: int = Field(16, ge=1)  # sequences per forward: RewardModel's default (train/rm.py)
+    forward_batch_size: int = Field(16, ge=1)  # sequences per forward: RewardModel's default (models/reward_model.py)
     chat_template: str | None = None  # the template the RM was trained with, when not saved in its folder
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when visible
 
@@ -132,27 +133,18 @@ class RewardModelScore(Scorer):
     """Reward of each completion under a trained reward model (``scores.reward_model``)."""
 
     Config = RewardModelConfig
+    resources = ("rm", "fingerprint")  # loaded once per worker, never pickled
 
-    def __init__(self, config: RewardModelConfig | None = None, **kwargs: Any):
-        super().__init__(config, **kwargs)
-        self.rm: Any = None
-        self.fingerprint: str | None = None
+    def build(self) -> None:
+        from ..models.reward_model import RewardModel  # torch: imported on workers, not at config time
 
-    def setup(self) -> None:
-        if self.rm is None:
-            from ..train.rm import RewardModel  # torch: imported on workers, not at config time
-
-            c = self.config
-            # RewardModel loads through models.cache.shared: one copy per worker process
-            self.rm = RewardModel(c.model, device=c.device, batch_size=c.forward_batch_size,
-                                  chat_template=c.chat_template)
-            self.fingerprint = model_fingerprint(c.model, self.rm.model)
-
-    def __getstate__(self) -> dict:  # Beam pickles stages: the model is loaded again on each worker
-        return {**self.__dict__, "rm": None}
+        c = self.config
+        # RewardModel loads through models.cache.shared: one copy per worker process
+        self.rm = RewardModel(c.model, device=c.device, batch_size=c.forward_batch_size,
+                              chat_template=c.chat_template)
+        self.fingerprint = model_fingerprint(c.model, self.rm.model)
 
     def score(self, rows: list[dict]) -> list[dict]:
-        self.setup()
         return reward_model_scores(self.rm, rows, self.config, self.name, self.fingerprint)
 
     def tally(self, rows: list[dict]) -> dict[str, int]:
@@ -188,26 +180,23 @@ class Verify(Scorer):
     verifier shows as every row failing."""
 
     Config = VerifyConfig
+    # fn: a closure over an imported user function, never pickled (each worker imports it again);
+    # prov: the hash of the code the worker scores with
+    resources = ("fn", "prov")
 
     def __init__(self, config: VerifyConfig | None = None, **kwargs: Any):
         super().__init__(config, **kwargs)
-        self.fn: Any = None
         self.setup()  # a bad verifier name, import path or option fails at config time
 
-    def setup(self) -> None:
-        if self.fn is None:
-            c = self.config
-            self.fn = verifier_reward(c.verifier, field=c.answer_field, **dict(c.options))
-            code = BUILTIN.get(c.verifier) or load_verifier(c.verifier)
-            self.prov = provenance(self.name, "verifier", c.verifier, _source_hash(code),
-                                   {"options": c.options, "answer_field": c.answer_field,
-                                    "score_rejected": c.score_rejected})
-
-    def __getstate__(self) -> dict:  # a closure over an imported user function: rebuilt on the worker
-        return {**self.__dict__, "fn": None}
+    def build(self) -> None:
+        c = self.config
+        self.fn = verifier_reward(c.verifier, field=c.answer_field, **dict(c.options))
+        code = BUILTIN.get(c.verifier) or load_verifier(c.verifier)
+        self.prov = provenance(self.name, "verifier", c.verifier, _source_hash(code),
+                               {"options": c.options, "answer_field": c.answer_field,
+                                "score_rejected": c.score_rejected})
 
     def score(self, rows: list[dict]) -> list[dict]:
-        self.setup()
         c = self.config
         values: dict[tuple[int, int], float | None] = {}
         extras: dict[tuple[int, int], dict] = {}

@@ -61,7 +61,7 @@ class GrpoConfig(TrainBase):
     prompts_per_step: int = Field(1, ge=1)
     verifier: str | None = None  # a built-in (numeric_match, ...) with verifier_options, or "module:function" RewardFn
     verifier_options: dict[str, Any] = {}
-    reward_model: str | None = None  # a folder trained by `dataflywheel train rm` (train/rm.py score_rows)
+    reward_model: str | None = None  # a folder trained by `dataflywheel train rm` (scored by models/reward_model.RewardModel)
     backend: Literal["transformers", "vllm"] = "transformers"  # transformers: the live policy, in process
     backend_options: dict[str, Any] = {}  # transformers: batch_size; vllm: engine kwargs (gpu_memory_utilization...)
     importance_correction: bool | None = None  # None: on with vllm (TRL vllm_importance_sampling_correction)
@@ -95,7 +95,7 @@ def reward_function(cfg: GrpoConfig) -> RewardFn:
             return verifier_reward(cfg.verifier, **cfg.verifier_options)
         fn = load_verifier(cfg.verifier)
         return functools.partial(fn, **cfg.verifier_options) if cfg.verifier_options else fn
-    from .rm import RewardModel
+    from dataflywheel.models.reward_model import RewardModel
 
     scorer = RewardModel(cfg.reward_model, chat_template=cfg.chat_template)  # loaded once per process
 

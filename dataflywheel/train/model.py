@@ -12,7 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from dataflywheel.errors import UserError
-from dataflywheel.models.tiny_lm import _weights_check, build_tiny_causal_lm
+from dataflywheel.models.tiny_lm import build_tiny_causal_lm, load_fp32
 
 
 class TinyInit(BaseModel):
@@ -48,28 +48,7 @@ def resolve_model(model: str | None, tiny: TinyInit | None, out: Path, texts: It
 def load_for_training(name: str, head: str = "causal_lm", trust_remote_code: bool = False) -> tuple[Any, Any]:
     """``(model in fp32, tokenizer)``; ``head="seq_cls"`` loads a 1-logit sequence classifier (reward model)
     on the same backbone. fp32 master weights: bf16 runs as autocast in the loop."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    folder = Path(name).expanduser()
-    if folder.is_dir():
-        _weights_check(folder)
-    elif folder.exists() or name.startswith(("/", ".", "~")):
-        raise UserError(f"model folder not found: {folder}")
-    try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        if head == "seq_cls":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                name, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(
-                name, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True)
-    except OSError as err:
-        raise UserError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from None
-    if tok.pad_token_id is None:  # batches need a pad id; labels never depend on it (data.py)
-        tok.pad_token = tok.eos_token
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tok.pad_token_id
-    return model, tok
+    return load_fp32(name, head, trust_remote_code)
 
 
 def to_device(batch: dict, device: str) -> dict:

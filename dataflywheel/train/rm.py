@@ -1,13 +1,12 @@
-"""Reward model: a 1-logit head on a causal LM's backbone, trained with Bradley–Terry on preference pairs.
+"""Reward model training: a 1-logit head on a causal LM's backbone, trained with Bradley–Terry on preference pairs.
 
-The reward of a conversation is the head applied to the hidden state of its last real token, found
-from the attention mask (rows are right-padded). We run the backbone and the head ourselves rather
-than calling ``...ForSequenceClassification.forward``: transformers finds the last token as the last
-one that is not ``pad_token_id``, which is the wrong token whenever pad == eos and a chat ends with
-eos (REFERENCES §6.9, trl#1623). The same function scores pairs in training and rows in ``score``.
+Rewards are read by ``models/reward_model.last_token_rewards`` (the head at the last real token,
+from the attention mask, never transformers' last-non-pad guess, which is wrong when pad == eos):
+the same function scores pairs in training and rows in ``models/reward_model.RewardModel``, the
+inference side, which the scorers use without importing this trainer.
 
 Simplifications, stated: single process; full fine-tuning; chosen and rejected share one forward,
-stacked on the batch dim (TRL, REFERENCES §6.3); over-long pairs are dropped by the linter, not cut.
+stacked on the batch dim (as TRL's RewardTrainer); over-long pairs are dropped by the linter, not cut.
 """
 
 from __future__ import annotations
@@ -15,18 +14,16 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import Field
 
 from dataflywheel.errors import UserError
-from dataflywheel.models.cache import shared
-from dataflywheel.models.lm_score import resolve_device
+from dataflywheel.models.reward_model import last_token_rewards
 
 from .config import LoopConfig, TrainBase
-from .data import Example, Lint, PairExample, load_split, pair_examples, tokenize_chat, use_chat_template
+from .data import Lint, PairExample, load_split, pair_examples, use_chat_template
 from .loop import LossOut, autocast, index_plan, latest_checkpoint, pick_device, steps_for, train_loop, trim_jsonl
 from .losses import bradley_terry
 from .model import load_for_training, resolve_model, save_final, to_device
@@ -45,22 +42,6 @@ class RmConfig(TrainBase):
     center_rewards_coefficient: float | None = Field(None, ge=0)  # TRL: None; 0.01 recommended (arXiv 2312.09244)
     eval_every: int | None = Field(None, ge=1)  # held-out accuracy every N steps (eval.jsonl); always at the end
     eval_batch_size: int = Field(16, ge=1)  # pairs per held-out batch
-
-
-def _head(model: Any) -> torch.nn.Module:
-    for name in ("score", "classifier"):  # Llama / Qwen / Mistral / GPT-2 use score; BERT-likes classifier
-        head = getattr(model, name, None)
-        if isinstance(head, torch.nn.Module):
-            return head
-    raise UserError(f"{type(model).__name__} has no score/classifier head to read rewards from")
-
-
-def last_token_rewards(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T] right-padded ids and mask -> [B] rewards: the head at each row's last real token."""
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    last = attention_mask.sum(-1) - 1
-    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return _head(model)(picked).squeeze(-1).float()
 
 
 def pair_batch(pairs: Sequence[PairExample], pad_id: int, margins: Sequence[float] | None = None) -> dict:
@@ -170,58 +151,3 @@ def run(cfg: RmConfig) -> dict:
     if last["step"] >= total:
         summary["final"] = str(save_final(model, tok, cfg.out, summary))
     return summary
-
-
-class RewardModel:
-    """A trained reward model folder as a scorer: ``.score(rows) -> [reward]``, for pair generation.
-
-    Rows are Conversation rows (``messages``) or prompt + completion rows (each a string or messages).
-    A conversation's reward is the head at the last token of its rendered chat, as in training. Rows
-    are sorted by length and batched (little padding); the model loads once per process.
-    """
-
-    def __init__(self, path: str | Path, device: str = "auto", batch_size: int = 16, chat_template: str | None = None):
-        self.device = resolve_device(device)
-        self.batch_size, self.chat_template = batch_size, chat_template
-        folder = Path(path).expanduser()
-        name = str(folder.resolve()) if folder.is_dir() else str(path)
-
-        def load() -> tuple[Any, Any]:
-            model, tok = load_for_training(name, head="seq_cls")
-            return model.to(self.device).eval(), tok
-
-        self.model, self.tok = shared(f"reward_model:{name}:{self.device}", load)
-        # rewards are read at the last token: an over-long chat keeps its end
-        self.max_tokens = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
-
-    def encode(self, row: dict) -> list[int]:
-        if "messages" in row:
-            messages = list(row["messages"])
-        elif "prompt" in row and "completion" in row:
-            prompt, completion = row["prompt"], row["completion"]
-            messages = ([{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)) + (
-                [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion))
-        else:
-            raise UserError(f"row {row.get('id', '?')}: a reward needs messages, or prompt and completion")
-        ex, _ = tokenize_chat(self.tok, messages, 1 << 30, train_from=len(messages), template=self.chat_template)
-        return ex.input_ids[-self.max_tokens:]
-
-    @torch.no_grad()
-    def score(self, rows: Sequence[dict]) -> list[float]:
-        seqs = [self.encode(r) for r in rows]
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        out = [0.0] * len(seqs)
-        for at in range(0, len(order), self.batch_size):
-            idx = order[at:at + self.batch_size]
-            batch = to_device(collate_padded([Example("", seqs[i], seqs[i]) for i in idx], self.tok.pad_token_id),
-                              self.device)
-            with autocast(self.device, self.device.startswith("cuda")):
-                rewards = last_token_rewards(self.model, batch["input_ids"], batch["attention_mask"])
-            for i, r in zip(idx, rewards.tolist()):
-                out[i] = r
-        return out
-
-
-def score_rows(path: str | Path, rows: Sequence[dict], **kwargs: Any) -> list[float]:
-    """Rewards of ``rows`` under the reward model at ``path`` (see ``RewardModel``)."""
-    return RewardModel(path, **kwargs).score(rows)

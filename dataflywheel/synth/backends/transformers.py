@@ -40,6 +40,7 @@ from dataflywheel.models.cache import shared
 from dataflywheel.models.fingerprint import folder_fingerprint
 from dataflywheel.models.lm_score import DEFAULT_BATCH_SIZE, model_context
 from dataflywheel.models.tiny_lm import load_causal_lm
+from dataflywheel.stages import retry_singly
 
 from .base import Backend, Request, Result, Sample, Sampling, Unit
 
@@ -328,19 +329,18 @@ class TransformersBackend(Backend):
     def _run(self, model: Any, tok: Any, batch: list[Unit], encoded: dict, context: int | None) -> list[Sample]:
         """Decode one batch; when it fails (out of memory), each unit alone, so one bad sample
         costs only itself (results do not depend on the batch)."""
-        prompts = [encoded[id(u.request)] for u in batch]
-        settings = [u.request.sampling for u in batch]
-        max_new = [s.max_tokens if context is None else min(s.max_tokens, context - len(p))
-                   for s, p in zip(settings, prompts)]
-        try:
-            done = decode(model, tok, prompts, settings, [u.seed for u in batch], max_new)
-        except Exception as err:
-            if len(batch) > 1:
-                return [s for u in batch for s in self._run(model, tok, [u], encoded, context)]
-            return [_error(f"generation failed: {type(err).__name__}: {err}")]
-        return [Sample(text=d.text, finish_reason=d.finish_reason, tokens=len(d.ids),
-                       logprobs=d.logprobs if s.logprobs else None, token_ids=d.ids)
-                for d, s in zip(done, settings)]
+
+        def run(units: list[Unit]) -> list[Sample]:
+            prompts = [encoded[id(u.request)] for u in units]
+            settings = [u.request.sampling for u in units]
+            max_new = [s.max_tokens if context is None else min(s.max_tokens, context - len(p))
+                       for s, p in zip(settings, prompts)]
+            done = decode(model, tok, prompts, settings, [u.seed for u in units], max_new)
+            return [Sample(text=d.text, finish_reason=d.finish_reason, tokens=len(d.ids),
+                           logprobs=d.logprobs if s.logprobs else None, token_ids=d.ids)
+                    for d, s in zip(done, settings)]
+
+        return retry_singly(run, batch, lambda unit, err: [_error(f"generation failed: {type(err).__name__}: {err}")])
 
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any, name: str, batch_size: int = DEFAULT_BATCH_SIZE,

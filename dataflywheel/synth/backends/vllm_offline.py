@@ -44,6 +44,7 @@ from typing import Any
 from dataflywheel.errors import UserError
 from dataflywheel.models.cache import shared
 from dataflywheel.models.fingerprint import folder_fingerprint
+from dataflywheel.stages import retry_singly
 
 from .base import _COUNTS_LOCK, Backend, Sample, SampleCache, Unit
 
@@ -204,18 +205,21 @@ class VLLMBackend(Backend):
 
     def _run(self, call: Any, todo: list[Unit]) -> list[Sample]:
         """One engine call for the batch; when it raises (a prompt longer than the model's context,
-        a conversation the chat template rejects), retry unit by unit so only the bad units fail."""
-        try:
-            outputs = call(todo)
-            if len(outputs) != len(todo):
-                raise RuntimeError(f"vllm returned {len(outputs)} outputs for {len(todo)} prompts")
-        except Exception as err:
+        a conversation the chat template rejects), retry unit by unit so only the bad units fail. A
+        dead engine fails the first unit's retry too, and that error is raised."""
+
+        def run(units: list[Unit]) -> list[Sample]:
+            outputs = call(units)
+            if len(outputs) != len(units):
+                raise RuntimeError(f"vllm returned {len(outputs)} outputs for {len(units)} prompts")
+            return [to_sample(o, u.request.sampling.logprobs) for o, u in zip(outputs, units)]
+
+        def failed(unit: Unit, err: Exception) -> list[Sample]:
             if _is_fatal(err):
-                raise
-            if len(todo) == 1:
-                return [Sample("", "error", error=f"{type(err).__name__}: {err}")]
-            return [self._run(call, [u])[0] for u in todo]
-        return [to_sample(o, u.request.sampling.logprobs) for o, u in zip(outputs, todo)]
+                raise err
+            return [Sample("", "error", error=f"{type(err).__name__}: {err}")]
+
+        return retry_singly(run, todo, failed)
 
     def _params(self, todo: list[Unit]) -> list[Any]:
         return [sampling_params(self._vllm, u) for u in todo]
