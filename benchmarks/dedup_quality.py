@@ -22,7 +22,7 @@ exclude reading the corpus, as the README's do.
 ``--quick``: the families of ~4,000 rows (whole source_id groups; the ground truth for the subset is
 recomputed from pairs.jsonl.gz, which lists every pair with J >= 0.5).
 Ends with ``BENCH dedup_quality_t0.8 ours=<F1> peer=<F1> ... PASS|FAIL`` and the same for 0.7;
-targets (issue #3): F1 >= 0.95 at 0.8, and above the peer at both thresholds.
+targets (docs/benchmarks.md#minhash-and-near-dedup-quality): F1 >= 0.95 at 0.8, and above the peer at both thresholds.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ from dataflywheel.filters.dedup.components import union_find_components
 NEARDUP = Path(__file__).resolve().parents[2] / "shared" / "data" / "neardup"
 BASELINE = NEARDUP / "baseline" / "minhash_lsh_p128_t0.8"
 THRESHOLDS = (0.8, 0.7)
-TARGET_F1 = 0.95  # issue #3: pair F1 >= 0.95 at J >= 0.8
-README_F1 = {0.8: 0.8286, 0.7: 0.7028}  # data/neardup/README.md baseline (datasketch LSH t=0.8); REFERENCES §9
+TARGET_F1 = 0.95  # the claim: pair F1 >= 0.95 at J >= 0.8
+README_F1 = {0.8: 0.8286, 0.7: 0.7028}  # data/neardup/README.md baseline (datasketch LSH t=0.8); peers: docs/sources.md#near-dup-peer-figures
 QUICK_ROWS = 4000
 README_LSH = 0.8  # the README baseline's LSH threshold, scored at both truths
 

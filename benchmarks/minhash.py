@@ -1,13 +1,13 @@
 """MinHash signatures, docs/s: ours (numpy, vectorized over shingles) vs datasketch 2.0 on the same shingles.
 
-Data as in REFERENCES §1.7: 2,000 docs of 500 words over a 30k vocabulary, word 5-gram shingles;
-docs 1000-1999 are near-duplicates of docs 0-999.  Shingling is timed once and left out of every
-signature figure.  Variants: ours (xxh32, per-document [n, 128] product), ours with
-``minimum.reduceat`` over concatenated documents, ours with datasketch's sha1 hash; datasketch
-``update`` per shingle, ``update_batch`` (default sha1 and xxh32), and ``MinHash.bulk``.
-Signatures are compared array for array with datasketch's for the same hash function.
-Dedup quality on the shared neardup benchmark (pair F1 vs the exact ground truth, datasketch
-MinHashLSH beside it) is benchmarks/dedup_quality.py.
+Data as in docs/sources.md#minhash-near-dedup (signature speed): 2,000 docs of 500 words over a 30k
+vocabulary, word 5-gram shingles; docs 1000-1999 are near-duplicates of docs 0-999.  Shingling is
+timed once and left out of every signature figure.  Variants: ours (xxh32, per-document [n, 128]
+product), ours with ``minimum.reduceat`` over concatenated documents, ours with datasketch's sha1
+hash; datasketch ``update`` per shingle, ``update_batch`` (default sha1 and xxh32), and
+``MinHash.bulk``. Signatures are compared array for array with datasketch's for the same hash
+function. Dedup quality on the shared neardup benchmark (pair F1 vs the exact ground truth,
+datasketch MinHashLSH beside it) is benchmarks/dedup_quality.py.
 
 Ends with ``BENCH minhash_signatures ours=<docs/s> peer=<update_batch docs/s> ratio=... target>=5``;
 the peer is datasketch ``update_batch`` as shipped (sha1); the same-hash ratio is printed above it.
@@ -27,14 +27,14 @@ from xxhash import xxh32_intdigest
 from dataflywheel.filters.dedup import lsh
 from dataflywheel.filters.dedup import minhash as mh
 
-TARGET = 5.0  # issue #3: >= 5x datasketch update_batch
+TARGET = 5.0  # the claim (docs/benchmarks.md#minhash-and-near-dedup-quality): >= 5x datasketch update_batch
 
 
 def make_docs(n: int, words: int = 500, vocab: int = 30_000, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     voc = [f"w{i}" for i in range(vocab)]
     half = [[rng.choice(voc) for _ in range(words)] for _ in range(n // 2)]
-    # 2% of words substituted: word 5-gram Jaccard ~0.82, as REFERENCES §1.7's J ~ 0.824
+    # 2% of words substituted: word 5-gram Jaccard ~0.82, as the J ~ 0.824 of docs/sources.md#minhash-near-dedup
     dups = [[w if rng.random() > 0.02 else rng.choice(voc) for w in d] for d in half]
     return [" ".join(d) for d in half + dups]
 

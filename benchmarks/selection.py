@@ -1,4 +1,4 @@
-"""SFT selection throughput, ours beside the straightforward reference, in one run (issue 5 "Measured").
+"""SFT selection throughput, ours beside the straightforward reference, in one run (docs/benchmarks.md#selection).
 
 1. IFD scoring on ../shared/data/alpaca_subset with a tiny Llama built here (CPU): the ``ifd`` stage
    (one batched call per score(), forward batch 8) vs the reference loop Cherry_LLM and

@@ -1,4 +1,4 @@
-"""DPO step time and loss: ours vs TRL, and a precomputed vs a live reference, in one run (issue 6 "Measured").
+"""DPO step time and loss: ours vs TRL, and a precomputed vs a live reference, in one run (docs/benchmarks.md#training).
 
 Same tiny Llama (hidden 128, 4 layers, vocab 4096, built here), the same HH-RLHF pairs in the same
 order (pairs that do not fit ``max_length`` are removed up front, so neither trainer drops or cuts

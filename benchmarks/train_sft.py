@@ -1,7 +1,7 @@
-"""SFT throughput and loss: ours packed vs padded, and ours vs TRL, in one run (issue 6 "Measured").
+"""SFT throughput and loss: ours packed vs padded, and ours vs TRL, in one run (docs/benchmarks.md#training).
 
-Same tiny Llama (hidden 128, 4 layers, byte-level BPE vocab 4096, built here; REFERENCES §9's TRL
-setup), same ``alpaca_subset`` rows in the same order (no shuffling on either side), same
+Same tiny Llama (hidden 128, 4 layers, byte-level BPE vocab 4096, built here; the TRL setup of
+docs/sources.md#trl-peer-figures), same ``alpaca_subset`` rows in the same order (no shuffling on either side), same
 optimizer and schedule (AdamW torch, lr 1e-4 cosine, no warmup, clip 1.0), fp32 on CPU, bf16
 autocast on a GPU, no gradient checkpointing on either side (ours has none).
 

@@ -1,7 +1,7 @@
 """TRL as the peer of our training loop: SFT and DPO on the same model folder, data and settings.
 
 Helpers for ``benchmarks/train_sft.py`` and ``benchmarks/train_dpo.py`` (no BENCH lines here).
-They reproduce the TRL setup of REFERENCES §9 (TRL 1.16.0, transformers 5.23, torch 2.13 CPU),
+They reproduce the TRL setup of docs/sources.md#trl-peer-figures (TRL 1.16.0, transformers 5.23, torch 2.13 CPU),
 except that gradient checkpointing is OFF: our loop has none, so TRL's default (on) would make
 the comparison measure recomputation rather than the trainers. fp32 on CPU (TRL's ``bf16``
 defaults to True when fp16 is unset, which would autocast to bf16 on CPU: turned off here), bf16
@@ -31,7 +31,7 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "H
 DATA = Path(os.environ.get("DATAFLYWHEEL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SFT_DATA = DATA / "alpaca_subset"  # instruction/input/output rows -> user + assistant turns (records.py)
 PAIRS_DATA = DATA / "hh_rlhf"  # HH-RLHF transcripts -> explicit prompt/chosen/rejected (records.py)
-LN2 = math.log(2.0)  # DPO loss at step 0 when policy == reference (REFERENCES §6.4)
+LN2 = math.log(2.0)  # DPO loss at step 0 when policy == reference (ln 2; docs/sources.md#dpo)
 # A live reference sees the step's own batch, so its log-probs are bit-identical to the policy's and
 # the loss is ln 2 to fp32 precision. The precompute pass batches pairs unshuffled, so padding and
 # summation order differ from training's: sums of ~1e3 nats then differ by ~1e-4, moving the loss

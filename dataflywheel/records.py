@@ -1,4 +1,4 @@
-"""The three record kinds (DESIGN §2) and their validation.
+"""The three record kinds (docs/concepts.md#records) and their validation.
 
 Rows are plain dicts in the Hugging Face / TRL field conventions:
 

@@ -1,4 +1,4 @@
-"""The flywheel driver (issue 8): stage markers, resume after kill -9, invalidation, lock, plateau.
+"""The flywheel driver (docs/flywheel.md#resumable): stage markers, resume after kill -9, invalidation, lock, plateau.
 
 Real parts: a tiny Llama trained here, the real pairs and select pipelines on the FnApiRunner, real
 files. The verifier is a permissive regex (any answer with a digit passes) so that even a model

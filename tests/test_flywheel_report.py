@@ -1,4 +1,4 @@
-"""The flywheel run report (issue 8 item 3): table, HTML charts, escaping, missing parts, CLI.
+"""The flywheel run report (docs/flywheel.md#report): table, HTML charts, escaping, missing parts, CLI.
 
 Run folders are built by hand in the documented layout (rounds.py / round.py): a manifest plus the
 stage outputs the charts read, so every expected number below is known by construction.

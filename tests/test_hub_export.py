@@ -20,9 +20,9 @@ import yaml
 from dataflywheel.cli import main
 from dataflywheel.errors import UserError
 from dataflywheel.io import read
+from dataflywheel.io.commit import finalize_shards
 from dataflywheel.io.hf import card_metadata
 from dataflywheel.io.hub_export import export_dataset, push_to_hub, sources_from_paths
-from dataflywheel.io.commit import finalize_shards
 
 datasets = pytest.importorskip("datasets")
 huggingface_hub = pytest.importorskip("huggingface_hub")

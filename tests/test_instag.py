@@ -1,4 +1,4 @@
-"""InsTag (REFERENCES §3.3): reply parsing, the tagger's retry-once through real backends, the four
+"""InsTag (Lu et al. 2024, docs/sources.md#instag): reply parsing, the tagger's retry-once through real backends, the four
 normalization steps on hand-checked examples (the semantic one on the real MiniLM), Algorithm 1
 against a hand-worked example and a literal transcription, and the three stages on Beam's
 FnApiRunner, where every row must reconcile."""

@@ -133,7 +133,7 @@ def test_answer_nll_equals_masked_label_loss(lm, fmt):
         assert r.conditional.tokens == r.alone.tokens == len(a_ids)
         assert r.conditional.mean == pytest.approx(hf_loss(model, ids, [-100] * len(q_ids) + a_ids), abs=1e-5)
         assert r.alone.mean == pytest.approx(hf_loss(model, [bos] + a_ids), abs=1e-5)
-    ifd = [r.conditional.mean / r.alone.mean for r in res]  # issue 5's IFD, the two-liner
+    ifd = [r.conditional.mean / r.alone.mean for r in res]  # IFD = s(A|Q) / s(A) (Li et al. 2024), the two-liner
     assert all(0 < v < 2 for v in ifd)
 
 

@@ -71,7 +71,7 @@ def test_estimate_error_within_theory_bound():
         sa, sb = (mh.unique_hashes(mh.shingle_hashes(mh.shingles(" ".join(x)))) for x in (base, other))
         true = lsh.exact_jaccard(sa, sb)
         est = mh.estimate_jaccard(*mh.signatures([sa, sb], k))
-        sd = (true * (1 - true) / k) ** 0.5  # REFERENCES §2.7
+        sd = (true * (1 - true) / k) ** 0.5  # sd of the MinHash estimate (docs/sources.md#minhash-near-dedup)
         assert abs(est - true) <= 4 * sd
         errors.append((est - true) / sd)
     assert abs(np.mean(errors)) < 1.0  # unbiased: the mean z over 20 pairs is ~N(0, 1/20)
@@ -102,8 +102,8 @@ def test_character_classes_match_a_full_unicode_scan():
 
 @pytest.mark.parametrize("bands,rows,s,p", [(9, 13, 0.8, 0.399), (14, 8, 0.8, 0.924), (20, 13, 0.8, 0.677),
                                             (32, 8, 0.6, 0.418), (9, 13, 0.9, 0.929), (14, 8, 0.5, 0.053)])
-def test_s_curve_matches_references_table(bands, rows, s, p):
-    assert round(lsh.candidate_probability(s, bands, rows), 3) == p  # REFERENCES §2.7 table
+def test_s_curve_matches_the_published_table(bands, rows, s, p):
+    assert round(lsh.candidate_probability(s, bands, rows), 3) == p  # the published S-curve table (docs/sources.md#minhash-near-dedup)
     assert dict(lsh.s_curve(bands, rows))[s] == pytest.approx(p, abs=5e-4)
     assert f"{s:.2f}   {p:.3f}" in lsh.s_curve_table(bands, rows)
 

@@ -159,7 +159,7 @@ def test_minilm_similarity_shape_norm_and_load_once():
     assert vecs.shape == (3, 384) and vecs.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
     cos = float(vecs[0] @ vecs[1])
-    assert cos == pytest.approx(0.755, abs=0.01)  # REFERENCES §1.4, the published reference value
+    assert cos == pytest.approx(0.755, abs=0.01)  # the published reference value (docs/sources.md#minilm-embedder)
     assert float(vecs[0] @ vecs[2]) < cos
     assert embed(model, []).shape == (0, 384)
 

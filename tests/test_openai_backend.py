@@ -1,7 +1,7 @@
 """OpenAIBackend against real servers on loopback.
 
 Two servers: ``transformers serve`` (the real thing, serving a tiny model built here; it ignores
-``n`` and ``logprobs``, REFERENCES §9) for the protocol, and a scripted ``http.server`` for what a
+``n`` and ``logprobs``, docs/sources.md#transformers-serve) for the protocol, and a scripted ``http.server`` for what a
 healthy server will not do on demand: 429 with Retry-After, 5xx, hangs, empty or broken replies.
 """
 
@@ -26,7 +26,7 @@ import pytest
 from dataflywheel.synth.backends import Request, Sampling, sample_seed
 from dataflywheel.synth.backends.openai_http import OpenAIBackend
 
-SERVE_START_TIMEOUT_S = 90  # REFERENCES §9: healthy after ~9 s alone; the suite shares 2 cores
+SERVE_START_TIMEOUT_S = 90  # docs/sources.md#transformers-serve: healthy after ~9 s alone; the suite shares 2 cores
 CHAT = ({"role": "user", "content": "What is the capital of France?"},)
 
 
@@ -382,7 +382,7 @@ def test_serve_chat_and_completions_match_in_process(served):
 
 def test_serve_ignores_n_and_logprobs_client_tops_up(served):
     url, folder = served
-    # transformers serve samples only when a generation_config enables it (REFERENCES §9); one
+    # transformers serve samples only when a generation_config enables it (docs/sources.md#transformers-serve); one
     # request in flight because it sets the seed globally and overlapping requests race on it
     sample_on = {"generation_config": json.dumps({"do_sample": True})}
 

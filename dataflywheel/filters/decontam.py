@@ -1,4 +1,4 @@
-"""Benchmark decontamination (REFERENCES §2.12): drop rows sharing a long word n-gram with an eval set.
+"""Benchmark decontamination (docs/sources.md#decontamination): drop rows sharing a long word n-gram with an eval set.
 
 Training on a benchmark's questions or answers inflates its scores, so rows that repeat an
 evaluation text are removed before training. The method is datatrove's

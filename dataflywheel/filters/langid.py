@@ -1,4 +1,4 @@
-"""Language ID with fastText lid.176 (REFERENCES §1.3, §2.2): score, then decide.
+"""Language ID with fastText lid.176 (docs/sources.md#language-id and #fasttext-lid-model): score, then decide.
 
 Scores ``lang_<code>`` for the top-k labels and sets ``lang``; the filter keeps rows whose top
 language is allowed with a score >= ``min_score`` (0.65: datatrove's LanguageFilter default and

@@ -1,17 +1,17 @@
-"""Perplexity under a causal LM (REFERENCES §2.6), and a percentile band over any stored score.
+"""Perplexity under a causal LM (docs/sources.md#perplexity-filter), and a percentile band over any stored score.
 
 ``perplexity`` scores each row with a Hugging Face causal LM (any name or local folder; the
 scoring core is ``models/lm_score.py``) and writes ``ppl`` (exp of the token-averaged NLL),
 ``nll`` (token-averaged, nats), ``ppl_tokens`` (tokens scored) and ``ppl_truncated`` (1 when the
 text was cut to ``max_length``) into ``row["scores"]``. Its filter compares stored scores only,
 so other thresholds can be re-applied later without running the model again (dolma's
-tag-then-mix, REFERENCES §2.14). A text with no tokens gets no ppl (never NaN) and is rejected
+tag-then-mix, docs/sources.md#score-then-decide). A text with no tokens gets no ppl (never NaN) and is rejected
 ``no_tokens``.
 
 No default thresholds: data-juicer's ``max_ppl=1500`` is for its KenLM models and does not carry
 over to a neural LM, whose scale depends on the model and tokenizer. Use ``score_band`` to cut at
 percentiles of the run's own distribution instead (Cherry_LLM keeps instruction perplexity between
-the 25th and 75th percentiles, REFERENCES §3.1).
+the 25th and 75th percentiles, docs/sources.md#ifd).
 
 ``score_band`` lives here for now because perplexity is its first user; it is generic over any
 numeric score field.

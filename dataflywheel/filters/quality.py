@@ -1,4 +1,4 @@
-"""Heuristic quality stages (REFERENCES §2.5): Gopher quality and repetition, C4, FineWeb, line filter.
+"""Heuristic quality stages (docs/sources.md#heuristic-quality-filters): Gopher quality and repetition, C4, FineWeb, line filter.
 
 Each stage is a Scorer that writes every statistic it measures into ``row["scores"]`` (prefixes
 ``gopher_``, ``c4_``, ``fineweb_``, ``<name>_``) and a Filter whose ``keep`` only compares stored
@@ -12,7 +12,7 @@ filter stages rewrite ``text`` (removed lines are counted in scores); rows witho
 field (conversations) are scored on their joined contents and left unchanged.
 
 Checked against datatrove 0.10.1 itself (spaCy tokenizer) on the 127 article bodies of
-shared/data/article_extraction_benchmark: keep/drop agree on 504 of 508 decisions (the four
+scrapinghub's article-extraction-benchmark: keep/drop agree on 504 of 508 decisions (the four
 differences: tokenizer and sentence-splitter edge cases, one of them a Japanese text).
 """
 
@@ -245,7 +245,7 @@ class LineFilterConfig(StageConfig):
 
 @register("line_filter")
 class LineFilter(Scorer, Filter):
-    """Drops boilerplate lines by regex (REFERENCES §8, cleaning step 5).
+    """Drops boilerplate lines by regex (step 5 of docs/sources.md#cleaning-pipeline-order).
 
     Scores ``<name>_lines_removed``, ``<name>_removed_frac`` (of non-blank lines),
     ``<name>_removed_char_frac`` and ``<name>_lines_left``, where <name> is the instance name."""

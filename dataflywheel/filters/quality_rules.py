@@ -1,4 +1,4 @@
-"""Pure statistics behind the heuristic quality stages (REFERENCES §2.5); no stage, no config.
+"""Pure statistics behind the heuristic quality stages (docs/sources.md#heuristic-quality-filters); no stage, no config.
 
 Each function measures one family's statistics on a text and returns them as plain numbers, so
 the stages in ``quality.py`` can store them in ``row["scores"]`` and decide later. The

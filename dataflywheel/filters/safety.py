@@ -1,8 +1,8 @@
-"""Sensitive-content filter (cleaning step 7 of REFERENCES §8): keyword and regex lists from files.
+"""Sensitive-content filter (the last step of docs/sources.md#cleaning-pipeline-order): keyword and regex lists from files.
 
-Scores first (DESIGN §3): ``sensitive_hits`` (all lists), ``sensitive_<list>`` per list (the file's
-stem) and ``sensitive_ratio`` (hits per whitespace word); then keeps a row when
-``sensitive_hits <= max_hits``, or, when ``max_hit_ratio`` is set, when
+Scores first (docs/concepts.md#stages-score-then-decide): ``sensitive_hits`` (all lists),
+``sensitive_<list>`` per list (the file's stem) and ``sensitive_ratio`` (hits per whitespace word);
+then keeps a row when ``sensitive_hits <= max_hits``, or, when ``max_hit_ratio`` is set, when
 ``sensitive_ratio <= max_hit_ratio`` instead.
 
 Keywords: one word or phrase per line, matched as whole words, case-insensitively (casefold, so
@@ -124,7 +124,7 @@ class SensitiveContentConfig(StageConfig):
     # None: the project's small illustrative lists in dataflywheel/data/blocklists (see its README.md)
     keyword_files: list[str] | None = None
     regex_files: list[str] | None = None
-    max_hits: int = Field(0, ge=0)  # C4's bad-words rule drops a page on any listed word (REFERENCES §2.5)
+    max_hits: int = Field(0, ge=0)  # C4's bad-words rule drops a page on any listed word (docs/sources.md#heuristic-quality-filters)
     max_hit_ratio: float | None = Field(None, ge=0.0, le=1.0)  # when set, decide by hits per word instead
     batch_size: int = 256
 

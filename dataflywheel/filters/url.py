@@ -1,4 +1,4 @@
-"""URL filter (REFERENCES §2.3, datatrove ``url_filter.py``; cleaning step 2 of §8): score, then decide.
+"""URL filter (datatrove ``url_filter.py``, docs/sources.md#url-filter; step 2 of #cleaning-pipeline-order): score, then decide.
 
 Rules, checked in datatrove's order, each with its reason code:
 

@@ -1,5 +1,5 @@
 """``dataflywheel report RUN``: a flywheel run's rounds side by side, and an HTML report with plots
-(issue 8 item 3).
+(docs/flywheel.md#report).
 
 Everything comes from the run folder: the run's ``manifest.json`` (every round's stage counts,
 metrics and wall times, see rounds.py) for the table and the per-round numbers, and the stages'

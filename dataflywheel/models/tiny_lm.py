@@ -1,7 +1,7 @@
 """Causal LMs without downloads: a tokenizer trained here, tiny random models, and a load-once loader.
 
 Tests and the demo build a model in seconds (config + byte-level BPE trained on project text +
-seeded random weights, REFERENCES §1.9); real runs load any Hugging Face model by name or path
+seeded random weights, docs/sources.md#tiny-models); real runs load any Hugging Face model by name or path
 through the same ``load_causal_lm``. Weights are read from safetensors only: a pickled
 ``pytorch_model.bin`` can run code when loaded.
 """

@@ -1,4 +1,4 @@
-"""Causal-LM scoring as a Beam ``RunInference`` model handler (REFERENCES §2.13), for GPU workers.
+"""Causal-LM scoring as a Beam ``RunInference`` model handler (docs/sources.md#runinference), for GPU workers.
 
 ``pcoll_of_texts | RunInference(CausalLMScoreHandler("org/model", device="cuda"))`` yields one
 ``PredictionResult(text, scores)`` per text, where ``scores`` holds exactly the fields the

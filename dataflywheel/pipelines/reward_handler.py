@@ -1,4 +1,4 @@
-"""Reward-model scoring as a Beam ``RunInference`` model handler (REFERENCES §2.13), for GPU workers.
+"""Reward-model scoring as a Beam ``RunInference`` model handler (docs/sources.md#runinference), for GPU workers.
 
 ``rows | RunInference(RewardModelHandler(RewardModelConfig(model="out/rm/final", device="cuda")))``
 turns prompt rows with ``completions`` into the same scored rows the ``reward_model`` stage writes:

@@ -1,1 +1,1 @@
-"""SFT data selection (IFD, InsTag, embedding diversity, Deita): lands with its issue."""
+"""SFT data selection (IFD, InsTag, embedding diversity, Deita): docs/selection.md."""

@@ -1,4 +1,4 @@
-"""Deita's LLM scorers (REFERENCES §3.4), read in one batched prefill pass, and score combination.
+"""Deita's LLM scorers (docs/sources.md#deita), read in one batched prefill pass, and score combination.
 
 ``deita_score`` asks a causal LM for a complexity score of each user turn and a quality score of
 each (user turn, answer) pair, with Deita's prompts (``synth/prompts/deita_*.jinja``, verbatim from
@@ -6,9 +6,9 @@ each (user turn, answer) pair, with Deita's prompts (``synth/prompts/deita_*.jin
 over the digit tokens "1".."6" at the first generated position: a softmax over those six logits
 only, score = sum_j j * p_j (``scorer/base.py:infer_score``). Deita runs ``generate`` once per
 prompt; here the next-token logits of a whole batch come from one forward (left padding, explicit
-position ids, logits kept for the last position only): the "one prefill pass" of REFERENCES §7
-idea 9. The raw logits are read (Deita's HF path reads ``generate``'s processed scores, which
-equal them under greedy decoding with no logits processors).
+position ids, logits kept for the last position only). The raw logits are read (Deita's HF path
+reads ``generate``'s processed scores, which equal them under greedy decoding with no logits
+processors).
 
 Multi-turn (Deita's ``score_pipeline.py`` + ``filter/combined_filter.py``): turn t's complexity
 reads only its user message, its quality that message and the answer; the row's final score is
@@ -21,7 +21,7 @@ Deita uses two fine-tuned LLaMA-1-7B models, ``hkust-nlp/deita-complexity-scorer
 settings, rendered prompt) in a ``ScoreCache`` when ``cache`` is set, so a re-run computes nothing.
 
 ``combine_scores`` turns named score fields into one ranking score (product, or weighted sum), for
-the score-first selection of issue 5 item 5 (e.g. ifd x instag_count, reward).
+score-first selection (docs/selection.md#select-methods; e.g. ifd x instag_count, reward).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from .turns import assistant_turns
 
 DEITA_FALLBACK = 3.0  # scorer/base.py: infer_score returns 3.0 when a digit's log-prob is missing
 SCORE_VALUES = (1, 2, 3, 4, 5, 6)  # scorer/base.py: score_template
-FALLBACK_CONTEXT = 2048  # Deita's scorers are LLaMA-1-7B fine-tunes: a 2048-token context (§3.4)
+FALLBACK_CONTEXT = 2048  # Deita's scorers are LLaMA-1-7B fine-tunes: a 2048-token context (docs/sources.md#deita)
 PROMPTS = {"complexity": "deita_complexity.jinja", "quality": "deita_quality.jinja"}
 Kind = Literal["complexity", "quality"]
 
@@ -297,7 +297,7 @@ class DeitaScore(Scorer):
 
 class CombineScoresConfig(StageConfig):
     fields: list[str] = Field(min_length=1)  # score names in row["scores"], e.g. [deita_complexity, deita_quality]
-    op: Literal["product", "sum"] = "product"  # Deita ranks by complexity x quality (§3.4)
+    op: Literal["product", "sum"] = "product"  # Deita ranks by complexity x quality (docs/sources.md#deita)
     weights: list[float] | None = None  # sum: w_i * x_i; product: x_i ** w_i; None: all 1
     out: str = "combined"  # the score written, row["scores"][out]
 

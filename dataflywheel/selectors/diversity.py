@@ -1,4 +1,4 @@
-"""Embedding-diversity selection (issue 5 item 4; REFERENCES §3.4, §3.5): four objectives, pure numpy.
+"""Embedding-diversity selection (docs/selection.md#embedding-diversity; docs/sources.md#deita): four objectives, pure numpy.
 
 Every function takes ``vectors``: an ``(n, d)`` array of L2-normalized rows (cosine = dot product),
 returns row indices in the order they were selected, and keeps memory at O(n * d): similarities
@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 
-REPR_THRESHOLD = 0.9  # Deita's tau: cosine to every selected row must be <= 0.9 (REFERENCES §3.4)
+REPR_THRESHOLD = 0.9  # Deita's tau: cosine to every selected row must be <= 0.9 (docs/sources.md#deita)
 KCENTER_BLOCK = 256  # ours: rows per lagging block in k-center (fastest of 64..8192 at 100k x 384)
 REPR_CHUNK = 1024  # ours: candidates per matmul; any size gives the same selection
 MINIBATCH_ABOVE = 20_000  # ours: rows past which k-means switches to MiniBatchKMeans (sklearn's advice for large n)
@@ -70,7 +70,7 @@ def _then_copies(picks: list[int], budget: int, n: int) -> list[int]:
 
 def k_center_greedy(vectors: np.ndarray, budget: int, initial: Sequence[int] = (),
                     block: int = KCENTER_BLOCK) -> list[int]:
-    """Farthest-first traversal (k-center greedy; Sener & Savarese 2018, REFERENCES §3.5).
+    """Farthest-first traversal (k-center greedy; Sener & Savarese 2018, docs/sources.md#embedding-diversity).
 
     Starts from ``initial`` (an already-selected set, DiverseEvol's seed) or else from row 0 (the
     highest-priority row when rows are sorted), then repeatedly adds the row farthest (L2) from
@@ -140,7 +140,7 @@ def _k_center(v: np.ndarray, budget: int, given: list[int], block: int) -> list[
 
 def repr_filter(vectors: np.ndarray, order: Sequence[int], budget: int | None = None,
                 threshold: float = REPR_THRESHOLD, chunk: int = REPR_CHUNK) -> list[int]:
-    """Deita's Repr Filter (``deita/selection/filter/base.py``, REFERENCES §3.4), exactly.
+    """Deita's Repr Filter (``deita/selection/filter/base.py``, docs/sources.md#deita), exactly.
 
     Walk the candidates in ``order`` (best score first); accept one iff its cosine similarity to
     every row accepted before it is <= ``threshold`` (the first is always accepted); stop once
@@ -156,7 +156,7 @@ def repr_filter(vectors: np.ndarray, order: Sequence[int], budget: int | None = 
 
     distilabel's ``DeitaFiltering`` is a different algorithm: it keeps rows whose cosine *distance*
     to their nearest neighbour in the whole pool is >= its threshold, so both members of a
-    near-duplicate pair are dropped (REFERENCES §3.4). We replicate Deita.
+    near-duplicate pair are dropped (docs/sources.md#deita). We replicate Deita.
     """
     v = _as_matrix(vectors)
     order = np.asarray(order, dtype=np.int64)
@@ -234,13 +234,13 @@ def _fresh_gains(v: np.ndarray, js: np.ndarray, cover_sim: np.ndarray,
 
 
 def facility_location(vectors: np.ndarray, budget: int, kernel: Kernel = "cosine") -> list[int]:
-    """Greedy maximization of facility location F(S) = sum_i max_{j in S} sim(i, j) (REFERENCES §3.5).
+    """Greedy maximization of facility location F(S) = sum_i max_{j in S} sim(i, j) (docs/sources.md#embedding-diversity).
 
     ``kernel="cosine"`` (default): sim = (1 + cos) / 2, in [0, 1]. Non-negative, so F is monotone
     submodular and greedy is within (1 - 1/e) of the optimum (plain cosine can be negative, which
     breaks monotonicity), and the initial gains have a closed form, (n + (sum_i e_i).e_j) / 2.
     ``kernel="submodlib_euclidean"`` is what Superfiltering.D runs (submodlib
-    ``FacilityLocationFunction(mode="dense", metric="euclidean")``, REFERENCES §3.2): sim =
+    ``FacilityLocationFunction(mode="dense", metric="euclidean")``, docs/sources.md#superfiltering): sim =
     exp(-||x - y|| / d). On 384-d unit vectors that spans only [0.9948, 1] and is nearly linear
     in the distance, where ours is linear in the squared distance, so the two pick differently.
     Use it to replicate the paper, knowing that its late gains differ by less than float32 can
@@ -329,7 +329,7 @@ def _proportional_quotas(sizes: list[int], budget: int) -> list[int]:
 def kmeans_sample(vectors: np.ndarray, budget: int, n_clusters: int, seed: int = 0,
                   mode: Literal["uniform", "proportional"] = "uniform",
                   order: Sequence[int] | None = None) -> list[int]:
-    """k-means cluster sampling (REFERENCES §3.5; Cherry_LLM clusters with K=100, random_state=0, §3.1).
+    """k-means cluster sampling (docs/sources.md#embedding-diversity; Cherry_LLM clusters with K=100, random_state=0).
 
     Clusters with scikit-learn (``KMeans``; ``MiniBatchKMeans`` past ``MINIBATCH_ABOVE`` rows),
     ``random_state=seed``. Per cluster: ``uniform`` splits the budget evenly (what a small cluster

@@ -1,10 +1,10 @@
-"""The ``diversity`` stage: embed rows, then select a diverse subset to a budget (issue 5 items 4-6).
+"""The ``diversity`` stage: embed rows, then select a diverse subset to a budget (docs/selection.md#embedding-diversity).
 
 One global step over the whole pool (key None) running one objective of ``selectors/diversity.py``:
 ``repr_filter`` (Deita), ``kcenter``, ``kmeans`` or ``facility_location`` (Superfiltering.D).
 ``order_by`` names a stored score (descending) that sets the candidates' priority: the walk order
 of the repr filter, the start of k-center, the pick order inside a k-means cluster, and ties
-everywhere. Deita ranks by its score first and then runs the repr filter (REFERENCES §3.4), so
+everywhere. Deita ranks by its score first and then runs the repr filter (docs/sources.md#deita), so
 ``method: repr_filter, order_by: deita_score`` *is* Deita's selector. Rows are sorted by
 (score desc, id, text) before anything else, so every engine and any input order select the same
 rows. The step only reads stored scores and cached embeddings: re-running it with another budget,
@@ -32,18 +32,18 @@ from ..stages import GlobalStep, StageConfig
 from .diversity import REPR_THRESHOLD, Kernel, facility_location, k_center_greedy, kmeans_sample, repr_filter
 from .embed import EMBED_BATCH, row_texts, text_vectors
 
-KMEANS_CLUSTERS = 100  # Cherry_LLM data_by_cluster.py: kmeans_num_clusters=100 (REFERENCES §3.1)
-KMEANS_SEED = 0  # Cherry_LLM: random_state=0 (REFERENCES §3.1)
+KMEANS_CLUSTERS = 100  # Cherry_LLM data_by_cluster.py: kmeans_num_clusters=100 (docs/sources.md#embedding-diversity)
+KMEANS_SEED = 0  # Cherry_LLM: random_state=0 (docs/sources.md#embedding-diversity)
 METHOD_OPTIONS = {"threshold": "repr_filter", "n_clusters": "kmeans", "kmeans_mode": "kmeans", "seed": "kmeans",
                   "kernel": "facility_location"}
 
 
 class DiversityConfig(StageConfig):
-    method: Literal["repr_filter", "kcenter", "kmeans", "facility_location"] = "repr_filter"  # Deita's (§3.4)
+    method: Literal["repr_filter", "kcenter", "kmeans", "facility_location"] = "repr_filter"  # Deita's (docs/sources.md#deita)
     # What is embedded. Deita embeds the whole conversation and Superfiltering.D instruction + input +
     # output (its emb_type "whole"): the two reference recipes both judge redundancy on the full sample.
     part: Literal["instruction", "conversation", "response"] = "conversation"
-    model: str | None = None  # sentence-transformers name or folder; None: the bundled MiniLM (REFERENCES §1.4)
+    model: str | None = None  # sentence-transformers name or folder; None: the bundled MiniLM (docs/sources.md#minilm-embedder)
     embed_batch_size: int = Field(EMBED_BATCH, ge=1)
     cache: str | None = None  # sqlite file of vectors (models/score_cache.py); None: embed every run
     budget: int | None = Field(None, gt=0)  # rows to select

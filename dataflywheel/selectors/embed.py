@@ -1,7 +1,7 @@
-"""Row embeddings for diversity selection, cached by (model, part, text) (issue 5 items 4 and 6).
+"""Row embeddings for diversity selection, cached by (model, part, text) (docs/selection.md#embedding-diversity).
 
 Selection is re-run with new budgets and thresholds far more often than the pool changes, and
-embedding is its expensive part (~300 sentences/s for MiniLM on 2 CPU threads, REFERENCES §1.4).
+embedding is its expensive part (~300 sentences/s for MiniLM on 2 CPU threads, docs/sources.md#minilm-embedder).
 With a ``ScoreCache`` every vector is stored under ``cache_key(model id, "embed:<part>", text)``:
 a re-run looks them all up and embeds nothing, and a grown pool embeds only its new rows. Vectors
 stay in the cache, never on the rows: 384 floats a row would dwarf the row itself.
@@ -18,7 +18,7 @@ from ..models.embedder import MINILM_SHA256, embed, load_embedder
 from ..models.score_cache import ScoreCache, cache_key
 from .turns import row_part
 
-EMBED_BATCH = 64  # Superfiltering.D embeds with batch 64 (code_diversity_fla/do_fla.py, REFERENCES §3.2)
+EMBED_BATCH = 64  # Superfiltering.D embeds with batch 64 (code_diversity_fla/do_fla.py, docs/sources.md#superfiltering)
 
 
 def embedder_id(model_name: str | None) -> str:

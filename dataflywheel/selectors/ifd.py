@@ -1,4 +1,4 @@
-"""IFD, Instruction-Following Difficulty (REFERENCES §3.1, §3.2): how little the instruction helps
+"""IFD, Instruction-Following Difficulty (docs/sources.md#ifd, #superfiltering): how little the instruction helps
 the model predict the answer.
 
     IFD = s(A|Q) / s(A)        s = token-averaged NLL over the answer tokens only
@@ -10,7 +10,7 @@ batched call per ``score()``) and writes into ``row["scores"]``:
 
 - ``ifd``: the paper's loss ratio s(A|Q) / s(A) (Li et al. 2024; our default);
 - ``ifd_ppl_ratio``: exp(s(A|Q) - s(A)), what Superfiltering's code computes (ppl ratio). It is
-  > 1 exactly when ``ifd`` is, but ranks samples differently (REFERENCES §3.2);
+  > 1 exactly when ``ifd`` is, but ranks samples differently (docs/sources.md#superfiltering);
 - ``ifd_loss_cond``, ``ifd_loss_alone``: the two token means; ``ifd_tokens``: answer tokens
   scored with their context; ``ifd_truncated``: 1 when any answer lost tokens to ``max_length``.
 
@@ -31,7 +31,7 @@ Templates (how (Q, A) become tokens; each as its reference code feeds the model)
 Alpaca rows (``instruction`` / ``input`` fields) are rendered from those fields; conversation rows
 from their messages, the user turn standing for the instruction.
 
-Multi-turn (issue 5 item 7): every assistant turn is scored with all messages before it as context
+Multi-turn (docs/selection.md#ifd): every assistant turn is scored with all messages before it as context
 (``selectors/turns.py``); ``plain`` joins earlier contents with ``\\n``, ``alpaca`` writes earlier
 turns as ``### Instruction:`` / ``### Response:`` blocks. ``multi_turn`` sets the row's value:
 
@@ -45,7 +45,7 @@ Per-turn values go to ``meta.ifd_turns``. The row is truncated when any turn is.
 
 With ``cache`` set, each (model, template settings, context, answer) result is kept in a
 ``ScoreCache`` (sqlite), so re-running selection with another threshold or budget, or on a grown
-pool, makes no forward pass for what was scored before (issue 5 item 6).
+pool, makes no forward pass for what was scored before (docs/selection.md#score-then-select-everything-cached).
 """
 
 from __future__ import annotations
@@ -85,13 +85,13 @@ _CACHE_VERSION = "ifd-v1"  # bump when what is cached per (context, answer) chan
 
 class IFDConfig(StageConfig):
     model: str  # Hub name or local folder (safetensors only); required: no sensible default model
-    template: Template = "plain"  # plain works with any model, base models too (Superfiltering, §3.2)
-    max_length: int = Field(DEFAULT_MAX_LENGTH, ge=2)  # Cherry_LLM's analysis length (§3.1)
+    template: Template = "plain"  # plain works with any model, base models too (Superfiltering, docs/sources.md#superfiltering)
+    max_length: int = Field(DEFAULT_MAX_LENGTH, ge=2)  # Cherry_LLM's analysis length (docs/sources.md#ifd)
     forward_batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)  # sequences per forward (batch_size: rows per call)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # Cherry_LLM scores in fp32 (§3.1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # Cherry_LLM scores in fp32 (docs/sources.md#ifd)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when visible
     max_ifd: float | None = Field(DEFAULT_MAX_IFD, gt=0)  # None: keep any IFD
-    drop_truncated: bool = True  # Cherry_LLM step 4 (§3.1): a cut sample's IFD is not comparable
+    drop_truncated: bool = True  # Cherry_LLM drops truncated samples (docs/sources.md#ifd): a cut sample's IFD is not comparable
     multi_turn: MultiTurn = "pooled"  # see the module docstring
     cache: str | None = None  # ScoreCache sqlite path: re-runs make no forward for cached pairs
     scores_prefix: str = ""  # e.g. "gpt2_" -> scores.gpt2_ifd, so two ifd stages can coexist

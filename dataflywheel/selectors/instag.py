@@ -1,10 +1,10 @@
-"""InsTag's open-set tagger (REFERENCES §3.3) as the ``instag_tag`` stage, and its reply parser.
+"""InsTag's open-set tagger (docs/sources.md#instag) as the ``instag_tag`` stage, and its reply parser.
 
 An LLM reads each row's instruction (its user turns) with InsTag's prompt
 (``synth/prompts/instag.jinja``) and answers a JSON list of ``{"tag", "explanation"}``. Every
 call goes through the generation backend interface (``synth/backends``: transformers, any
-OpenAI-compatible server, vLLM), so the tagger can be a local model with its own cache (REFERENCES
-§7 idea 13) and a re-run generates nothing already tagged.
+OpenAI-compatible server, vLLM), so the tagger can be a local model with its own cache
+(instead of InsTag's ChatGPT) and a re-run generates nothing already tagged.
 
 Real replies are messier than the format asked for, so ``parse_tags`` tries, in order: the whole
 reply as JSON; each ```-fenced block; the first JSON value found inside prose; a Python literal

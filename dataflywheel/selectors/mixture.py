@@ -1,8 +1,9 @@
 """Mixtures: a training set built from several groups (source, tag, language) to a row or token budget.
 
-Label-based rebalancing (REFERENCES §8, "rebalance by label distribution"): rows are grouped by a
-dotted path into the row (``source``, ``meta.source``, ``lang``, ``scores.x``; a list such as
-``tags`` gives its first element, ``tags.1`` another), and each group gets a share of the budget:
+Label-based rebalancing ("rebalance by label distribution", docs/sources.md#score-then-decide):
+rows are grouped by a dotted path into the row (``source``, ``meta.source``, ``lang``,
+``scores.x``; a list such as ``tags`` gives its first element, ``tags.1`` another), and each group
+gets a share of the budget:
 
 - ``proportional``: p_g ∝ n_g, the group's natural size (rows or tokens, the budget's unit);
 - ``weights``: p_g ∝ the given weight (groups not named get none: rejected ``excluded_group``);
@@ -17,10 +18,10 @@ so the budget is met while rows last; the report shows each group's requested an
 Rows are never repeated (no upsampling): a budget above the pool takes the whole pool.
 
 ``replay`` keeps a named general-data group at ``replay_share`` of the budget beside the domain
-groups, to limit forgetting (REFERENCES §8: about 5% when distributions are close, 10-20% when
-far, Ibrahim et al. 2024; no default share). The strategy splits the rest among the other groups.
-If the replay group runs short, its shortfall goes to the domain groups; a domain shortfall is
-never given to the replay group, so its share never exceeds the one asked for.
+groups, to limit forgetting (docs/sources.md#data-mixture: about 5% when distributions are close,
+10-20% when far, Ibrahim et al. 2024; no default share). The strategy splits the rest among the
+other groups. If the replay group runs short, its shortfall goes to the domain groups; a domain
+shortfall is never given to the replay group, so its share never exceeds the one asked for.
 
 Within a group rows are taken in priority order: ``order_by`` (a score, highest first, ties by
 id; rows without it last) or a seeded shuffle (sha256 of seed and row id: no global RNG, the same
@@ -65,7 +66,7 @@ class MixtureConfig(StageConfig):
     unit: Literal["rows", "tokens"] = "rows"
     tokenizer: str | None = None  # Hub name or local folder counting tokens; None: words x 4/3
     replay_group: str | None = None  # the general-data group kept at replay_share
-    replay_share: float | None = Field(None, gt=0, lt=1)  # of the budget; REFERENCES §8: ~0.05 close, 0.1-0.2 far
+    replay_share: float | None = Field(None, gt=0, lt=1)  # of the budget; Ibrahim et al. 2024: ~0.05 close, 0.1-0.2 far
     order_by: str | None = None  # score taken first within a group (highest first); None: seeded shuffle
     ascending: bool = False  # order_by lowest first (e.g. perplexity)
     seed: int = 0  # the shuffle's seed

@@ -1,4 +1,4 @@
-"""InsTag's tag normalization (REFERENCES §3.3, the paper's §3.2), as the ``instag_normalize`` step.
+"""InsTag's tag normalization (the paper's §3.2; docs/sources.md#instag), as the ``instag_normalize`` step.
 
 An open-set tagger returns over 100K distinct raw tags on a large pool, most of them rare spelling
 or wording variants; complexity (tags per row) and diversity (tag coverage) only mean something
@@ -50,7 +50,7 @@ from ..filters.text import with_scores
 from ..registry import register
 from ..stages import GlobalStep, StageConfig
 
-# InsTag §3.2 (REFERENCES §3.3): alpha 20, DBSCAN 0.05, FP-Growth support 40 and confidence 99%.
+# InsTag §3.2 (docs/sources.md#instag): alpha 20, DBSCAN 0.05, FP-Growth support 40 and confidence 99%.
 MIN_FREQUENCY = 20
 SEMANTIC_EPS = 0.05
 MIN_SUPPORT = 40

@@ -1,4 +1,4 @@
-"""InsTag's complexity-first diverse sampling (Algorithm 1, REFERENCES §3.3) as ``instag_sample``.
+"""InsTag's complexity-first diverse sampling (Algorithm 1, docs/sources.md#instag) as ``instag_sample``.
 
 The paper's 6K selection (mean 16.56 tags per row, 100% tag coverage) beat models trained on
 10-20x more data; this is how it was drawn:

@@ -1,10 +1,10 @@
-"""Top-k selection by any stored score: the last step of IFD selection (REFERENCES §3.1 step 6:
+"""Top-k selection by any stored score: the last step of IFD selection (Cherry_LLM's, docs/sources.md#ifd:
 sort, keep the top k%), and as generic for reward, ``deita_score`` or tag count.
 
 ``select_top`` keeps the ``budget`` rows, or the ``fraction`` of the rows it is given, with the
 highest ``scores.<field>`` (lowest with ``ascending``). The count is of the actual input:
 Superfiltering's ``select_data.py`` hard-codes ``int(52002 * sample_rate)`` (all of Alpaca) and
-so over-selects on any other pool (REFERENCES §3.2). A fraction rounds down, as their ``int()``.
+so over-selects on any other pool (docs/sources.md#superfiltering). A fraction rounds down, as their ``int()``.
 
 Ties are broken by row id (ascending), so the selection depends only on the set of rows, never on
 their order (Beam gives a group's rows in no fixed order). Rows without the field, or with a

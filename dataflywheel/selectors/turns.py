@@ -1,6 +1,6 @@
 """The parts of an SFT row that selection looks at: assistant turns with their context, and texts.
 
-Multi-turn conversations are scored per assistant turn (REFERENCES §3.4: Deita sums complexity x
+Multi-turn conversations are scored per assistant turn (docs/sources.md#deita: Deita sums complexity x
 quality over turns; IFD here is computed per turn and pooled, see ``selectors/ifd.py``). Turn k's
 context is every message before it (system, earlier user and assistant turns), so a turn is scored
 as the model would see it when trained on the whole conversation.

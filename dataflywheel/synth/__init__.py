@@ -1,1 +1,1 @@
-"""Synthesis: generation backends, cache, Self-Instruct, Evol-Instruct: lands with its issue."""
+"""Synthesis: generation backends, cache, Self-Instruct, Evol-Instruct: docs/synthesis.md."""

@@ -1,4 +1,4 @@
-"""The cross-round pool of the best sample per prompt id (Llama 2 §3.2.3; REFERENCES §5.2).
+"""The cross-round pool of the best sample per prompt id (Llama 2 §3.2.3; docs/sources.md#rejection-sampling).
 
 Llama 2's rejection sampling regressed while each round trained only on that round's samples; the
 fix was to keep the top samples of all earlier rounds. ``BestPool.update(rows, round)`` keeps, per

@@ -7,7 +7,7 @@ and then for its response, and eliminates the evolution when it (1) brings no in
 (an equality judge prompt, or an embedding-similarity shortcut), (2) has a response containing
 "sorry" that is under 80 words, (3) has a response of only punctuation and stop words, or (4)
 copies words of the evolving prompt. A failed item goes back to the pool as it was, to be tried
-again next round; a success takes its parent's place (REFERENCES §4.3). The pool is deduplicated
+again next round; a success takes its parent's place (docs/sources.md#evol-instruct). The pool is deduplicated
 exactly every round, and every failure has a reason code, counted for the run report.
 
 Prompts are data files in ``prompts/evol_*.jinja`` with their sources. Everything a round asks
@@ -33,7 +33,7 @@ from dataflywheel.synth import templates
 from dataflywheel.synth.backends.base import Backend, Request, Sample, Sampling
 
 DEPTH_OPERATIONS = ("add_constraints", "deepening", "concretizing", "increased_reasoning_steps", "complicate_input")
-OPERATIONS = (*DEPTH_OPERATIONS, "breadth")  # the paper's six, drawn uniformly (REFERENCES §4.3)
+OPERATIONS = (*DEPTH_OPERATIONS, "breadth")  # the paper's six, drawn uniformly (docs/sources.md#evol-instruct)
 
 # Words of the evolving prompts an evolved instruction must not copy: the lists the released
 # depth.py / breadth.py forbid, which include the paper's examples (check 4). Matched case-insensitively.
@@ -110,7 +110,7 @@ def copies_meta_words(instruction: str) -> bool:
 
 
 def sorry_and_short(response: str, max_words: int = 80) -> bool:
-    """Check 2: "sorry" in the response and fewer than ``max_words`` words (REFERENCES §4.3)."""
+    """Check 2: "sorry" in the response and fewer than ``max_words`` words (docs/sources.md#evol-instruct)."""
     return "sorry" in response.lower() and len(response.split()) < max_words
 
 
@@ -132,11 +132,11 @@ def _request_seed(seed: int, kind: str, round_no: int, item_id: str) -> int:
 
 
 class EvolConfig(BaseModel):
-    """Evol-Instruct settings; defaults from REFERENCES §4.3 and the released code unless marked ours."""
+    """Evol-Instruct settings; defaults from the paper and its code (docs/sources.md#evol-instruct) unless marked ours."""
 
     model_config = ConfigDict(extra="forbid")
 
-    rounds: int = Field(4, ge=1)  # M = 4 (REFERENCES §4.3)
+    rounds: int = Field(4, ge=1)  # M = 4 (docs/sources.md#evol-instruct)
     operations: tuple[str, ...] = OPERATIONS  # drawn uniformly; a subset for ablations
     seed: int = 0
     generate_responses: bool = True  # the paper writes a response in the same round
@@ -154,9 +154,9 @@ class EvolConfig(BaseModel):
     # in-depth evolutions 0.51-0.88 and in-breadth ones 0.36-0.79: 0.9 flags no evolution. A false
     # "no gain" costs one retry next round; a false pass keeps a paraphrase, so the cut sits just above.
     similarity_threshold: float = Field(0.9, gt=0.0, le=1.0)
-    embedder: str | None = None  # None: the bundled, sha256-checked all-MiniLM-L6-v2 (REFERENCES §1.4)
-    sorry_max_words: int = 80  # check 2 (REFERENCES §4.3)
-    reject_truncated: bool = True  # ours (issue 4 item 7): an evolution or response cut by max_tokens fails
+    embedder: str | None = None  # None: the bundled, sha256-checked all-MiniLM-L6-v2 (docs/sources.md#minilm-embedder)
+    sorry_max_words: int = 80  # check 2 (docs/sources.md#evol-instruct)
+    reject_truncated: bool = True  # ours: an evolution or response cut by max_tokens is incomplete, so it fails
 
     @field_validator("operations")
     @classmethod

@@ -6,14 +6,14 @@ Input rows carry ``prompt`` (messages ending with a user turn; record kind ``pro
 whether it came from the cache; with ``n: 1`` the row also becomes a Conversation (``messages`` =
 prompt + the assistant's answer). ``meta.generation`` records the model, backend and sampling.
 
-Score, then decide (DESIGN §3): the filter rejects, with the reason counted, a sample that failed
-(``generation_error``), hit ``max_tokens`` (``overlong``), is empty (``empty_output``) or refuses
-(``refusal``: the phrases below, matched at the start of the answer). A row of n samples is kept
-when any sample is usable; unusable ones stay in ``completions`` with ``rejected`` set, so nothing
-is silently dropped. Each row samples with its own seed, derived from ``sampling.seed`` and the
-row id (``request_seed``), so prompts draw independent samples. The backend is a resource: built
-once per worker, never pickled; with a ``cache`` a re-run or a retried Beam bundle generates
-nothing that exists (the report counts hits and misses).
+Score, then decide (docs/concepts.md#stages-score-then-decide): the filter rejects, with the reason
+counted, a sample that failed (``generation_error``), hit ``max_tokens`` (``overlong``), is empty
+(``empty_output``) or refuses (``refusal``: the phrases below, matched at the start of the answer).
+A row of n samples is kept when any sample is usable; unusable ones stay in ``completions`` with
+``rejected`` set, so nothing is silently dropped. Each row samples with its own seed, derived from
+``sampling.seed`` and the row id (``request_seed``), so prompts draw independent samples. The
+backend is a resource: built once per worker, never pickled; with a ``cache`` a re-run or a retried
+Beam bundle generates nothing that exists (the report counts hits and misses).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The ``judge`` scorer: an LLM grades completions, through any generation backend (issue 7).
+"""The ``judge`` scorer: an LLM grades completions, through any generation backend (docs/pairs.md#scorers).
 
-- ``rubric``: Self-Rewarding's additive 5-point prompt (REFERENCES §5.4, ``prompts/
+- ``rubric``: Self-Rewarding's additive 5-point prompt (docs/sources.md#self-rewarding-judge, ``prompts/
   self_rewarding_judge.jinja``), judged ``samples`` times per completion (3 in the paper), each sample
   with its own seed; the score is the mean of the parsable 0-5 integers. A completion none of whose
   samples parses scores None and each unparsable sample is counted (``judge_unparsable``).
@@ -8,8 +8,8 @@
   of a row, every comparison asked in **both orders** so a judge's position bias cancels (Zheng et
   al. 2023 found it in every judge they tried): a judge that always answers "A" gives every
   completion a win rate of 0.5. ``round_robin`` (default) compares every ordered pair,
-  N(N-1) x samples calls per row, which is cheap for the N = 4..8 of Self-Rewarding / RLHFlow
-  (§5.4, §5.5); ``pivot`` compares each completion with the first usable one only, 2(N-1) x samples,
+  N(N-1) x samples calls per row, which is cheap for the N = 4 of Self-Rewarding and the K = 8 of
+  RLHFlow; ``pivot`` compares each completion with the first usable one only, 2(N-1) x samples,
   for larger N. The score is the win rate (a tie counts half) over the parsable verdicts.
 
 Raw judge outputs stay on each completion (``judge``: texts, parsed values, cache flags) so a score
@@ -35,10 +35,11 @@ from .templates import PROMPTS, render
 
 RUBRIC_TEMPLATE = "self_rewarding_judge.jinja"
 PAIRWISE_TEMPLATE = "pairwise_judge.jinja"
-RUBRIC_MAX = 5  # the additive rubric's five points (§5.4)
-# Self-Rewarding samples its judge 3 times and averages (§5.4); the paper gives the judge no sampling
-# settings of its own, so ours reuse its response sampling (T 0.7, top-p 0.9): samples must differ
-# for the average to mean anything. 256 tokens hold a 100-word justification and the score line.
+RUBRIC_MAX = 5  # the additive rubric's five points (docs/sources.md#self-rewarding-judge)
+# Self-Rewarding samples its judge 3 times and averages (docs/sources.md#self-rewarding-judge); the
+# paper gives the judge no sampling settings of its own, so ours reuse its response sampling (T 0.7,
+# top-p 0.9): samples must differ for the average to mean anything. 256 tokens hold a 100-word
+# justification and the score line.
 JUDGE_SAMPLES = 3
 JUDGE_SAMPLING = Sampling(temperature=0.7, top_p=0.9, max_tokens=256, seed=0)
 

@@ -1,7 +1,7 @@
 """Novelty of a new instruction against a growing pool: max ROUGE-L, 10 nearest, mean similarity.
 
 Self-Instruct compares every candidate with *all* seed and machine instructions and rejects it if
-the max ROUGE-L F is > 0.7 (REFERENCES §4.1 item 5): O(N) exact scores per candidate, O(N^2) over
+the max ROUGE-L F is > 0.7 (docs/sources.md#self-instruct, step 5): O(N) exact scores per candidate, O(N^2) over
 a run. Here a MinHash/LSH prefilter picks the pool entries that can reach the threshold, and only
 those are scored exactly (``rouge.LcsQuery``, bit-identical to ``rouge-score``).
 
@@ -43,11 +43,11 @@ from dataflywheel.filters.dedup import lsh
 from dataflywheel.filters.dedup import minhash as mh
 from dataflywheel.synth.rouge import LcsQuery, fmeasure, tokenize
 
-THRESHOLD = 0.7  # reject if max ROUGE-L F > 0.7 (Self-Instruct bootstrap_instructions.py, REFERENCES §4.1 item 5)
+THRESHOLD = 0.7  # reject if max ROUGE-L F > 0.7 (Self-Instruct bootstrap_instructions.py, docs/sources.md#self-instruct)
 NEAREST = 10  # Self-Instruct stores the 10 most similar instructions (np.argsort(...)[-10:])
 BANDS, ROWS = 64, 3  # P(candidate | J=0.538) = 0.99998, see the module docstring
 NUM_PERM = 192  # 64 bands x 3 rows (datasketch's default 128 gives 42 x 3: see the module docstring)
-SEED = mh.SEED  # datasketch's default seed (REFERENCES §1.7)
+SEED = mh.SEED  # datasketch's default seed (docs/sources.md#minhash-near-dedup)
 MIN_LSH_TOKENS = 5  # shorter texts are compared exactly with the length-compatible pool
 MEAN_SAMPLE = 1000  # pool entries scored for the mean when the prefilter is on
 

@@ -2,14 +2,17 @@
 
 The ``pairs`` stage (``synth/pairs.py``) turns a row's completions into ``Candidate`` tuples and
 calls one of these; keeping them pure makes every pick checkable by hand (tests/test_pairs.py).
-Methods (REFERENCES §5):
+Methods (docs/pairs.md#pair-builders):
 
-- ``west_of_n``: best vs worst by reward (Pace et al. 2024, §5.1), kept above a per-row margin;
-  the confidence-quantile threshold needs every row and is the ``pair_quantile`` global step.
-- ``max_min``: RLHFlow's ``max_min`` / ``max_min_p`` (§5.5): reward minus ``length_penalty x
-  tokens``; with a length ratio the best-margin pair whose lengths are within the ratio is taken,
-  not just best/worst, because iterative DPO inflates response length (§5.4, §5.5).
-- ``rso``: statistical rejection sampling (Liu et al. 2024, §5.3), seeded by the prompt id.
+- ``west_of_n``: best vs worst by reward (Pace et al. 2024, docs/sources.md#west-of-n), kept
+  above a per-row margin; the confidence-quantile threshold needs every row and is the
+  ``pair_quantile`` global step.
+- ``max_min``: RLHFlow's ``max_min`` / ``max_min_p`` (docs/sources.md#rlhflow-iterative-dpo):
+  reward minus ``length_penalty x tokens``; with a length ratio the best-margin pair whose lengths
+  are within the ratio is taken, not just best/worst, because iterative DPO inflates response
+  length (Self-Rewarding 1,092 -> 2,552 tokens, RLHFlow 1,175 -> 2,157).
+- ``rso``: statistical rejection sampling (Liu et al. 2024, docs/sources.md#rso), seeded by the
+  prompt id.
 - ``all_pairs``: every ordered pair of a ranking (K choose 2), for reward-model training.
 
 Every pair then passes the same checks (``check_pair``), which name why a pair is refused:
@@ -44,11 +47,11 @@ Pair = tuple[Candidate, Candidate]  # (chosen, rejected)
 class PairRules:
     """The checks every built pair passes. Defaults are ours unless a source is named."""
 
-    tie_eps: float = 0.0  # |margin| <= tie_eps is a tie; RLHFlow and Self-Rewarding drop exact ties (§5.4, §5.5)
+    tie_eps: float = 0.0  # |margin| <= tie_eps is a tie; RLHFlow and Self-Rewarding drop exact ties (docs/sources.md#rlhflow-iterative-dpo)
     min_margin: float = 0.0  # per-row West-of-N threshold (the paper's is a quantile: see pair_quantile)
-    max_length_ratio: float | None = 1.5  # longer/shorter tokens; None = off. Ours: §5.5 warns, gives no ratio
+    max_length_ratio: float | None = 1.5  # longer/shorter tokens; None = off. Ours: RLHFlow warns of length growth, gives no ratio
     near_identical: float | None = 0.9  # ROUGE-L F at or above this is a near copy; None = off. Ours
-    length_penalty: float = 0.0  # RLHFlow max_min_p: reward - length_penalty * tokens (§5.5)
+    length_penalty: float = 0.0  # RLHFlow max_min_p: reward - length_penalty * tokens (docs/sources.md#rlhflow-iterative-dpo)
 
 
 def adjusted(c: Candidate, rules: PairRules) -> float:
@@ -115,7 +118,7 @@ def _many(pairs: list[Pair], rules: PairRules) -> tuple[list[Pair], str | None]:
 
 
 def west_of_n(cands: Sequence[Candidate], rules: PairRules) -> tuple[list[Pair], str | None]:
-    """Best vs worst by reward (§5.1); the length ratio only refuses, it does not re-pick."""
+    """Best vs worst by reward (docs/sources.md#west-of-n); the length ratio only refuses, it does not re-pick."""
     if reason := _too_few(cands):
         return [], reason
     ranked = _ranked(cands, rules)
@@ -123,8 +126,9 @@ def west_of_n(cands: Sequence[Candidate], rules: PairRules) -> tuple[list[Pair],
 
 
 def max_min(cands: Sequence[Candidate], rules: PairRules) -> tuple[list[Pair], str | None]:
-    """RLHFlow max_min(_p) (§5.5). With ``max_length_ratio`` set, the pair with the largest
-    (penalized) margin among pairs within the ratio; ``length_ratio`` when no pair is."""
+    """RLHFlow max_min(_p) (docs/sources.md#rlhflow-iterative-dpo). With ``max_length_ratio`` set,
+    the pair with the largest (penalized) margin among pairs within the ratio; ``length_ratio`` when
+    no pair is."""
     if reason := _too_few(cands):
         return [], reason
     ranked = _ranked(cands, rules)
@@ -151,7 +155,7 @@ def rso_seed(prompt_id: str, seed: int = 0) -> int:
 
 
 def rso_sample(rewards: Sequence[float], k: int, beta: float, rng: random.Random) -> list[tuple[int, int]]:
-    """RSO's rejection sampler (Liu et al. 2024, Algorithm 1; §5.3): pass over the remaining
+    """RSO's rejection sampler (Liu et al. 2024, Algorithm 1; docs/sources.md#rso): pass over the remaining
     candidates in order, accepting each with probability exp((r - r_max) / beta), r_max the best
     remaining reward; stop at ``k`` accepted; remove the accepted and pass again. Returns
     (position, pass number) in acceptance order. beta -> 0 is top-1 first; beta -> inf is uniform."""

@@ -3,11 +3,12 @@
 
 Input rows are prompt rows after ``generate`` and a scorer: ``completions`` with per-sample
 ``scores`` (``reward`` by default), ``tokens`` and ``rejected`` (a sample ``generate`` refused is
-never a candidate), ``meta.generation`` and ``meta.scorers``. Score, then decide (DESIGN §3): the
-scorer half builds the output row (or records why it cannot on ``meta.pairing``), the filter half
-rejects with that reason, so a refused prompt goes to ``_rejected`` with its samples for audit.
+never a candidate), ``meta.generation`` and ``meta.scorers``. Score, then decide
+(docs/concepts.md#stages-score-then-decide): the scorer half builds the output row (or records why
+it cannot on ``meta.pairing``), the filter half rejects with that reason, so a refused prompt goes
+to ``_rejected`` with its samples for audit.
 
-Provenance (issue 7 item 5) on every output row's ``meta``: prompt id, method, policy model,
+Provenance (so every pair can be audited) on every output row's ``meta``: prompt id, method, policy model,
 round, sampling, scorers, the picked indices and every candidate's reward, tokens and raw scores,
 so a pair can be re-thresholded without regenerating. Methods yielding several pairs put them
 under ``pairs`` (one row out per row in, as a Scorer must); ``explode_pairs`` splits them later.
@@ -84,17 +85,17 @@ def preference(row: dict, pair: Pair, base_meta: dict, rules: PairRules, pair_id
 
 class PairsConfig(StageConfig):
     method: Literal["west_of_n", "max_min", "rso", "all_pairs"] = "west_of_n"
-    reward_field: str = "reward"  # issue 7 row contract: the value pair builders use
+    reward_field: str = "reward"  # the per-sample score pair builders rank by (scorers write it by default)
     tie_eps: float = _DEFAULT.tie_eps
     min_margin: float = _DEFAULT.min_margin
     max_length_ratio: float | None = _DEFAULT.max_length_ratio
     near_identical: float | None = _DEFAULT.near_identical
     length_penalty: float = _DEFAULT.length_penalty
-    min_candidates: int = 2  # RLHFlow skips prompts with fewer than K samples (§5.5); set K to match
-    rso_k: int = 8  # RSO sub-samples 8 of its 64 candidates (§5.3)
-    # RSO's beta (§5.3: 0.5, the same beta as its loss); it is on the reward's scale, so retune per RM.
+    min_candidates: int = 2  # RLHFlow skips prompts with fewer than K samples (docs/sources.md#rlhflow-iterative-dpo); set K to match
+    rso_k: int = 8  # RSO sub-samples 8 of its 64 candidates (docs/sources.md#rso)
+    # RSO's beta (0.5, the same beta as its loss; docs/sources.md#rso); it is on the reward's scale, so retune per RM.
     rso_beta: float = 0.5
-    # Two at a time in acceptance order (k/2 pairs); ours: how RSO pairs its 8 samples is not in §5.3.
+    # Two at a time in acceptance order (k/2 pairs); ours: how RSO pairs its 8 samples is not specified by the paper.
     rso_pairing: Literal["disjoint", "all"] = "disjoint"
     seed: int = 0  # RSO's RNG is seeded by (seed, prompt id): reruns and retries pick the same samples
     round: int | None = None  # used when a row has no meta.round
@@ -163,7 +164,7 @@ def explode_pairs(row: dict) -> list[dict]:
 
 class BestOfNConfig(StageConfig):
     field: str = "reward"  # the score ranked on: "reward", or a verifier's field (e.g. "verifier")
-    # Keep the best only at or above this; None keeps any scored best (Llama 2 keeps the top sample, §5.2).
+    # Keep the best only at or above this; None keeps any scored best (Llama 2 keeps the top sample).
     min_score: float | None = None
     round: int | None = None  # used when a row has no meta.round
 
@@ -204,8 +205,8 @@ class BestOfN(Scorer, Filter):
 
 
 class PairQuantileConfig(StageConfig):
-    field: str = "confidence"  # West-of-N filters on P(y+ > y-) = sigmoid(margin) (§5.1)
-    # Keep pairs at or above this quantile of all pairs' field. The paper's value is unverified (§5.1): ours.
+    field: str = "confidence"  # West-of-N filters on P(y+ > y-) = sigmoid(margin) (docs/sources.md#west-of-n)
+    # Keep pairs at or above this quantile of all pairs' field. The paper's value is unverified (docs/sources.md#west-of-n): ours.
     quantile: float = 0.5
 
 

@@ -1,7 +1,7 @@
 """ROUGE-L F (``rougeL``, no stemmer), equal to the ``rouge-score`` package, with a fast LCS.
 
 Self-Instruct rejects a new instruction whose ROUGE-L F against any pool instruction is > 0.7
-(REFERENCES §4.1 item 5), so ROUGE-L runs once per (candidate, pool entry) pair: tens of
+(docs/sources.md#self-instruct, step 5), so ROUGE-L runs once per (candidate, pool entry) pair: tens of
 thousands of pairs per candidate. ``rouge_score`` tokenizes both texts on every call and fills an
 m x n dynamic-programming table in Python; here texts are tokenized once, and the LCS length is
 computed by the bit-parallel algorithm (Allison & Dix 1986; Hyyrö 2004): one bit per token of the

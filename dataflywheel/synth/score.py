@@ -1,12 +1,12 @@
-"""Scorers for sampled completions (issue 7): one interface writing ``scores.reward``.
+"""Scorers for sampled completions (docs/pairs.md#scorers): one interface writing ``scores.reward``.
 
 Rows come from the ``generate`` stage: a prompt (``prompt`` messages, or ``messages`` when n was 1)
 and ``completions``, one dict per sample. Every scorer here writes, on each completion,
 ``scores[<field>]`` (a float, or None when it could not score) and, when ``set_reward`` is on,
 ``scores["reward"]``, the value the pair builders read; and it appends its provenance to
 ``row["meta"]["scorers"]`` (name, kind, model id + fingerprint, settings), so every score can be
-audited and a pair re-thresholded without regenerating or rescoring. Score, then decide (DESIGN §3):
-nothing is filtered here.
+audited and a pair re-thresholded without regenerating or rescoring. Score, then decide
+(docs/concepts.md#stages-score-then-decide): nothing is filtered here.
 
 A completion ``generate`` marked unusable (``rejected``: overlong, refusal, ...) is not scored by
 default (its scores are None and it is counted ``skipped_rejected``): a pair builder must not pick
@@ -43,7 +43,7 @@ class ScoreConfig(StageConfig):
     """What every completion scorer shares."""
 
     field: str  # the per-completion score name (scores[field]); each scorer states its default
-    set_reward: bool = True  # also write scores["reward"] (issue 7 row contract: default on)
+    set_reward: bool = True  # also write scores["reward"], the value pair builders read (on by default)
     score_rejected: bool = False  # score completions generate marked unusable too
 
 

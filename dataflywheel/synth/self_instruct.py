@@ -1,6 +1,6 @@
 """Self-Instruct (Wang et al., ACL 2023, arXiv 2212.10560) over any generation backend.
 
-The reference is ``yizhongw/self-instruct`` (REFERENCES §4.1); where REFERENCES is silent this
+The reference is ``yizhongw/self-instruct`` (docs/sources.md#self-instruct); where the paper is silent this
 follows its code: ``bootstrap_instructions.py`` (prompt, sampling, post-filters, ROUGE-L
 novelty), ``identify_clf_or_not.py`` (classification detection), ``generate_instances.py``
 (output-first / input-first instances) and ``prepare_for_finetuning.py`` (instance parsing and
@@ -33,7 +33,7 @@ from dataflywheel.synth.novelty import NoveltyIndex
 
 STAGE = "self_instruct"
 
-# Sampling of bootstrap_instructions.py (REFERENCES §4.1 item 3): stop at a blank line or at item 16.
+# Sampling of bootstrap_instructions.py (docs/sources.md#self-instruct, step 3): stop at a blank line or at item 16.
 BOOTSTRAP_STOP = ("\n\n", "\n16", "16.", "16 .")
 BOOTSTRAP_SAMPLING = Sampling(temperature=0.7, top_p=0.5, presence_penalty=2.0, frequency_penalty=0.0,
                               max_tokens=1024, stop=BOOTSTRAP_STOP)
@@ -44,14 +44,14 @@ CLASSIFY_SAMPLING = Sampling(temperature=0.0, max_tokens=3, stop=("\n", "Task"))
 # (the longer prompt) and 350 otherwise, stop at "Example <max+1>" or "Task:".
 INSTANCE_SAMPLING = Sampling(temperature=0.0, presence_penalty=1.5, max_tokens=350)
 CLF_INSTANCE_MAX_TOKENS = 300
-# post_process_gpt3_response (REFERENCES §4.1 item 4), matched as whole words, case-insensitive.
+# post_process_gpt3_response (docs/sources.md#self-instruct, step 4), matched as whole words, case-insensitive.
 BLACKLIST = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
              "draw", "plot", "go to")
 YES = ("Yes", "yes", "YES")  # generate_instances.py: is_classification.strip() in these
 
 
 class SelfInstructConfig(BaseModel):
-    """Settings; defaults are the reference's (REFERENCES §4.1, the scripts' argparse defaults)."""
+    """Settings; defaults are the reference's (docs/sources.md#self-instruct; the scripts' argparse defaults)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -187,7 +187,7 @@ def parse_classification_instances(raw: str) -> list[tuple[str, str]]:
 
 
 def filter_instances(instances: list[tuple[str, str]], truncated: bool) -> tuple[list[tuple[str, str]], list[tuple]]:
-    """The fine-tuning filters (REFERENCES §4.1 item 8) -> (kept, [(reason, instance)]): the last
+    """The fine-tuning filters (docs/sources.md#self-instruct, step 8) -> (kept, [(reason, instance)]): the last
     instance of a truncated generation; input == output; empty output; input or output ending in
     ":"; then every instance if one non-empty input has two different outputs; then duplicates."""
     dropped: list[tuple] = []

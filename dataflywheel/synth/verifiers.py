@@ -6,7 +6,7 @@ learned reward model can), and the scoring stages reuse them, so they are plain 
 calls: ``reward(prompt_rows, completions) -> [float | None]``, row i paired with completion i (the
 caller repeats a prompt row once per sample), None meaning "could not score" (no answer in the row,
 an answer that does not parse), which GRPO leaves out of the group statistics instead of counting
-as a wrong answer (TRL turns None into NaN for the same reason, REFERENCES §6.5).
+as a wrong answer (TRL turns None into NaN for the same reason, docs/sources.md#grpo).
 
 ``load_verifier`` imports a user function named ``"module:function"`` (or
 ``"path/to/file.py:function"``): either a per-completion verifier with the built-ins' signature,

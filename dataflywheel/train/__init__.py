@@ -1,1 +1,1 @@
-"""Training stage (DESIGN §6): SFT with packing, reward model, DPO and GRPO on one loop; `dataflywheel train`."""
+"""Training stage (docs/training.md): SFT with packing, reward model, DPO and GRPO on one loop; `dataflywheel train`."""

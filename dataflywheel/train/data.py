@@ -2,12 +2,13 @@
 
 Labels come from explicit assistant spans, never from ``input_ids != pad`` (which masks EOS when
 pad == eos, trl#1623) and never from ``{% generation %}`` blocks alone (stock templates have none,
-so TRL's ``assistant_only_loss`` trains nothing, REFERENCES §6.9). The spans come from rendering
-prefixes of the chat: assistant turn i spans from the end of ``render(messages[:i], generation
-prompt)`` to the end of ``render(messages[:i+1])``, trimmed after its end-of-turn token so EOS is
-trained and the template's trailing newline is not. The full chat is rendered once and tokenized
-once without added special tokens (the template writes BOS: tokenizing with special tokens again
-is the double-BOS bug, trl#1400), and a token is a target when it starts inside an assistant span.
+so TRL's ``assistant_only_loss`` trains nothing, docs/sources.md#chat-templates-and-labels). The
+spans come from rendering prefixes of the chat: assistant turn i spans from the end of
+``render(messages[:i], generation prompt)`` to the end of ``render(messages[:i+1])``, trimmed
+after its end-of-turn token so EOS is trained and the template's trailing newline is not. The full
+chat is rendered once and tokenized once without added special tokens (the template writes BOS:
+tokenizing with special tokens again is the double-BOS bug, trl#1400), and a token is a target
+when it starts inside an assistant span.
 """
 
 from __future__ import annotations

@@ -38,12 +38,12 @@ from .pack import collate_padded
 
 
 class DpoLoop(LoopConfig):
-    lr: float = Field(1e-6, gt=0)  # TRL DPOConfig (REFERENCES §6.4)
+    lr: float = Field(1e-6, gt=0)  # TRL DPOConfig (docs/sources.md#dpo)
 
 
 class DpoConfig(TrainBase):
     loop: DpoLoop = DpoLoop()
-    beta: float = Field(0.1, gt=0)  # TRL DPOConfig (τ for ipo), REFERENCES §6.4
+    beta: float = Field(0.1, gt=0)  # TRL DPOConfig (τ for ipo), docs/sources.md#dpo
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # TRL's default
     reference: Literal["precompute", "live"] = "precompute"
     ref_model: str | None = None  # a folder or Hub id; None: the starting policy

@@ -1,5 +1,5 @@
 """GRPO on prompt rows: G samples per prompt from the policy being trained, rewards from a rule verifier or
-a reward model, group-normalised advantages, the PPO-clip loss (REFERENCES §6.5, §6.6, §6.9).
+a reward model, group-normalised advantages, the PPO-clip loss (docs/sources.md#grpo, #chat-templates-and-labels).
 
 A rollout: ``prompts_per_step`` prompts (a seeded order per epoch) x ``num_generations`` samples with
 seeds derived from (loop.seed, rollout index), so a resumed run replays prompts and samples; rewards;
@@ -39,12 +39,12 @@ from .loop import LossOut, autocast, index_plan, latest_checkpoint, pick_device,
 from .losses import IGNORE, group_advantages, grpo_loss, token_logps
 from .model import load_for_training, resolve_model, save_final, to_device
 
-GRPO_LR = 1e-6  # TRL GRPOConfig learning_rate (REFERENCES §6.5)
+GRPO_LR = 1e-6  # TRL GRPOConfig learning_rate (docs/sources.md#grpo)
 ROLLOUT_FILE = "rollout.pt"
 
 
 class GrpoConfig(TrainBase):
-    """Defaults are TRL's ``GRPOConfig`` (REFERENCES §6.5) unless marked."""
+    """Defaults are TRL's ``GRPOConfig`` (docs/sources.md#grpo) unless marked."""
 
     beta: float = Field(0.0, ge=0)  # KL coefficient; 0.0 since trl PR #3516 (no reference model is loaded)
     epsilon: float = Field(0.2, gt=0, lt=1)
@@ -53,7 +53,7 @@ class GrpoConfig(TrainBase):
     scale_rewards: Literal["group", "batch", "none"] = "group"  # none: Dr. GRPO
     num_generations: int = Field(8, ge=2)  # G, samples per prompt
     max_completion_length: int = Field(512, ge=1)
-    temperature: float = Field(1.0, gt=0)  # applied to the logits on both sides (sampler and trainer, §6.9)
+    temperature: float = Field(1.0, gt=0)  # applied to the logits on both sides (sampler and trainer; trl#4159)
     top_p: float = Field(1.0, gt=0, le=1)  # < 1 biases the IS ratio by the kept mass (trl#6789)
     num_iterations: int = Field(1, ge=1)  # μ: optimizer steps per rollout
     mask_truncated_completions: bool = False  # True: completions cut at max length train nothing (DAPO)
@@ -195,8 +195,9 @@ def make_rollout(policy: Any, tok: Any, backend: Any, rows: list[dict], reward_f
 
 def rollout_metrics(rewards: torch.Tensor, g: int, seqs: list, truncated: list[bool],
                     ratio: torch.Tensor | None) -> dict[str, float]:
-    """Per-step monitoring (REFERENCES §6.5, §6.9): reward, mean within-group std and the share of groups
-    with one reward for all (both as TRL logs them), completion length, truncation, IS ratio mean/max."""
+    """Per-step monitoring (docs/sources.md#grpo: trl#3452, trl#3857): reward, mean within-group std and
+    the share of groups with one reward for all (both as TRL logs them), completion length, truncation,
+    IS ratio mean/max."""
     stds = [float(grp[~grp.isnan()].std()) if (~grp.isnan()).sum() > 1 else 0.0 for grp in rewards.view(-1, g)]
     valid = rewards[~rewards.isnan()]
     out = {"reward_std": sum(stds) / len(stds), "frac_reward_zero_std": sum(s < 1e-8 for s in stds) / len(stds),

@@ -1,6 +1,6 @@
 """The one training loop (SFT, RM, DPO and GRPO all run it), flat in the nanoGPT/nanochat style.
 
-The normalisation contract (REFERENCES §6.2, trl#2175): a loss function returns the loss *summed*
+The normalisation contract (docs/sources.md#loss-normalisation, trl#2175): a loss function returns the loss *summed*
 over its micro-batch's items (target tokens, pairs, sequences) and how many items that was. The
 loop backprops the sums of all the step's micro-batches and then divides the accumulated gradient
 by the step's total count. Gradients are linear, so this is exactly the gradient of

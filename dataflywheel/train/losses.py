@@ -2,7 +2,7 @@
 
 Every loss returns the loss summed over its items and the number of items, never a mean: the loop
 (loop.py) divides the whole step's gradient by the step's total count, which is what makes
-gradient accumulation exact (REFERENCES §6.2). Shapes: B rows, T positions, V vocabulary.
+gradient accumulation exact (docs/sources.md#loss-normalisation). Shapes: B rows, T positions, V vocabulary.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B] summed log-probs of each row's target tokens (DPO sums, not averages: TRL, REFERENCES §6.4)
+    """[B] summed log-probs of each row's target tokens (DPO sums, not averages: TRL, docs/sources.md#dpo)
     and [B] target counts (IPO's length normalisation needs them)."""
     logps = token_logps(logits, labels)
     return logps.sum(-1), (shifted_targets(labels) != IGNORE).sum(-1)
@@ -55,7 +55,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     """[N] rewards (NaN = could not score), groups of ``group_size`` adjacent samples of one prompt -> [N] advantages.
 
     A_i = r_i − mean_group(r), divided by std + eps unless ``scale == "none"`` (TRL ``scale_rewards``,
-    eps 1e-4, REFERENCES §6.5): "group" uses the group's std (GRPO), "batch" the std of all rewards
+    eps 1e-4, docs/sources.md#grpo): "group" uses the group's std (GRPO), "batch" the std of all rewards
     (TRL), "none" no division (Dr. GRPO: dividing by a small std up-weights near-unanimous groups).
     Stds are unbiased (torch.std, as TRL and veRL). NaN rewards are left out of the mean and std
     (TRL's nan-aware reductions) and get advantage 0, so an unscorable sample trains nothing.
@@ -100,7 +100,7 @@ def grpo_loss(
     max_completion_length: int | None = None,
     is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float, dict[str, tuple[float, float]]]:
-    """PPO-clip policy loss of GRPO (TRL ``grpo_trainer._compute_loss``, REFERENCES §6.5) as ``(sum, count, metrics)``.
+    """PPO-clip policy loss of GRPO (TRL ``grpo_trainer._compute_loss``, docs/sources.md#grpo) as ``(sum, count, metrics)``.
 
     Shapes: ``logps`` (with grad), ``old_logps``, ``ref_logps``, ``is_weights`` and ``mask`` [B, T]
     (log-probs of the completion tokens, mask 1 on trained completion tokens); ``advantages`` [B].
@@ -161,7 +161,7 @@ def bradley_terry(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torc
     Per pair: −log σ(r_c − r_r − m) (Bradley–Terry; the margin m is Llama 2's), plus η·(r_c + r_r)²
     when ``center_coef`` η is set (arXiv 2312.09244 Eq. 2: pulls rewards towards zero mean, so the
     scale stays usable as a score). Summed, not averaged: the loop divides by the step's pairs, which
-    is TRL's mean over the batch when there is no accumulation (REFERENCES §6.3).
+    is TRL's mean over the batch when there is no accumulation (docs/sources.md#reward-model).
     """
     r_chosen, r_rejected = r_chosen.float(), r_rejected.float()
     diff = r_chosen - r_rejected
@@ -179,7 +179,7 @@ def dpo_loss(pol_c: torch.Tensor, pol_r: torch.Tensor, ref_c: torch.Tensor, ref_
     """DPO loss summed over pairs, the number of pairs, and metrics as (sum, count).
 
     Inputs are [P] completion log-probs *summed* over tokens (policy and reference, chosen and
-    rejected; TRL, REFERENCES §6.4) and, for ipo, [P] completion token counts. With
+    rejected; TRL, docs/sources.md#dpo) and, for ipo, [P] completion token counts. With
     h = (π_c − ref_c) − (π_r − ref_r):
       sigmoid: −log σ(βh)          hinge: max(0, 1 − βh)
       ipo:     (h_len − 1/(2β))², each log-ratio divided by its completion length first: TRL's form,

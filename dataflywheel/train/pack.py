@@ -1,14 +1,14 @@
 """Packing: best-fit-decreasing bins over the whole dataset, and the collators that feed them.
 
-BFD (Ding et al. 2024, REFERENCES §6.1): sort documents longest first; put each in the open bin
+BFD (Ding et al. 2024, docs/sources.md#sft-and-packing): sort documents longest first; put each in the open bin
 with the least free space that still fits it, else open a bin. We pack the whole dataset at once
 (TRL packs per ``datasets.map`` batch). A sorted list of (free space, bin) with bisect finds the
 best bin in O(log n) comparisons.
 
 A packed row restarts ``position_ids`` at 0 for each document and passes no attention mask, so
 transformers sees the packed sequences and keeps attention inside each document (flash varlen on
-GPU; a block mask for sdpa / eager on CPU). That only holds with ``use_cache=False`` (REFERENCES
-§1.9), which every training forward here passes. ``attention="block_mask"`` builds the
+GPU; a block mask for sdpa / eager on CPU). That only holds with ``use_cache=False``
+(docs/sources.md#sft-and-packing), which every training forward here passes. ``attention="block_mask"`` builds the
 block-diagonal causal mask explicitly, for models that do not read packed position ids. The label
 of each document's first token is IGNORE: the shifted loss would otherwise train the previous
 document's last token to predict it.

@@ -33,7 +33,7 @@ EVAL_FILE = "eval.jsonl"
 
 
 class RmLoop(LoopConfig):
-    lr: float = Field(1e-4, gt=0)  # TRL RewardConfig (REFERENCES §6.3)
+    lr: float = Field(1e-4, gt=0)  # TRL RewardConfig (docs/sources.md#reward-model)
 
 
 class RmConfig(TrainBase):

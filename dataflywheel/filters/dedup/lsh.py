@@ -1,10 +1,10 @@
 """LSH banding of MinHash signatures, candidate pairs, and their verification.
 
 A pair of documents becomes a candidate when any of ``bands`` blocks of ``rows`` signature slots
-is equal; P(candidate | J=s) = 1 - (1 - s^r)^b (REFERENCES §2.7).  Band keys are strings, the keys
+is equal; P(candidate | J=s) = 1 - (1 - s^r)^b (docs/sources.md#minhash-near-dedup).  Band keys are strings, the keys
 of the keyed Beam GroupBy.  Candidates are then checked against the target threshold, because an
 LSH threshold set below the target (for recall) otherwise chains unrelated documents together
-(REFERENCES §9: F1 0.619 unverified vs 0.9987 verified on the neardup benchmark).
+(docs/sources.md#near-dup-peer-figures: F1 0.619 unverified vs 0.9987 verified on the neardup benchmark).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from datasketch.lsh import _optimal_param
 
 from .minhash import EMPTY, NGRAM, NUM_PERM, SEED, document_signatures, estimate_jaccard
 
-THRESHOLD = 0.8  # the issue's benchmark threshold; also datasketch's usual MinHashLSH example value
-WEIGHTS = (0.5, 0.5)  # datasketch / text-dedup false-positive, false-negative weights (REFERENCES §2.7)
-LSH_MARGIN = 0.2  # LSH at threshold - 0.2, then verify: F1 0.9987 at J>=0.8 (REFERENCES §9)
+THRESHOLD = 0.8  # the neardup benchmark's threshold; also datasketch's usual MinHashLSH example value
+WEIGHTS = (0.5, 0.5)  # datasketch / text-dedup false-positive, false-negative weights (docs/sources.md#minhash-near-dedup)
+LSH_MARGIN = 0.2  # LSH at threshold - 0.2, then verify: F1 0.9987 at J>=0.8 (docs/sources.md#near-dup-peer-figures)
 # Exact verification needs each document's shingle-hash set next to its band keys (4 bytes per
 # shingle, copied into every band): on by default up to this many shingles (~20 KB, about a
 # 5,000-word document); longer documents are verified with the MinHash estimate instead.

@@ -16,8 +16,8 @@ from functools import lru_cache
 import numpy as np
 from xxhash import xxh32_intdigest
 
-NGRAM = 5  # word 5-grams: datatrove MinhashConfig, data-juicer window_size, text-dedup (REFERENCES §2.8)
-NUM_PERM = 128  # datasketch MinHash / MinHashLSH default (REFERENCES §1.7)
+NGRAM = 5  # word 5-grams: datatrove MinhashConfig, data-juicer window_size, text-dedup (docs/sources.md#minhash-near-dedup)
+NUM_PERM = 128  # datasketch MinHash / MinHashLSH default (docs/sources.md#minhash-near-dedup)
 SEED = 1  # datasketch MinHash default seed
 _SLICE = 4096  # shingles per product block: 2 MB at 128 perms, cache-sized
 EMPTY = np.uint32(0xFFFFFFFF)  # datasketch affine32 "no value yet" sentinel: an empty set's signature
@@ -130,7 +130,7 @@ def signatures(hash_lists: Sequence[np.ndarray], num_perm: int = NUM_PERM, seed:
     """Signatures of many documents as one [n_docs, num_perm] uint32 array.
 
     Per document, one [n_shingles, num_perm] product in a reused buffer, then a min over rows: the
-    fastest layout measured (REFERENCES §1.7; benchmarks/minhash.py compares it with
+    fastest layout measured (docs/sources.md#minhash-near-dedup; benchmarks/minhash.py compares it with
     ``minimum.reduceat`` over concatenated documents).  A fresh 250 KB temporary per document ran
     4x slower here (page faults), hence the buffer; long documents go through it in slices.
     """

@@ -44,7 +44,7 @@ class Sampling(BaseModel):
     stop: tuple[str, ...] = ()
     seed: int | None = None  # base seed; sample i uses sample_seed(seed, i). None: unseeded, not cached
     logprobs: bool = False  # ask for the log-prob of every sampled token
-    presence_penalty: float = 0.0  # Self-Instruct uses 2.0 (REFERENCES §4.1); backends without it say so
+    presence_penalty: float = 0.0  # Self-Instruct uses 2.0 (docs/sources.md#self-instruct); backends without it say so
     frequency_penalty: float = 0.0
 
     def key_fields(self) -> dict[str, Any]:

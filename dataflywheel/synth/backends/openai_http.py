@@ -1,13 +1,14 @@
 """OpenAI-compatible HTTP backend: ``vllm serve``, ``transformers serve`` and other compatible servers.
 
 One HTTP request per sample (``n=1``, the sample's own seed), never ``n=k`` per prompt. Servers
-differ on ``n``: vLLM honors it, ``transformers serve`` silently returns one choice (REFERENCES §9).
-Asking for one choice per unit makes the client independent of that: a request for n samples is n
-units (``base.py``), each sent on its own, so a short answer cannot happen and nothing needs topping
-up except a reply with no choice at all, which is retried like a failure. It also keeps the base
-class's promise that sample i is the same text however it was made: with ``n=k`` a server draws all
-k choices from one seed, so sample i would depend on k and on whether the server honored n. The cost
-is k prefills instead of one; vLLM's prefix cache and continuous batching absorb most of it.
+differ on ``n``: vLLM honors it, ``transformers serve`` silently returns one choice
+(docs/sources.md#transformers-serve). Asking for one choice per unit makes the client independent of
+that: a request for n samples is n units (``base.py``), each sent on its own, so a short answer
+cannot happen and nothing needs topping up except a reply with no choice at all, which is retried
+like a failure. It also keeps the base class's promise that sample i is the same text however it was
+made: with ``n=k`` a server draws all k choices from one seed, so sample i would depend on k and on
+whether the server honored n. The cost is k prefills instead of one; vLLM's prefix cache and
+continuous batching absorb most of it.
 
 Log-probs are never trusted either: a server that ignores ``logprobs`` (``transformers serve``
 returns null) gives ``Sample.logprobs = None``, recorded as missing, not as an error.

@@ -1,6 +1,6 @@
 """The vLLM offline engine (``vllm.LLM``) as a generation backend, for GPU workers.
 
-Written against vLLM 0.32, the last release that pins our torch 2.13 (REFERENCES §1.9), installed
+Written against vLLM 0.32, the last release that pins our torch 2.13 (docs/sources.md#install-pins), installed
 by the ``gpu`` extra; without it, constructing the backend raises a ``UserError`` that says how to
 install it. The rest of the project never imports vllm.
 
