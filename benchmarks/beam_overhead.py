@@ -8,7 +8,9 @@ the same stage objects, in one process run, side by side:
 - also shown: the same wrapper with batches of one row (what batching buys), and a naive
   per-element Beam pipeline (ReadFromText -> Map -> Filter -> WriteToText, no validation).
 
-Target (issue #2): ours / peer <= 1.5. Prints ``BENCH beam_overhead ...``.
+Target: ours / peer <= 1.5 on >= 200k rows. Prints ``BENCH beam_overhead ...``. ``--quick`` (50k
+rows, one pass) checks that both engines keep the same rows; its ratio is printed but not judged
+(``SKIP``): Beam's fixed start-up (~0.5 s) dominates so small an input.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dataflywheel.config import parse_config
+from dataflywheel.pipelines.config import parse_config
 from dataflywheel.pipelines.job import run_job
 
 WORDS = ("data flywheel beam curation dedup filter token model train sample prompt answer quality "
@@ -105,10 +107,11 @@ def main() -> int:
             print(f"{name:<42}{t:>9.2f}{rows / t:>12,.0f}{t / best_plain:>9.2f}x")
         print(f"kept {kept:,} of {rows:,} rows on both engines")
         status = "PASS" if ratio <= target else "FAIL"
-        # The claim is about >= 200k rows; a --quick run is a smaller check where Beam's fixed
-        # start-up (~0.5 s) weighs more, so its line names its size instead of the claim's.
+        if args.quick:  # the claim is about >= 200k rows: at 50k, Beam's fixed start-up decides the ratio
+            status = f"SKIP (quick: {rows // 1000}k rows, Beam start-up dominates; run without --quick)"
+        # The claim is about >= 200k rows; a smaller run's line names its size instead of the claim's.
         claim = "beam_overhead" if rows >= 200_000 else f"beam_overhead_{rows // 1000}k"
-        print(f"BENCH {claim} ours={best_beam:.2f} peer={best_plain:.2f} ratio={ratio:.2f} target<={target} {status}")
+        print(f"BENCH {claim} ours={best_beam:.2f} peer={best_plain:.2f} ratio={ratio:.2f} target=<={target} {status}")
     return 0
 
 

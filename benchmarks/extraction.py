@@ -1,6 +1,7 @@
 """HTML extraction: our ``extract`` stage (sandbox on) vs the extractor called directly, same pages.
 
-Data (../shared/data, see its README):
+Data (the folder named by ``DATAFLYWHEEL_SHARED_DATA``, by default the data folder beside the
+repository; see its README):
 
 - ``trafilatura_eval``: 693 of trafilatura's 990 evaluation pages with their ``with`` / ``without``
   segments. Metric as trafilatura's ``tests/eval_common.py`` (``count_item``): each ``with``
@@ -14,8 +15,9 @@ Data (../shared/data, see its README):
   are equal.
 
 Pages are decoded to text as our HTML reader does (``io.html.decode_html``) and given to both
-sides without a URL, as the peers' own runners do. For each extractor (trafilatura balanced
-[default], precision, fast; resiliparse when installed):
+sides without a URL, as the peers' own runners do. For each extractor (trafilatura precision
+[the stage's default, as FineWeb], balanced [trafilatura's default], fast; resiliparse when
+installed):
 
 - ours: ``process_batch(Extract(...), batch)`` over batches of the stage's ``batch_size`` (32),
   extraction in the sandbox child (started and warmed before timing; start-up printed apart);
@@ -25,9 +27,13 @@ sides without a URL, as the peers' own runners do. For each extractor (trafilatu
 
 The texts must be identical page for page (``BENCH extraction_<set>_same_output``, all
 extractors), and the default stage must run at >= 0.9x the direct loop's docs/s
-(``BENCH extraction_<set>_throughput``). Published figures from REFERENCES §2.4 (other page
-counts, other machines) are printed beside ours for context. ``--quick``: 60 pages of each set,
-the default extractor and resiliparse only; full: every page, also precision and fast modes.
+(``BENCH extraction_<set>_throughput``). Two more rows measure what metadata (title, date:
+``metadata: true``, trafilatura's ``with_metadata=True``) costs: the default stage with it, and a
+bare ``trafilatura.extract(html)`` call (the library's defaults: balanced, comments and tables
+kept, no metadata) timed alongside; no target, a measurement. Published figures (trafilatura's
+docs/evaluation.rst, other page counts, other machines) are printed beside ours for context.
+``--quick``: 60 pages of each set, the default extractor and resiliparse only; full: every page,
+also balanced and fast modes.
 """
 
 from __future__ import annotations
@@ -50,15 +56,15 @@ from dataflywheel.stages import batches, process_batch
 
 DATA = Path(os.environ.get("DATAFLYWHEEL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 TRAF_EVAL, ARTICLES = DATA / "trafilatura_eval", DATA / "article_extraction_benchmark"
-DEFAULT = ("trafilatura", "balanced")  # the stage's default config: the throughput claim
-TARGET = 0.9  # issue 3: the sandboxed stage within 10% of calling the extractor directly
+DEFAULT = ("trafilatura", "precision")  # the stage's default config: the throughput claim
+TARGET = 0.9  # the sandboxed stage within 10% of calling the extractor directly
 
-# REFERENCES §2.4: trafilatura docs/evaluation.rst (990 pages, 2026-08-04): P, R, accuracy, F1.
+# trafilatura docs/evaluation.rst (990 pages, 2026-08-04): P, R, accuracy, F1.
 PEER_TRAF_EVAL = {"trafilatura/balanced": (0.906, 0.943, 0.923, 0.924), "trafilatura/precision": (0.925, 0.915, 0.921, 0.920),
                   "trafilatura/fast": (0.907, 0.930, 0.917, 0.918), "resiliparse": (0.705, 0.955, 0.778, 0.811)}
 # scrapinghub/article-extraction-benchmark README, latest evaluation (181 pages): trafilatura 2.0.0.
 PEER_ARTICLES = {"trafilatura/balanced": (0.938, 0.978, 0.293, 0.958)}
-# REFERENCES §1.8: trafilatura 2.3.1 pages/s on 100 synthetic 14 KB pages (this machine type).
+# trafilatura 2.3.1 pages/s on 100 synthetic 14 KB pages, measured on this machine type (2 cores).
 PEER_RATE = {"trafilatura/balanced": 96, "trafilatura/precision": 214, "trafilatura/fast": 340}
 
 
@@ -139,7 +145,7 @@ def load_articles(n: int | None) -> tuple[list[dict], list[str]]:
 
 
 # -- runs -------------------------------------------------------------------------------------
-def direct_call(backend: str, mode: str):
+def direct_call(backend: str, mode: str, metadata: bool = False):
     """The peer: the library called in a loop with the stage's settings (no stage, no sandbox)."""
     if backend == "resiliparse":
         from resiliparse.extract.html2text import extract_plain_text
@@ -149,7 +155,7 @@ def direct_call(backend: str, mode: str):
     import trafilatura
 
     def call(html: str) -> str:
-        doc = trafilatura.bare_extraction(html, with_metadata=True, include_comments=False, include_tables=True,
+        doc = trafilatura.bare_extraction(html, with_metadata=metadata, include_comments=False, include_tables=True,
                                           favor_precision=mode == "precision", favor_recall=mode == "recall",
                                           fast=mode == "fast")
         return ((doc.text if doc is not None else None) or "").strip()
@@ -157,23 +163,39 @@ def direct_call(backend: str, mode: str):
     return call
 
 
-def run_pair(rows: list[dict], backend: str, mode: str, sandbox: bool = True, repeats: int = 1) -> dict:
+def bare_extract(html: str) -> str:
+    """``trafilatura.extract`` with the library's defaults: the reference for what metadata costs."""
+    import trafilatura
+
+    return trafilatura.extract(html) or ""
+
+
+def run_pair(rows: list[dict], backend: str, mode: str, sandbox: bool = True, repeats: int = 1,
+             metadata: bool = False, alongside=None) -> dict:
     """Texts of both sides (first pass) and docs/s, best of ``repeats`` passes per side: on a shared
-    machine the fastest pass is the one least disturbed by other work."""
-    stage = Extract(backend=backend, mode=mode, sandbox=sandbox)
+    machine the fastest pass is the one least disturbed by other work. ``alongside``: one more
+    function timed on the same batches (its docs/s is ``alongside_rate``)."""
+    stage = Extract(backend=backend, mode=mode, sandbox=sandbox, metadata=metadata)
     start = time.perf_counter()
     stage.setup()
     process_batch(stage, [{"id": "warm", "html": "<p>warm</p>"}])  # waits until the child is ready
     startup = time.perf_counter() - start
-    direct = direct_call(backend, mode)
+    direct = direct_call(backend, mode, metadata)
     direct(WARMUP_HTML)  # the same one-time warm-up the stage's child does (dateparser locales)
+    if alongside is not None:
+        alongside(WARMUP_HTML)
     ours_text: dict[str, str] = {}
     direct_text: list[str] = []
-    ours_rates, direct_rates = [], []
+    ours_rates, direct_rates, alongside_rates = [], [], []
     try:
         for rep in range(repeats):
-            ours_t = direct_t = 0.0
+            ours_t = direct_t = alongside_t = 0.0
             for k, batch in enumerate(batches(rows, stage.config.batch_size)):
+                if alongside is not None:
+                    t = time.perf_counter()
+                    for r in batch:
+                        alongside(r["html"])
+                    alongside_t += time.perf_counter() - t
                 for side in ((0, 1) if k % 2 == 0 else (1, 0)):  # alternate who goes first
                     t = time.perf_counter()
                     if side == 0:
@@ -188,11 +210,12 @@ def run_pair(rows: list[dict], backend: str, mode: str, sandbox: bool = True, re
                             direct_text.extend(texts)
             ours_rates.append(len(rows) / ours_t)
             direct_rates.append(len(rows) / direct_t)
+            alongside_rates.append(len(rows) / alongside_t if alongside_t else 0.0)
     finally:
         stage.teardown()
     ours = [ours_text[r["id"]] for r in rows]
     return {"ours": ours, "direct": direct_text, "ours_rate": max(ours_rates), "direct_rate": max(direct_rates),
-            "ratio": max(ours_rates) / max(direct_rates),
+            "ratio": max(ours_rates) / max(direct_rates), "alongside_rate": max(alongside_rates),
             "startup": startup, "same": ours == direct_text, "name": stage.extractor_name}
 
 
@@ -228,14 +251,25 @@ def bench_set(label: str, rows: list[dict], score, extractors: list[tuple[str, s
             diff = sum(a != b for a, b in zip(res["ours"], res["direct"]))
             print(f"  {diff} pages differ; direct-call quality: " + " ".join(f"{x:.3f}" for x in direct_q))
         res["quality"], res["direct_quality"] = ours_q, direct_q
-    base = results["trafilatura/balanced"]
+    base = results["/".join(DEFAULT)]
     inproc = run_pair(rows, *DEFAULT, sandbox=False)
     print(f"{'(stage, sandbox off)':<22}{'':>28}  {'':<26}{'yes' if inproc['same'] else 'NO':>6}"
           f"{inproc['ours_rate']:>11.1f}{inproc['direct_rate']:>9.1f}{inproc['ratio']:>7.2f}")
-    print("published trafilatura pages/s on synthetic pages (REFERENCES §1.8): "
+    meta = run_pair(rows, *DEFAULT, metadata=True, alongside=bare_extract, repeats=repeats)
+    print(f"{'(stage, metadata on)':<22}" + "".join(f"{x:>7.3f}" for x in score(meta["ours"]))
+          + f"  {'':<26}{'yes' if meta['same'] else 'NO':>6}"
+          f"{meta['ours_rate']:>11.1f}{meta['direct_rate']:>9.1f}{meta['ratio']:>7.2f}")
+    print(f"{'trafilatura.extract()':<22}{'':>28}  {'(library defaults)':<26}{'':>6}{'':>11}"
+          f"{meta['alongside_rate']:>9.1f}")
+    print(f"metadata on: the stage at {meta['ours_rate']:.1f} docs/s = {meta['ours_rate'] / base['ours_rate']:.2f}x "
+          f"itself without metadata ({base['ours_rate']:.1f}), "
+          f"{meta['ours_rate'] / meta['alongside_rate']:.2f}x a bare trafilatura.extract() call "
+          f"({meta['alongside_rate']:.1f}); without metadata {base['ours_rate'] / meta['alongside_rate']:.2f}x "
+          f"(the bare call's rate is from the metadata pass)")
+    print("published trafilatura pages/s on synthetic pages: "
           + ", ".join(f"{k.split('/')[1]} ~{v}" for k, v in PEER_RATE.items()))
     size = f"_{len(rows)}p" if quick else ""
-    same = all(r["same"] for r in results.values())
+    same = all(r["same"] for r in results.values()) and meta["same"]
     f1, peer_f1 = base["quality"][3], base["direct_quality"][3]
     print(f"BENCH extraction_{label}_same_output{size} ours={f1:.4f} peer={peer_f1:.4f} ratio={f1 / peer_f1 if peer_f1 else 0:.3f} "
           f"target==1 {'PASS' if same else 'FAIL'}")
@@ -257,7 +291,7 @@ def main() -> int:
     n = args.pages or (60 if args.quick else None)
     repeats = args.repeats or 3
     # --quick checks the default and resiliparse; the other modes only change quality (full run)
-    extractors = [DEFAULT] if args.quick else [DEFAULT, ("trafilatura", "precision"), ("trafilatura", "fast")]
+    extractors = [DEFAULT] if args.quick else [DEFAULT, ("trafilatura", "balanced"), ("trafilatura", "fast")]
     if importlib.util.find_spec("resiliparse") is not None:
         extractors.append(("resiliparse", "balanced"))
     else:

@@ -18,9 +18,10 @@ interleaved runs: on a shared 2-core machine one side can lose a few seconds to 
 Beam's fixed start-up (about 0.6 s per job, three jobs) is part of ours, so the quick mode (32
 prompts) measures mostly that: there the outputs are checked and the overhead line says ``SKIP``.
 
-Part 2, HH-RLHF (../shared/data/hh_rlhf; SKIP without it). One in eight pairs is held out (those
-that fit 512 tokens); 2,000 of the others are the training pairs. A tiny Llama (hidden 128, 4
-layers, BPE 4096 trained on the training text, as benchmarks/train_dpo.py) is SFT-ed by
+Part 2, HH-RLHF (the helpful test sets in the data folder named by ``DATAFLYWHEEL_SHARED_DATA``;
+SKIP without them). One in eight pairs is held out (those that fit 512 tokens); 2,000 of the others
+are the training pairs. A tiny Llama (hidden 128, 4 layers, BPE 4096 trained on the training text,
+as benchmarks/train_dpo.py) is SFT-ed by
 ``train/sft.py`` on the training pairs' prompt + chosen conversations for 150 steps: the policy.
 At that size it writes HH-flavoured word salad (loss ~6), not English; that is enough for the
 length statistics, which are about the pair builder, not the policy's quality. The reward model is

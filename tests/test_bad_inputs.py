@@ -19,6 +19,7 @@ import pytest
 from conftest import SHARED_DATA
 
 from dataflywheel.io import DeadLetter, read_file
+from dataflywheel.io.base import UNKNOWN_COUNT
 
 KIND = {
     "text": "document",
@@ -43,10 +44,26 @@ UNCOUNTABLE = {
     # so neither manifest line numbers nor the count survive; the intact prefix is kept.
     "gz/corrupt_deflate.jsonl.gz",
     # Footer missing / footer length wrong / not Parquet: the row count lives in the footer, so
-    # the one file-level report counts records=1 ("at least one").
+    # the one file-level report counts records=0 and says "row count unknown".
     "parquet/truncated.parquet",
     "parquet/bad_footer_length.parquet",
     "parquet/not_parquet.parquet",
+}
+
+# The file-level report of each damaged file: reason, records, and what its detail must say.
+FILE_REPORTS = {
+    "gz/bad_crc.jsonl.gz": ("crc_mismatch", 0, ["gzip CRC32 check failed", "nothing follows that member",
+                                                "lines 1-20 were read (kept if they validate)", UNKNOWN_COUNT]),
+    "gz/corrupt_deflate.jsonl.gz": ("crc_mismatch", 0, ["gzip CRC32 check failed", "lines 1-37 were read",
+                                                        UNKNOWN_COUNT]),
+    "gz/trailing_garbage.jsonl.gz": ("trailing_garbage", 0, ["300 bytes after the last gzip member",
+                                                             "all 30 lines before them were read"]),
+    "gz/truncated.jsonl.gz": ("truncated_stream", 0, ["the stream breaks after line 25 (line 26 is cut off",
+                                                      "lines 1-25 were read before the break", UNKNOWN_COUNT]),
+    "parquet/truncated.parquet": ("file_unreadable", 0, ["not a readable Parquet file", UNKNOWN_COUNT]),
+    "parquet/bad_footer_length.parquet": ("file_unreadable", 0, ["not a readable Parquet file", UNKNOWN_COUNT]),
+    "parquet/not_parquet.parquet": ("file_unreadable", 0, ["looks like JSON text", UNKNOWN_COUNT]),
+    "parquet/empty.parquet": ("empty_file", 0, ["0-byte file"]),
 }
 
 
@@ -76,6 +93,15 @@ def test_bad_input_file(shared_data: Path, entry: dict) -> None:
         assert d.source == path and d.reason and d.detail, d
     per_record = [d for d in dead if _position(d) is not None]
     file_level = [d for d in dead if _position(d) is None]
+    assert all((d.scope, d.records) == ("record", 1) for d in per_record), per_record
+    assert all(d.scope == "file" for d in file_level), file_level
+    if entry["path"] in FILE_REPORTS:
+        reason, records, phrases = FILE_REPORTS[entry["path"]]
+        (report,) = file_level
+        assert (report.reason, report.records) == (reason, records), report
+        assert all(p in report.detail for p in phrases), report.detail
+    else:
+        assert file_level == [], file_level
     positions = Counter(_position(d) for d in per_record)
     assert not [p for p, n in positions.items() if n > 1], "a record reported twice"
     reported = {_position(d): d for d in per_record}
@@ -122,7 +148,5 @@ def _check_uncountable(entry: dict, kept: list[dict], per_record: list, file_lev
         assert min(d.line for d in per_record) == len(kept) + 1
         assert [d.reason for d in file_level] == ["crc_mismatch"]
         assert len(kept) + len(per_record) <= _record_count(entry)
-    else:
+    else:  # checked by FILE_REPORTS: one file_unreadable report, records=0, "row count unknown"
         assert not kept and not per_record
-        assert [(d.reason, d.records) for d in file_level] == [("file_unreadable", 1)]
-        assert "not a readable Parquet file" in file_level[0].detail

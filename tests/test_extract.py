@@ -125,12 +125,12 @@ def test_real_trafilatura_on_a_slow_page_is_killed_and_the_next_page_extracted()
 
 def test_sandbox_matches_in_process_and_records_meta():
     rows = demo_rows()
-    boxed, plain = Extract(mode="precision"), Extract(mode="precision", sandbox=False)
+    boxed, plain = Extract(metadata=True), Extract(metadata=True, sandbox=False)
     try:
         a, b = process_batch(boxed, rows), process_batch(plain, rows)
     finally:
         boxed.teardown()
-    assert plain._sandbox is None and boxed._sandbox is None  # teardown released the child
+    assert plain._sandbox is None and "_sandbox" not in boxed.__dict__  # teardown released the child
     assert len(a.kept) >= 5 and [r["text"] for r in a.kept] == [r["text"] for r in b.kept]
     assert [r["id"] for r in a.rejected] == [r["id"] for r in b.rejected]
     for row in a.kept:
@@ -156,16 +156,73 @@ def test_teardown_stops_the_child_and_pickling_drops_it():
     stage.setup()
     pid = stage._sandbox.pid
     clone = pickle.loads(pickle.dumps(stage))  # what Beam does with a stage in a DoFn
-    assert clone._sandbox is None and clone.config == stage.config
+    assert clone.config == stage.config and not {"_backend", "_sandbox"} & set(clone.__dict__)
     assert process_batch(stage, [article(0)]).kept
     stage.teardown()
+    assert not {"_backend", "_sandbox"} & set(stage.__dict__)
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
 
 
+def test_resources_are_built_on_first_use_and_again_after_teardown():
+    stage = Extract(sandbox=False)
+    assert not {"_backend", "_sandbox"} & set(stage.__dict__)  # nothing built by the constructor
+    assert [r["id"] for r in process_batch(stage, [article(0)]).kept] == ["p0"]  # built lazily, no setup()
+    assert stage._sandbox is None and callable(stage.__dict__["_backend"])
+    stage.teardown()
+    assert "_backend" not in stage.__dict__
+    assert process_batch(stage, [article(1)]).kept  # a torn-down stage builds again when used
+
+
+JS_ONLY = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>App</title></head><body><div id='root'></div>"
+           "<noscript>You need to enable JavaScript to run this app.</noscript>"
+           "<script>window.__DATA__ = {\"items\": [1, 2, 3]};</script><script src='/static/js/main.js'></script>"
+           "</body></html>")
+
+
+def test_a_bare_extract_stage_runs_precision_mode(tmp_path):
+    from dataflywheel.pipelines.config import parse_config
+
+    run = parse_config({"input": {"paths": str(tmp_path / "*.jsonl")}, "output": {"path": str(tmp_path / "o")},
+                        "stages": [{"stage": "extract"}]}, "<test>")
+    (stage,) = run.jobs[0].build_stages()
+    assert isinstance(stage, Extract) and stage.config.mode == "precision" and not stage.config.metadata
+    stage = Extract(sandbox=False)
+    page = {"id": "js", "url": "https://example.org/app", "html": JS_ONLY}
+    out = process_batch(stage, [page, article(0)])
+    # precision mode drops the <noscript> notice that balanced mode keeps as the page's text
+    assert [(r["id"], r["rejected"]["reason"]) for r in out.rejected] == [("js", "no_text")]
+    assert out.kept[0]["meta"]["extractor"] == "trafilatura/precision"
+    balanced = process_batch(Extract(mode="balanced", sandbox=False), [page])
+    assert [r["text"] for r in balanced.kept] == ["You need to enable JavaScript to run this app."]
+
+
+def test_bad_inputs_javascript_only_page_is_rejected_by_default(shared_data):
+    html = (shared_data / "bad_inputs" / "html" / "javascript_only.html").read_text(encoding="utf-8")
+    out = process_batch(Extract(sandbox=False), [{"id": "js", "html": html}])
+    assert out.kept == [] and [r["rejected"]["reason"] for r in out.rejected] == ["no_text"]
+
+
+def test_web_pipeline_extracts_in_precision_mode():
+    from dataflywheel.pipelines.web import load_web_config
+
+    stages = load_web_config(REPO / "configs" / "web.yaml").jobs[0].build_stages()
+    (extract,) = [s for s in stages if isinstance(s, Extract)]
+    assert extract.config.mode == "precision"
+
+
+def test_title_and_date_only_with_metadata():
+    rows = demo_rows()
+    bare, with_meta = Extract(sandbox=False), Extract(sandbox=False, metadata=True)
+    a, b = process_batch(bare, rows), process_batch(with_meta, rows)
+    assert [r["text"] for r in a.kept] == [r["text"] for r in b.kept]  # the same text either way
+    assert not any("title" in r["meta"] or "date" in r["meta"] for r in a.kept)
+    assert all(r["meta"]["title"] for r in b.kept) and any(r["meta"].get("date") for r in b.kept)
+
+
 def test_resiliparse_backend():
     pytest.importorskip("resiliparse")
-    stage = Extract(backend="resiliparse", sandbox=False)
+    stage = Extract(backend="resiliparse", sandbox=False, metadata=True)
     out = process_batch(stage, [article(3)])
     row = out.kept[0]
     assert "This is article number 3." in row["text"] and "Home | About" not in row["text"]
@@ -173,7 +230,7 @@ def test_resiliparse_backend():
 
 
 def test_missing_resiliparse_names_the_extra(monkeypatch, tmp_path):
-    from dataflywheel.config import parse_config
+    from dataflywheel.pipelines.config import parse_config
 
     monkeypatch.setattr(extract_backends, "_installed", lambda name: name != "resiliparse")
     cfg = {"input": {"paths": str(tmp_path / "*.jsonl")}, "output": {"path": str(tmp_path / "o")},
@@ -186,7 +243,7 @@ def test_missing_resiliparse_names_the_extra(monkeypatch, tmp_path):
 
 
 def test_bad_backend_specs_are_config_errors(tmp_path):
-    from dataflywheel.config import parse_config
+    from dataflywheel.pipelines.config import parse_config
 
     def stages(**extra):
         return {"input": {"paths": str(tmp_path / "*.jsonl")}, "output": {"path": str(tmp_path / "o")},
@@ -200,7 +257,7 @@ def test_bad_backend_specs_are_config_errors(tmp_path):
 
 def test_beam_engine_rejects_the_hanging_page(tmp_path):
     """Inside Beam's FnApiRunner worker threads: the child is started in setup() and the hang is cut."""
-    from dataflywheel.config import parse_config
+    from dataflywheel.pipelines.config import parse_config
     from dataflywheel.pipelines.job import run_job
 
     src = tmp_path / "in.jsonl"

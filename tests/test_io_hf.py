@@ -63,9 +63,24 @@ def test_corrupt_arrow_shard_is_reported(tmp_path: Path) -> None:
     folder = tmp_path / "saved"
     datasets.Dataset.from_list(ROWS).save_to_disk(str(folder))
     (shard,) = folder.glob("*.arrow")
+    good = shard.read_bytes()
     shard.write_bytes(b"not arrow at all")
     (dead,) = read_file(str(folder))
-    assert (dead.reason, dead.records, dead.source) == ("file_unreadable", 1, str(shard))
+    assert (dead.reason, dead.records, dead.scope, dead.source) == ("file_unreadable", 0, "file", str(shard))
+    assert "no row was read" in dead.detail and dead.detail.endswith("row count unknown")
+    shard.write_bytes(good[: len(good) * 3 // 4])  # an Arrow stream has no row count up front
+    items = list(read_file(str(folder)))
+    dead = [i for i in items if isinstance(i, DeadLetter)]
+    assert [(d.reason, d.records, d.scope) for d in dead] == [("file_unreadable", 0, "file")]
+    assert "row count unknown" in dead[0].detail
+
+
+def test_missing_column_in_an_arrow_shard_stands_for_all_its_rows(tmp_path: Path) -> None:
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(folder))
+    (dead,) = iter_hf(str(folder), columns=["id", "text"])
+    assert (dead.reason, dead.records, dead.scope) == ("missing_field", len(ROWS), "file")
+    assert "'text'" in dead.detail and f"all {len(ROWS)} rows" in dead.detail
 
 
 def test_hub_layout_written_by_datasets(tmp_path: Path) -> None:

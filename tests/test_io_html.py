@@ -234,6 +234,7 @@ def test_damaged_gzip_is_reported(shared_data, tmp_path):
     cut.write_bytes(data[: len(data) // 2])
     (item,) = iter_html(str(cut))
     assert isinstance(item, DeadLetter) and item.reason == "file_unreadable"
+    assert (item.scope, item.records) == ("file", 1) and "one page is lost" in item.detail  # one file, one page
 
 
 def test_real_pages_decode_and_canonical_urls_match_ground_truth(shared_data):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import struct
@@ -17,6 +18,7 @@ import zstandard
 
 from dataflywheel.errors import UserError
 from dataflywheel.io import DeadLetter, open_shard, read, read_file
+from dataflywheel.io.compress import READ_BYTES
 from dataflywheel.io.jsonl import iter_jsonl, parse_line
 
 ROWS = [
@@ -83,7 +85,9 @@ def test_trailing_zeros_are_ignored_and_trailing_garbage_is_a_warning_after_the_
     assert [type(i) for i in items] == [tuple, tuple, tuple, DeadLetter]
     warning = items[-1]
     assert (warning.reason, warning.records, warning.source) == ("trailing_garbage", 0, str(tmp_path / "g.jsonl.gz"))
-    assert f"from byte {len(body)}" in warning.detail
+    assert (warning.scope, warning.line) == ("file", None)
+    assert f"17 bytes after the last gzip member (from byte {len(body)})" in warning.detail
+    assert warning.detail.endswith("all 3 lines before them were read")  # nothing lost: no unknown count
 
 
 def test_truncated_gzip_keeps_complete_lines_and_reports_the_cut(tmp_path: Path) -> None:
@@ -93,9 +97,19 @@ def test_truncated_gzip_keeps_complete_lines_and_reports_the_cut(tmp_path: Path)
     kept, dead = split(iter_jsonl(cut))
     assert kept and [row for _, row in kept] == rows[: len(kept)]
     partial, file_level = dead
-    assert (partial.reason, partial.line, partial.records) == ("lost_in_truncation", len(kept) + 1, 1)
-    assert (file_level.reason, file_level.records, file_level.line) == ("truncated_stream", 0, None)
-    assert f"line {len(kept)}" in file_level.detail
+    assert (partial.reason, partial.line, partial.records, partial.scope) == (
+        "lost_in_truncation", len(kept) + 1, 1, "record")
+    assert (file_level.reason, file_level.records, file_level.line, file_level.scope) == (
+        "truncated_stream", 0, None, "file")
+    n = len(kept)
+    assert file_level.detail.startswith("gzip stream ends inside a member: the file was cut short")
+    assert f"the stream breaks after line {n} (line {n + 1} is cut off: reported on its own)" in file_level.detail
+    assert f"lines 1-{n} were read before the break" in file_level.detail
+    assert file_level.detail.endswith("row count unknown")  # the lines after the cut are not in the file
+    whole = write(tmp_path / "w.jsonl.gz", data[: len(data) - 8])  # cut in the trailer: every line decoded
+    kept, dead = split(iter_jsonl(whole))
+    assert len(kept) == 200 and [(d.reason, d.scope) for d in dead] == [("truncated_stream", "file")]
+    assert "breaks after line 200;" in dead[0].detail
 
 
 def test_truncated_zstd_is_reported(tmp_path: Path) -> None:
@@ -111,8 +125,53 @@ def test_gzip_with_a_bad_crc_keeps_the_lines_and_reports_the_file(tmp_path: Path
     path = write(tmp_path / "crc.jsonl.gz", bytes(data))
     kept, dead = split(iter_jsonl(path))
     assert [row for _, row in kept] == ROWS  # recovered although the failing zlib call raised
-    assert [(d.reason, d.records) for d in dead] == [("crc_mismatch", 0)]
+    assert [(d.reason, d.records, d.scope, d.line) for d in dead] == [("crc_mismatch", 0, "file", None)]
     assert str(dead[0]).startswith(path)
+    assert "gzip CRC32 check failed at the end of a member" in dead[0].detail
+    assert "nothing follows that member; lines 1-3 were read (kept if they validate)" in dead[0].detail
+    assert dead[0].detail.endswith("row count unknown")  # damaged data may hold more or fewer lines
+
+
+def test_gzip_crc_mismatch_after_n_records_then_more_data_stops_there(tmp_path: Path) -> None:
+    first, second = rows_for(0) * 4, rows_for(1)
+    damaged = bytearray(gzip.compress(lines_of(first)))
+    damaged[-8:-4] = struct.pack("<I", zlib.crc32(b"something else"))
+    after = gzip.compress(lines_of(second))
+    path = write(tmp_path / "crc2.jsonl.gz", bytes(damaged) + after)
+    kept, dead = split(iter_jsonl(path))
+    assert [row for _, row in kept] == first  # the damaged member's 20 lines were read; reading stops there
+    (report,) = dead
+    assert (report.reason, report.records, report.scope) == ("crc_mismatch", 0, "file")
+    assert f"the {len(after)} bytes after it (from byte {len(damaged)}) are not read" in report.detail
+    assert "the stream breaks after line 20; lines 1-20 were read before the break" in report.detail
+    assert report.detail.endswith("row count unknown")
+    damaged = bytearray(gzip.compress(lines_of(first) + b'{"id": "last", "text": "no newline"}'))
+    damaged[-4:] = struct.pack("<I", 1)  # ISIZE, the member's length field
+    kept, dead = split(iter_jsonl(write(tmp_path / "len.jsonl.gz", bytes(damaged))))
+    assert len(kept) == 21 and kept[-1][1]["id"] == "last"  # nothing follows: the last line is whole
+    assert [(d.reason, d.scope) for d in dead] == [("crc_mismatch", "file")]
+    assert "gzip length check failed" in dead[0].detail and "lines 1-21 were read" in dead[0].detail
+
+
+def test_crc_mismatch_with_the_length_field_in_the_next_read(tmp_path: Path) -> None:
+    """The member's 4 length bytes after its CRC start the next read(): they are the member's, not junk."""
+    rows = [{"id": str(i), "text": f"{i} " + "abcdefghij" * (i % 40)} for i in range(600)]
+
+    def member(name: str) -> bytes:
+        buf = io.BytesIO()
+        with gzip.GzipFile(filename=name, mode="wb", fileobj=buf, mtime=0) as gz:
+            gz.write(lines_of(rows))
+        return buf.getvalue()
+
+    size = len(member("a"))
+    # reads start at file offsets 4 + k * READ_BYTES (the 4-byte sniff first): end the CRC just before one
+    target = ((size - 8) // READ_BYTES + 1) * READ_BYTES + 8
+    data = bytearray(member("a" * (1 + target - size)))  # the header's file name pads the member
+    assert len(data) == target
+    data[-8:-4] = struct.pack("<I", 0)
+    kept, dead = split(iter_jsonl(write(tmp_path / "split.jsonl.gz", bytes(data))))
+    assert len(kept) == 600 and [(d.reason, d.scope) for d in dead] == [("crc_mismatch", "file")]
+    assert "nothing follows that member; lines 1-600 were read" in dead[0].detail
 
 
 def test_corrupt_deflate_reports_the_file_and_no_garbled_row_is_kept(tmp_path: Path) -> None:
@@ -134,7 +193,8 @@ def test_corrupt_zstd_is_reported(tmp_path: Path) -> None:
 
 def test_missing_file_is_one_file_level_report(tmp_path: Path) -> None:
     (dead,) = list(iter_jsonl(str(tmp_path / "nope.jsonl")))
-    assert (dead.reason, dead.records) == ("file_unreadable", 1)
+    assert (dead.reason, dead.records, dead.scope) == ("file_unreadable", 0, "file")
+    assert dead.detail.startswith("cannot read the file:") and dead.detail.endswith("; row count unknown")
 
 
 def test_over_long_lines_are_reported_and_skipped_not_buffered(tmp_path: Path) -> None:

@@ -92,14 +92,67 @@ def test_broken_files_are_one_file_level_report(tmp_path: Path) -> None:
     }
     for name, content in cases.items():
         (tmp_path / name).write_bytes(content)
+    # the row count lives in the footer: with the footer gone it cannot be known
     (dead,) = iter_parquet(str(tmp_path / "truncated.parquet"))
-    assert (dead.reason, dead.records, dead.row) == ("file_unreadable", 1, None)
+    assert (dead.reason, dead.records, dead.row, dead.scope) == ("file_unreadable", 0, None, "file")
+    assert dead.detail.endswith("no readable footer: row count unknown")
     (dead,) = iter_parquet(str(tmp_path / "json.parquet"))
-    assert dead.reason == "file_unreadable" and "looks like JSON" in dead.detail
+    assert (dead.reason, dead.records, dead.scope) == ("file_unreadable", 0, "file")
+    assert "looks like JSON" in dead.detail and "row count unknown" in dead.detail
     (dead,) = iter_parquet(str(tmp_path / "empty.parquet"))
-    assert (dead.reason, dead.records) == ("empty_file", 0)
+    assert (dead.reason, dead.records, dead.scope) == ("empty_file", 0, "file")
+    assert "row count unknown" not in dead.detail  # 0 bytes: 0 rows, known
     (dead,) = iter_parquet(str(tmp_path / "missing.parquet"))
-    assert dead.reason == "file_unreadable" and str(tmp_path / "missing.parquet") in str(dead)
+    assert (dead.reason, dead.records, dead.scope) == ("file_unreadable", 0, "file")
+    assert str(tmp_path / "missing.parquet") in str(dead) and "row count unknown" in dead.detail
+
+
+def test_unreadable_file_with_a_readable_footer_counts_the_footer_rows(tmp_path: Path) -> None:
+    path = tmp_path / "schema.parquet"
+    pq.write_table(text_table(30), path, row_group_size=10)
+    data = bytearray(path.read_bytes())
+    arrow_schema = pq.read_metadata(path).metadata[b"ARROW:schema"]  # base64 of pyarrow's schema, in the footer
+    at = data.index(arrow_schema)
+    data[at + 20 : at + 40] = b"A" * 20  # still base64, no longer a schema: pyarrow refuses the whole file
+    path.write_bytes(bytes(data))
+    with pytest.raises(pa.ArrowInvalid):
+        pq.ParquetFile(path)
+    (dead,) = iter_parquet(str(path))
+    assert (dead.reason, dead.records, dead.scope, dead.row) == ("file_unreadable", 30, "file", None)
+    assert dead.detail.endswith("its footer says 30 rows, none of which can be read")
+    cut = tmp_path / "footer_gone.parquet"  # the same file without its last bytes: no footer, no count
+    cut.write_bytes(bytes(data[:-20]))
+    (dead,) = iter_parquet(str(cut))
+    assert (dead.reason, dead.records, dead.scope) == ("file_unreadable", 0, "file")
+    assert "row count unknown" in dead.detail
+
+
+def test_footer_read_but_schema_not_is_one_report_for_every_row(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "t.parquet"
+    pq.write_table(text_table(25), path, row_group_size=10)
+
+    def broken(self):
+        raise pa.ArrowNotImplementedError("unsupported logical type")
+
+    monkeypatch.setattr(pq.ParquetFile, "schema_arrow", property(broken))
+    (dead,) = iter_parquet(str(path))
+    assert (dead.reason, dead.records, dead.scope) == ("file_unreadable", 25, "file")
+    assert "the footer says 25 rows, but the file cannot be read from row 0 on" in dead.detail
+    assert dead.detail.endswith("rows 0-24 lost")
+
+
+def test_unreadable_pages_with_a_readable_footer_are_reported_row_by_row(tmp_path: Path) -> None:
+    path = tmp_path / "zeroed.parquet"
+    pq.write_table(text_table(30), path, row_group_size=10, write_page_checksum=True)
+    meta = pq.read_metadata(path)
+    data = bytearray(path.read_bytes())
+    footer_start = len(data) - 8 - meta.serialized_size
+    data[4:footer_start] = bytes(footer_start - 4)  # every page gone, the footer intact
+    path.write_bytes(bytes(data))
+    kept, dead = split(iter_parquet(str(path)))
+    assert kept == [] and [d.row for d in dead] == list(range(30))  # the footer's 30 rows, each at its number
+    assert {(d.records, d.scope) for d in dead} == {(1, "record")}
+    assert {d.detail.split(":")[0] for d in dead} == {f"row group {g} unreadable" for g in range(3)}
 
 
 def test_column_selection(tmp_path: Path) -> None:

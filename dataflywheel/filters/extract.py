@@ -1,12 +1,14 @@
-"""Main-content extraction from raw HTML, in a killable sandbox (REFERENCES §2.4).
+"""Main-content extraction from raw HTML, in a killable sandbox.
 
 ``backend`` picks the extractor (``filters/extract_backends.py``): ``trafilatura`` (default),
 ``resiliparse`` (optional extra, faster, lower quality) or ``module:function``. Modes map to
-trafilatura's switches: ``precision`` (favor_precision), ``recall`` (favor_recall), ``balanced``
-(default) and ``fast`` (no fallback extractors).
+trafilatura's switches: ``precision`` (favor_precision; the default, as FineWeb: datatrove's
+trafilatura extractor passes favour_precision=True), ``recall`` (favor_recall), ``balanced``
+(trafilatura's own default) and ``fast`` (no fallback extractors). Precision mode drops what
+balanced mode keeps from weak candidates, e.g. the ``<noscript>`` notice of a JavaScript-only page.
 
-Extraction runs in a child process (``filters/sandbox.py``) started once per stage instance in
-``setup()`` and reused for every page, because trafilatura can hang on some pages
+Extraction runs in a child process (``filters/sandbox.py``) started once per stage instance by
+``build()`` and reused for every page, because trafilatura can hang on some pages
 (adbar/trafilatura#704) and a hung call cannot be stopped in-process. A page over ``timeout_s``
 is rejected ``timeout``; a page that kills the child (crash, OOM) is rejected
 ``extractor_crashed``; both keep their ``html`` so they can be retried, and the child is
@@ -14,8 +16,8 @@ respawned for the next pages. A backend that raises on a page makes that page a 
 ``sandbox: false`` runs the backend in-process (debugging; no timeout). Pages over
 ``max_html_bytes`` are rejected before they are sent, because parse time grows with page size.
 
-Kept rows get ``text`` and ``meta.title`` / ``meta.date`` / ``meta.url`` when known, and
-``meta.extractor`` (backend and mode), so a dataset records how its text was made.
+Kept rows get ``text``, ``meta.url`` when known and ``meta.extractor`` (backend and mode), so a
+dataset records how its text was made; with ``metadata: true`` also ``meta.title`` / ``meta.date``.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ from ..stages import Filter, Scorer, StageConfig
 from .extract_backends import backend_target, check_backend_spec, resolve_backend
 from .sandbox import CRASHED, ERROR, TIMEOUT, Answer, Sandbox
 
-# Extracted once at child start-up, so lazy initialisation is not timed as a page. The byline's
-# date goes to dateparser, whose first call compiles regexes for ~200 locales (~1.5-2 s of CPU,
-# measured): without this, the first dated page of every fresh child timed out at 1 s.
+# Extracted once at child start-up, so lazy initialisation is not timed as a page. With metadata, the
+# byline's date goes to dateparser, whose first call compiles regexes for ~200 locales (~1.5-2 s of
+# CPU, measured): without this, the first dated page of every fresh child timed out at 1 s.
 WARMUP_HTML = ("<html><head><title>Warm up</title></head><body><article><p>" + "Warm up text. " * 20
                + "</p><div class='byline'>Posted 3rd of Sept. 2019, 4pm</div></article></body></html>")
 
@@ -42,7 +44,14 @@ class ExtractError(RuntimeError):
 
 class ExtractConfig(StageConfig):
     backend: str = "trafilatura"  # trafilatura | resiliparse | module:function (extract_backends.py)
-    mode: Literal["balanced", "precision", "recall", "fast"] = "balanced"
+    # FineWeb's choice: datatrove's trafilatura extractor calls it with favour_precision=True
+    # (trafilatura's benchmark, 990 pages: precision P 0.925 / R 0.915 vs balanced P 0.906 / R 0.943).
+    mode: Literal["balanced", "precision", "recall", "fast"] = "precision"
+    # meta.title / meta.date (trafilatura's with_metadata=True): off unless asked for, as they cost time.
+    # Measured by benchmarks/extraction.py (trafilatura 2.3.1, 2 CPU cores): with metadata the default stage
+    # ran at 0.64x its speed without it on the 693 trafilatura-eval pages (0.72x on the 127 article-benchmark
+    # pages), i.e. 0.76x (0.82x) the speed of a bare trafilatura.extract() call timed alongside.
+    metadata: bool = False
     include_comments: bool = False
     include_tables: bool = True
     max_html_bytes: int = Field(5_000_000, gt=0)
@@ -50,7 +59,7 @@ class ExtractConfig(StageConfig):
     batch_size: int = 32  # pages per score() call, sent to the sandbox as one message
     sandbox: bool = True  # false: extract in-process, no timeout (debugging, overhead benchmark)
     # Per page, in CPU seconds of the sandbox child (wall time where /proc is missing): datatrove's
-    # trafilatura extractor uses timeout=1 s per document (REFERENCES §2.4).
+    # trafilatura extractor uses timeout=1 s per document.
     timeout_s: float = Field(1.0, gt=0)
 
     @field_validator("backend")
@@ -61,14 +70,12 @@ class ExtractConfig(StageConfig):
 
 @register("extract")
 class Extract(Scorer, Filter):
-    """``html`` -> ``text`` (+ ``meta.title``/``date``/``url``/``extractor``); rejects pages with no main text."""
+    """``html`` -> ``text`` (+ ``meta.url``/``extractor``, and ``title``/``date`` with ``metadata``); rejects
+    pages with no main text."""
 
     Config = ExtractConfig
 
-    def __init__(self, config: ExtractConfig | None = None, **kwargs):
-        super().__init__(config, **kwargs)
-        self._backend = None
-        self._sandbox: Sandbox | None = None
+    resources = ("_backend", "_sandbox")  # built by build(); never pickled (a live child stays behind)
 
     @property
     def extractor_name(self) -> str:
@@ -78,24 +85,23 @@ class Extract(Scorer, Filter):
     @property
     def _settings(self) -> dict:
         c = self.config
-        return {"mode": c.mode, "include_comments": c.include_comments, "include_tables": c.include_tables}
+        return {"mode": c.mode, "include_comments": c.include_comments, "include_tables": c.include_tables,
+                "metadata": c.metadata}
 
-    def setup(self) -> None:
-        if self._backend is None:
-            self._backend = resolve_backend(self.config.backend)  # a missing extra fails here, in the parent
-        if self.config.sandbox and self._sandbox is None:
-            self._sandbox = Sandbox(backend_target(self.config.backend), self._settings, self.config.timeout_s,
-                                    warmup=(WARMUP_HTML, None))
-            self._sandbox.start()  # boots while the pipeline starts; the first batch waits for it
+    def build(self) -> None:
+        self._backend = resolve_backend(self.config.backend)  # a missing extra fails here, in the parent
+        sandbox = None
+        if self.config.sandbox:  # set only once started: a failed start is retried, never run unsandboxed
+            sandbox = Sandbox(backend_target(self.config.backend), self._settings, self.config.timeout_s,
+                              warmup=(WARMUP_HTML, None))
+            sandbox.start()  # boots while the pipeline starts; the first batch waits for it
+        self._sandbox: Sandbox | None = sandbox
 
     def teardown(self) -> None:
-        if self._sandbox is not None:
-            self._sandbox.stop()
-            self._sandbox = None
-
-    def __getstate__(self) -> dict:
-        # Beam pickles stages into DoFns; a live child process and its pipe stay behind.
-        return {**self.__dict__, "_backend": None, "_sandbox": None}
+        sandbox = self.__dict__.get("_sandbox")  # not self._sandbox: that would build one to stop it
+        if sandbox is not None:
+            sandbox.stop()
+        super().teardown()
 
     def _answers(self, tasks: list[tuple]) -> list[Answer]:
         if self._sandbox is not None:
@@ -109,8 +115,6 @@ class Extract(Scorer, Filter):
         return answers
 
     def score(self, rows: list[dict]) -> list[dict]:
-        if self._backend is None or (self.config.sandbox and self._sandbox is None):
-            self.setup()  # called without a runner (a test, a notebook) or after teardown()
         todo = [i for i, row in enumerate(rows) if self._small_enough(row.get("html") or "")]
         answers = dict(zip(todo, self._answers([(rows[i].get("html") or "", rows[i].get("url")) for i in todo])))
         return [self._finish(row, answers.get(i)) for i, row in enumerate(rows)]
@@ -138,7 +142,7 @@ class Extract(Scorer, Filter):
         else:
             doc = answer.value or {}
             text = (doc.get("text") or "").strip()
-            for key in ("title", "date"):
+            for key in ("title", "date") if self.config.metadata else ():
                 if doc.get(key):
                     meta[key] = doc[key]
         out = {**row, "text": text, "meta": meta}

@@ -1,4 +1,4 @@
-"""A killable worker process for calls that may hang or crash (HTML extraction, REFERENCES §2.4).
+"""A killable worker process for calls that may hang or crash (HTML extraction).
 
 trafilatura can run indefinitely on some huge pages and its own timeout does not apply to Python
 calls (adbar/trafilatura#704); a thread cannot be killed, a process can. datatrove's answer is the

@@ -7,13 +7,16 @@ and anything else after it is reported as a warning once every good byte has bee
 
 Stream failures are raised as ``StreamError`` *after* all bytes decoded before the failure were
 yielded; ``split_lines`` turns them into dead letters: the unterminated line at the break is
-reported on its own (``records=1``), then one file-level report. How many records followed the
-break cannot be known from a broken stream, so the file-level report counts ``records=0`` unless
-nothing else of the file was reported, in which case it stands for the (at least one) lost record.
+reported on its own (``records=1``, ``scope="record"``), then one file-level report
+(``scope="file"``) that says which lines were read and where reading stopped. How many records
+followed the break cannot be known from a broken stream, so that report counts ``records=0`` and
+says "row count unknown".
 
 Lines decoded before a corrupt deflate block or a CRC failure were already handed on when the
 corruption is found (the CRC sits at the end of the member); the file-level report says so. They
-are kept only if they still parse and validate.
+are kept only if they still parse and validate. When a gzip CRC (or length) check fails at the end
+of the last member, every byte was decoded and nothing more is in the file, so the last line is
+read too; reading still stops at a damaged member when more data follows it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from itertools import chain
 
 import zstandard
 
-from .base import DeadLetter, snippet
+from .base import FILE, UNKNOWN_COUNT, DeadLetter, snippet
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -82,9 +85,11 @@ def _gzip_member(fh, data: bytes) -> Generator[bytes, None, bytes]:
             try:
                 out = dobj.decompress(data, READ_BYTES)
             except zlib.error as err:
-                yield _inflate_until_error(before, data)
-                reason = "crc_mismatch" if "check" in str(err) else "corrupt_stream"
-                raise StreamError(reason, f"gzip data is corrupt: {err}") from None
+                good, at = _inflate_until_error(before, data)
+                yield good
+                if "check" in str(err):
+                    raise _check_failed(fh, data, at, str(err)) from None
+                raise StreamError("corrupt_stream", f"gzip data is corrupt: {err}") from None
             if out:
                 yield out
             if dobj.eof:
@@ -94,16 +99,38 @@ def _gzip_member(fh, data: bytes) -> Generator[bytes, None, bytes]:
                 break
 
 
-def _inflate_until_error(dobj, data: bytes) -> bytes:
-    """Output decodable before a zlib error, re-fed byte by byte (only on the error path)."""
+def _inflate_until_error(dobj, data: bytes) -> tuple[bytes, int]:
+    """Output decodable before a zlib error and the index in ``data`` of the byte that raised it
+    (re-fed byte by byte, only on the error path)."""
     parts = []
     view = memoryview(data)
-    try:
-        for i in range(len(view)):
+    for i in range(len(view)):
+        try:
             parts.append(dobj.decompress(view[i : i + 1]))
-    except zlib.error:
-        pass
-    return b"".join(parts)
+        except zlib.error:
+            return b"".join(parts), i
+    return b"".join(parts), len(view)
+
+
+def _check_failed(fh, data: bytes, at: int, err: str) -> StreamError:
+    """The error for a failed gzip trailer check: the member's data all decoded, its CRC32 (or
+    length) does not match. zlib raises on the last CRC byte (4 length bytes follow) or on the last
+    length byte, so the member's end is known: a warning when nothing but zero padding follows it,
+    else fatal (reading stops at the damaged member)."""
+    which = "CRC32" if "data check" in err else "length"
+    end = at + 1 + (4 if which == "CRC32" else 0)
+    detail = f"gzip {which} check failed at the end of a member ({err}): its data decoded, maybe not as written"
+    start = fh.tell() - len(data) + end  # data is always the tail of what was read so far
+    if end > len(data):  # the length field continues in the next read
+        fh.read(end - len(data))
+    try:
+        follows = _next_member(fh, data[end:], GZIP_MAGIC, "gzip") is not None
+    except StreamError:  # junk after the damaged member
+        follows = True
+    if not follows:
+        return StreamError("crc_mismatch", detail + "; nothing follows that member", fatal=False)
+    size = fh.seek(0, 2) - start
+    return StreamError("crc_mismatch", detail + f"; the {size} bytes after it (from byte {start}) are not read")
 
 
 def _zstd_frame(fh, data: bytes) -> Generator[bytes, None, bytes]:
@@ -118,8 +145,13 @@ def _zstd_frame(fh, data: bytes) -> Generator[bytes, None, bytes]:
             try:
                 out = dobj.decompress(data[start : start + ZSTD_FEED_BYTES])
             except zstandard.ZstdError as err:
-                reason = "crc_mismatch" if "checksum" in str(err) else "corrupt_stream"
-                raise StreamError(reason, f"zstd data is corrupt: {err}") from None
+                if "checksum" in str(err):
+                    raise StreamError(
+                        "crc_mismatch",
+                        f"zstd frame checksum failed ({err}): its data decoded, maybe not as written; "
+                        "whatever follows the frame, if anything, is not read",
+                    ) from None
+                raise StreamError("corrupt_stream", f"zstd data is corrupt: {err}") from None
             if out:
                 yield out
             if dobj.eof:
@@ -237,14 +269,34 @@ def split_lines(
         )
     if error is None:
         return
-    detail = error.detail
-    if error.fatal:
-        detail += f"; nothing after line {complete} can be read (how many records were lost is unknown)"
-        if complete and error.reason != "truncated_stream":
-            detail += f"; lines 1-{complete} were read before the damage was found"
-    # A fatal report stands for the lost records; it counts 1 only if nothing else was reported.
-    accounted = line_no > 0 or skipping or not error.fatal
-    yield DeadLetter(source, error.reason, detail, records=0 if accounted else 1)
+    cut = "pending" if line_no > complete and error.fatal else "skipping" if skipping else None
+    detail = _stream_detail(error, complete if error.fatal else line_no, cut)
+    yield DeadLetter(source, error.reason, detail, records=0, scope=FILE)
+
+
+def _stream_detail(error: StreamError, lines: int, cut: str | None) -> str:
+    """What a file-level stream report says: the damage, which lines were read, where reading stopped."""
+    def read(when: str = "") -> str:
+        if not lines:
+            return "no complete line was read"
+        return (f"lines 1-{lines} were read{when} (kept if they validate)" if lines > 1
+                else f"line 1 was read{when} (kept if it validates)")
+
+    if not error.fatal:
+        if error.reason == "trailing_garbage":
+            return f"{error.detail}; all {lines} lines before them were read"
+        return (
+            f"{error.detail}; {read()}; as the data fails its check, it may hold more or fewer lines than "
+            f"were written: {UNKNOWN_COUNT}"
+        )
+    if error.reason == "file_unreadable" and not lines and cut is None:
+        return f"{error.detail}; {UNKNOWN_COUNT}"
+    where = f"after line {lines}" if lines else "inside line 1" if cut else "before any line"
+    if cut == "pending":
+        where += f" (line {lines + 1} is cut off: reported on its own)"
+    elif cut == "skipping":
+        where += f" (line {lines + 1}, over the line cap, was reported as line_too_long)"
+    return f"{error.detail}; the stream breaks {where}; {read(' before the break')}; nothing after it can be read: {UNKNOWN_COUNT}"
 
 
 def _too_long(source: str, line_no: int, start: bytes, cap: int) -> DeadLetter:

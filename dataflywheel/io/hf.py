@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from ..errors import UserError
-from .base import DeadLetter
+from .base import FILE, UNKNOWN_COUNT, DeadLetter
 from .compress import MAX_LINE_BYTES
 from .jsonl import iter_jsonl
 from .parquet import ARROW_ERRORS, BATCH_ROWS, batch_rows_as_dicts, iter_parquet, row_converter
@@ -108,16 +108,19 @@ def _iter_saved(path: str, split: str | None, columns, batch_rows: int) -> Itera
 
 
 def _iter_arrow_stream(path: str, columns, batch_rows: int) -> Iterator:
-    """Rows of one Arrow IPC stream file (what ``save_to_disk`` writes), ``{"row": i}`` 0-based."""
+    """Rows of one Arrow IPC stream file (what ``save_to_disk`` writes), ``{"row": i}`` 0-based.
+
+    An Arrow stream has no row count up front: a missing column is counted by reading the stream
+    through, and a stream that breaks reports the rows after the break as "row count unknown".
+    """
     row = 0
     try:
         with pa.OSFile(path, "rb") as source:
             reader = pa.ipc.open_stream(source)
             missing = [c for c in columns or () if c not in reader.schema.names]
             if missing:
-                yield DeadLetter(
-                    path, "missing_field", f"no column {missing[0]!r} (columns: {', '.join(reader.schema.names)})"
-                )
+                detail = f"no column {missing[0]!r} (columns: {', '.join(reader.schema.names)})"
+                yield _missing_column(path, reader, detail)
                 return
             convert = row_converter(reader.schema)
             for batch in reader:
@@ -127,8 +130,21 @@ def _iter_arrow_stream(path: str, columns, batch_rows: int) -> Iterator:
                         yield {"row": row}, values
                         row += 1
     except ARROW_ERRORS as err:
-        tail = f"; rows from {row} on are lost (count unknown)" if row else ""
-        yield DeadLetter(path, "file_unreadable", f"not a readable Arrow stream: {err}{tail}", records=0 if row else 1)
+        where = f"rows 0-{row - 1} were read; the rest" if row else "no row was read; the file"
+        yield DeadLetter(
+            path, "file_unreadable", f"not a readable Arrow stream: {err}; {where} cannot be read: {UNKNOWN_COUNT}",
+            records=0, scope=FILE,
+        )
+
+
+def _missing_column(path: str, reader, detail: str) -> DeadLetter:
+    """The file-level report for a missing column, standing for every row of the stream."""
+    try:
+        rows = sum(batch.num_rows for batch in reader)
+    except ARROW_ERRORS as err:
+        return DeadLetter(path, "missing_field", f"{detail}; the stream then breaks ({err}): {UNKNOWN_COUNT}",
+                          records=0, scope=FILE)
+    return DeadLetter(path, "missing_field", f"{detail}; all {rows} rows of the file", records=rows, scope=FILE)
 
 
 def _project(items: Iterator, columns) -> Iterator:

@@ -33,7 +33,7 @@ import zstandard
 
 from ..errors import RecordError
 from ..records import content_id
-from .base import DeadLetter, snippet
+from .base import FILE, DeadLetter, snippet
 
 # Decompressed bytes kept per page. Common Crawl cuts payloads at 1 MiB, so 10 MiB keeps every real
 # page and stops decompression bombs; a bigger file is a ``too_large`` dead letter (never truncated).
@@ -214,13 +214,15 @@ def iter_html(path: str, max_bytes: int = MAX_HTML_BYTES) -> Iterator[tuple[dict
     Row: ``{"id", "url", "html", "source", "meta": {"encoding", "bytes"}}``; ``url`` comes from the
     canonical link or og:url, else the file's ``file://`` URI. Dead letters (one per file):
     ``too_large`` (over ``max_bytes`` decompressed; not truncated), ``binary_content``,
-    ``file_unreadable`` (damaged gzip, I/O error). A page with an empty body is still a row:
-    deciding that there is no extractable text is the extraction stage's job.
+    ``file_unreadable`` (damaged gzip, I/O error; ``scope="file"``). Each stands for the file's one
+    page (``records=1``). A page with an empty body is still a row: deciding that there is no
+    extractable text is the extraction stage's job.
     """
     try:
         raw = _read_bounded(path, max_bytes)
     except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError; EOFError = truncated gzip
-        yield DeadLetter(source=path, reason="file_unreadable", detail=f"{type(err).__name__}: {err}")
+        yield DeadLetter(source=path, reason="file_unreadable", scope=FILE,
+                         detail=f"{type(err).__name__}: {err}; the file's one page is lost")
         return
     if len(raw) > max_bytes:
         yield DeadLetter(source=path, reason="too_large", detail=f"more than {max_bytes} bytes of HTML",

@@ -24,7 +24,7 @@ import yaml
 
 from ..stats import redact
 
-# What each row kind is, the Hub task category it serves, and tags (DESIGN §2; TRL's dataset formats).
+# What each row kind is, the Hub task category it serves, and tags (the record kinds of records.py; TRL's dataset formats).
 KINDS: dict[str, tuple[str, list[str], list[str]]] = {
     "preference": ("Preference pairs in TRL's conversational format (`prompt`, `chosen`, `rejected` message lists), "
                    "for DPO or reward-model training.", ["text-generation"], ["dpo", "preference"]),

@@ -33,9 +33,9 @@ import pyarrow.parquet as pq
 
 from ..errors import UserError
 from .base import DeadLetter
+from .commit import SUCCESS as SUCCESS_NAME
 from .hf import card_metadata, write_shards
 from .hub_card import ConfigInfo, folder_provenance, render_card, row_kind
-from .commit import SUCCESS as SUCCESS_NAME
 from .sink import ROWS_PER_SHARD, atomic_path
 
 # Config names become folder names and YAML values: the characters the Hub's own config names use.

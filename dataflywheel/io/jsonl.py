@@ -11,6 +11,10 @@ top level must be an object. U+2028 / U+2029 / U+0085 inside strings are kept: o
 Whole-file encodings: a file starting with a UTF-16 byte order mark (FF FE or FE FF) is decoded as
 UTF-16 and read like UTF-8 text (line numbers count its LFs); invalid UTF-16 after that is a
 file-level ``invalid_utf16`` report. A file with CR-only newlines is split on CR (compress.py).
+
+A bad line is one record-level dead letter (``scope="record"``) at its line; a broken byte stream
+(damaged or cut gzip / zstd, trailing garbage, bad UTF-16) is one file-level letter
+(``scope="file"``) built by ``compress.split_lines``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from .base import DeadLetter, snippet
+from .base import RECORD, DeadLetter, snippet
 from .compress import MAX_LINE_BYTES, StreamError, iter_bytes, peek, split_lines
 
 UTF8_BOM = codecs.BOM_UTF8
@@ -54,7 +58,7 @@ def iter_jsonl(path: str, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tupl
         try:
             row = parse_line(raw)
         except LineError as err:
-            yield DeadLetter(path, err.reason, err.detail, line=line_no, snippet=snippet(raw))
+            yield DeadLetter(path, err.reason, err.detail, line=line_no, snippet=snippet(raw), scope=RECORD)
             continue
         yield {"line": line_no}, row
 

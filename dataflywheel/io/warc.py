@@ -1,11 +1,12 @@
 """WARC / ARC reader: HTML documents out of crawl archives; every bad record a DeadLetter, none lost.
 
 Framing (``warc_frames.py``) is our own, not warcio / fastwarc: both trust Content-Length (measured on
-shared/data/bad_inputs/warc, fastwarc silently swallows the next record when a length is too long
-inside a per-record gzip member, warcio returns the cut block with a printed warning). Each declared
-length is checked against where the next record really starts (line breaks, then ``WARC/`` or EOF);
-on a mismatch the reader re-synchronises on the next ``WARC/x.y`` line or gzip member, so one lying
-record costs one dead letter. Input is sniffed by magic bytes: plain, gzip (per-record members, or
+WARC files with lying lengths, fastwarc 2.0.1 silently swallows the next record when a length is too
+long inside a per-record gzip member, warcio 1.8.1 returns the cut block with a printed warning).
+Each declared length is checked against where the next record really starts (line breaks, then
+``WARC/`` or EOF); on a mismatch the reader re-synchronises on the next ``WARC/x.y`` line or gzip
+member, so one lying record costs one dead letter. A file cut inside a record's header reports that
+record ``truncated`` and keeps the whole record before it. Input is sniffed by magic bytes: plain, gzip (per-record members, or
 one member read as a stream), LZ4 (decoded by fastwarc), ARC v1/v2. At most ``max_record_bytes``
 plus a read chunk are buffered: a longer block is never held, the reader scans on to the next record
 start (so a lying length loses nothing) and reports the record ``too_large`` if it is a document.
@@ -22,12 +23,15 @@ Content-Encoding is undone, and plain markup labelled gzip (every ClueWeb09 page
 with ``meta.content_encoding_ignored``. Digests are checked on WARC/1.x documents (block digest, else
 payload digest); WARC/0.18 digests follow another recipe.
 
-Reasons: content_length_mismatch, invalid_content_length, missing_content_length, truncated, too_large,
-digest_mismatch, invalid_header, invalid_http, binary_content, content_encoding_mismatch,
-corrupt_compression (a damaged gzip member: its records are lost, reading resumes at the next
-member), not_warc, unsupported_compression, file_unreadable, record_error (an unexpected decoding
-failure, reported rather than raised); warnings (records=0):
-gzip_not_per_record, trailing_garbage, truncated (gzip data without its end).
+Reasons, one record each (``records=1``): content_length_mismatch, invalid_content_length,
+missing_content_length, truncated, too_large, digest_mismatch, invalid_header, invalid_http,
+binary_content, content_encoding_mismatch, record_error (an unexpected decoding failure, reported
+rather than raised). File-level (``scope="file"``, ``records=0``): losses whose record count cannot
+be known, so the detail says "row count unknown": corrupt_compression (a damaged gzip member: its
+records not yet read are lost, reading resumes at the next member), truncated_stream (gzip data
+without its end: what followed the cut is not in the file; the record it cuts is a ``truncated``
+letter), not_warc, unsupported_compression, file_unreadable; warnings that lose nothing:
+gzip_not_per_record, trailing_garbage.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from dataclasses import replace
 from ..errors import RecordError
 from ..records import content_id
 from . import html
-from .base import DeadLetter, snippet
+from .base import FILE, UNKNOWN_COUNT, DeadLetter, snippet
 from .warc_frames import DOCUMENT_TYPES, Stream, frames, member_start_at, open_archive
 
 # Buffered bytes per record. Common Crawl cuts payloads at 1 MiB, so real blocks stay far below this.
@@ -115,15 +119,17 @@ def iter_warc(path: str, max_record_bytes: int = MAX_RECORD_BYTES, content_types
     Row: ``{"id": WARC-Record-ID, "url", "html", "headers": {lower-cased HTTP headers}, "source",
     "meta": {"warc_date", "status", "content_type", "encoding", "bytes", "warc_type", ...}}``. A dict
     passed as ``stats`` is filled with records == documents + dead_letters + sum(skipped.values()),
-    and warnings.
+    ``unknown_losses`` (file-level letters that lose an unknown number of records) and ``warnings``
+    (letters that lose nothing).
     """
     counts = stats if stats is not None else {}
-    counts.update(records=0, documents=0, dead_letters=0, warnings=0, skipped={})
+    counts.update(records=0, documents=0, dead_letters=0, unknown_losses=0, warnings=0, skipped={})
     for item in _iter(path, max_record_bytes, content_types, check_digests):
         if isinstance(item, DeadLetter):
             counts["records"] += item.records
             counts["dead_letters"] += item.records
-            counts["warnings"] += not item.records
+            if not item.records:
+                counts["unknown_losses" if UNKNOWN_COUNT in item.detail else "warnings"] += 1
         elif isinstance(item, str):
             counts["records"] += 1
             counts["skipped"][item] = counts["skipped"].get(item, 0) + 1
@@ -138,18 +144,20 @@ def _iter(path: str, limit: int, content_types, check_digests: bool) -> Iterator
     try:
         fh, codec = open_archive(path)
     except (OSError, ValueError) as err:
-        yield DeadLetter(path, "unsupported_compression" if isinstance(err, ValueError) else "file_unreadable", str(err))
+        reason = "unsupported_compression" if isinstance(err, ValueError) else "file_unreadable"
+        yield DeadLetter(path, reason, f"{err}; {UNKNOWN_COUNT}", records=0, scope=FILE)
         return
     with fh:
         st = Stream(fh, codec)
         st.fill(64)
         head = bytes(st.buf[:64]).lstrip()
         if head and not head.startswith((b"WARC/", b"filedesc://")):
-            yield DeadLetter(path, "not_warc", "neither a WARC nor an ARC file", snippet=snippet(head))
+            yield DeadLetter(path, "not_warc", f"neither a WARC nor an ARC file: {UNKNOWN_COUNT}", records=0,
+                             scope=FILE, snippet=snippet(head))
             return
         warned = False
         for item in frames(st, path, head.startswith(b"filedesc://"), limit) if head else ():
-            yield from (DeadLetter(path, r, d, offset=o, records=0) for r, d, o in st.warnings)
+            yield from (DeadLetter(path, r, d, offset=o, records=0, scope=FILE) for r, d, o in st.warnings)
             st.warnings.clear()
             if isinstance(item, DeadLetter) and item.reason == "corrupt_compression":
                 yield item  # already carries the damaged member's compressed offset
@@ -159,7 +167,7 @@ def _iter(path: str, limit: int, content_types, check_digests: bool) -> Iterator
             if offset is None and not warned:
                 warned = True
                 yield DeadLetter(path, "gzip_not_per_record", "records do not start gzip members; their offsets are "
-                                 "positions in the decompressed stream", offset=start, records=0)
+                                 "positions in the decompressed stream", offset=start, records=0, scope=FILE)
             offset = start if offset is None else offset
             if isinstance(item, DeadLetter):
                 yield replace(item, offset=offset)
@@ -172,7 +180,7 @@ def _iter(path: str, limit: int, content_types, check_digests: bool) -> Iterator
                 yield DeadLetter(path, reason, detail, offset=offset, snippet=snippet(item[2]))
                 continue
             yield doc if isinstance(doc, str) else ({"offset": offset}, {**doc, "source": path})
-        yield from (DeadLetter(path, r, d, offset=o, records=0) for r, d, o in st.warnings)
+        yield from (DeadLetter(path, r, d, offset=o, records=0, scope=FILE) for r, d, o in st.warnings)
 
 
 def warc_stats(path: str, **opts) -> dict:

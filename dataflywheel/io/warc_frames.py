@@ -15,7 +15,7 @@ import zlib
 from collections.abc import Iterator
 
 from . import html
-from .base import DeadLetter, snippet
+from .base import FILE, RECORD, UNKNOWN_COUNT, DeadLetter, snippet
 
 DOCUMENT_TYPES = ("response", "resource")  # WARC-Type values that can hold a page (ARC records count as response)
 READ_CHUNK = 1 << 20
@@ -56,7 +56,9 @@ class Stream:
             try:
                 data = self.fh.read(READ_CHUNK)
             except OSError as err:  # a damaged LZ4 frame: nothing after it can be decoded
-                self.gaps.append((self.pos + len(self.buf), f"{type(err).__name__}: {err}", self.pos + len(self.buf)))
+                self.gaps.append((self.pos + len(self.buf), f"the stream is damaged at decoded byte "
+                                  f"{self.pos + len(self.buf)} ({type(err).__name__}: {err}); nothing after it "
+                                  "can be decoded", self.pos + len(self.buf)))
                 data = b""
             self.eof = not data
             self.buf += data
@@ -67,14 +69,18 @@ class Stream:
                 self.eof = True
                 if self._z is not None:  # the file stops inside a member: keep what decodes
                     self.buf += self._z.flush()
-                    self.warnings.append(("truncated", "gzip data ends without its end-of-stream", self._member))
+                    self.warnings.append(("truncated_stream", f"gzip data ends inside the member at byte {self._member}: "
+                                          "the file was cut short; every record that ends before the cut was "
+                                          "read, a record it cuts is reported on its own; what followed the cut "
+                                          f"is not in the file: {UNKNOWN_COUNT}", self._member))
                 return
         if self._z is None and not self._start_member():
             return
         try:
             out = self._z.decompress(self._cin, 4 * READ_CHUNK)
         except zlib.error as err:  # drop the member's output, go on with the next member
-            self.gaps.append((self.members[-1][0], f"gzip member at byte {self._member}: {err}", self._member))
+            self.gaps.append((self.members[-1][0], f"gzip member at byte {self._member} is damaged: {err}",
+                              self._member))
             del self.buf[max(self.members[-1][0] - self.pos, 0):]
             self.members.pop()
             self._z = None
@@ -92,11 +98,18 @@ class Stream:
     def _start_member(self) -> bool:
         while len(self._cin) < 3 and (more := self.fh.read(READ_CHUNK)):
             self._cin += more
+        if self._cin and len(self._cin) < len(_GZIP_MAGIC) and _GZIP_MAGIC.startswith(self._cin):
+            self.warnings.append(("truncated_stream", f"the file ends inside the gzip header at byte {self._cpos}: "
+                                  "it was cut short; every record before it was read; what followed the cut is "
+                                  f"not in the file: {UNKNOWN_COUNT}", self._cpos))
+            self._cpos, self._cin, self.eof = self._cpos + len(self._cin), b"", True
+            return False
         if not self._cin.startswith(_GZIP_MAGIC):
             start = self._cpos
             junk = self._skip_to_member()  # zero padding after the last member is normal (tape blocks)
             if junk:
-                self.warnings.append(("trailing_garbage", f"{junk} bytes that are not gzip skipped", start))
+                self.warnings.append(("trailing_garbage", f"{junk} bytes from byte {start} on are not gzip data: "
+                                      "skipped; every record before them was read", start))
             return False
         self.members.append((self.pos + len(self.buf), self._cpos))
         self._member = self._cpos
@@ -183,7 +196,23 @@ def _boundary(st: Stream, i: int, arc_tail: int | None) -> int | None:
     st.fill(j + 16)
     if (j == len(st.buf) and st.eof) or _is_start(st, j, arc_tail):
         return j
+    if _cut_header(st, j, arc_tail is not None):  # the file was cut inside the next record's header
+        return j
     return None
+
+
+def _cut_header(st: Stream, i: int, arc: bool) -> bool:
+    """Does the input end inside a record header that starts at buffer index i (a cut file, not junk)?
+
+    Only a short tail at EOF counts: for WARC the start of a ``WARC/`` header without its blank
+    line, for ARC a first line without its newline."""
+    st.fill(i + html.MAX_HEADER_BYTES)
+    tail = bytes(st.buf[i:])
+    if not st.eof or not tail or len(tail) >= html.MAX_HEADER_BYTES:
+        return False
+    if arc:
+        return b"\n" not in tail and tail[:1].isalpha()
+    return b"WARC/".startswith(tail) or (tail.startswith(b"WARC/") and not html.BLANK_LINE.search(tail))
 
 
 def _warc_header(st: Stream) -> tuple[int, dict] | None:
@@ -219,14 +248,15 @@ def frames(st: Stream, path: str, arc: bool, limit: int) -> Iterator[tuple | Dea
     """``(start, headers, block)`` per well-framed record, a DeadLetter (offset = decoded start) per bad one."""
     arc_tail = 4 if arc else None  # fields after the URL on an ARC line: 4 in v1, 9 in v2
 
-    def dead(reason: str, detail: str, records: int = 1, offset: int | None = None) -> DeadLetter:
+    def dead(reason: str, detail: str, records: int = 1, offset: int | None = None, scope: str = RECORD) -> DeadLetter:
         return DeadLetter(path, reason, detail, offset=start if offset is None else offset, records=records,
-                          snippet=first if records else None)
+                          snippet=first if records else None, scope=scope)
 
     while True:
         for _, detail, compressed in st.gaps:
             first = None
-            yield dead("corrupt_compression", detail + "; the records in it are lost", 1, compressed)
+            yield dead("corrupt_compression", f"{detail}; the records not yet read from it are lost: {UNKNOWN_COUNT}",
+                       0, compressed, FILE)
         st.gaps.clear()
         while st.fill(1) and st.buf[0] in b" \t\r\n\0":  # stray line breaks or NUL padding between records
             st.drop(len(st.buf) - len(st.buf.lstrip(b" \t\r\n\0")))
@@ -235,7 +265,10 @@ def frames(st: Stream, path: str, arc: bool, limit: int) -> Iterator[tuple | Dea
         start, first = st.pos, snippet(bytes(st.buf[:120]))
         head = _arc_header(st, arc_tail) if arc else (_warc_header(st) if st.buf.startswith(b"WARC/") else None)
         if head is None:
-            yield dead("invalid_header", "no valid record header here")
+            if _cut_header(st, 0, arc):
+                yield dead("truncated", "the file ends inside the record's header")
+            else:
+                yield dead("invalid_header", "no valid record header here")
             _resync(st, 0, arc_tail, limit)
             continue
         end, headers = head
