@@ -28,6 +28,7 @@ from typing import Any
 from .records import MASK64, checksum, row_key
 
 NAMESPACE_PREFIX = "dfw/"
+FILE_PROBLEMS = "file_problems"  # the reader's count of file-level dead letters (the job then lists them)
 MASK32 = (1 << 32) - 1
 OUTS = ("in", "kept", "rejected", "dead")  # the row sets of a stage that carry a checksum
 _SECRET_KEY = re.compile(r"(token|secret|password|api[_-]?key|credential)", re.IGNORECASE)

@@ -87,7 +87,7 @@ def same_as(expected: dict, cached: bool):
 
 
 def test_run_inference_with_transformers_equals_the_direct_call_and_reruns_from_cache(tiny, tmp_path):
-    from dataflywheel.stats import reports_from_beam
+    from dataflywheel.pipelines.stage_transform import reports_from_beam
     from dataflywheel.synth.backends.transformers import TransformersBackend
     from dataflywheel.synth.cache import GenerationCache
 

@@ -26,9 +26,7 @@ FILE_REASONS = ("corrupt_compression", "not_warc", "unsupported_compression", "f
 def read(path, **opts) -> tuple[list, list, dict]:
     """(documents as (loc, row), dead letters, stats), checking what every file must satisfy."""
     stats: dict = {}
-    start = time.perf_counter()
     items = list(iter_warc(str(path), stats=stats, **opts))
-    assert time.perf_counter() - start < 3, path
     docs = [i for i in items if not isinstance(i, DeadLetter)]
     dead = [i for i in items if isinstance(i, DeadLetter)]
     assert stats["records"] == len(docs) + sum(d.records for d in dead) + sum(stats["skipped"].values())

@@ -146,3 +146,35 @@ def test_checksums_agree_across_engines_and_with_the_files(tmp_path, engine):
     assert by["read"].ids["kept"] == by["length"].ids["in"] != 0
     assert by["length"].ids["kept"] == by["exact_dedup"].ids["in"]
     assert int(report.outputs["kept"]["ids"], 16) == by["exact_dedup"].ids["kept"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_file_problems_appear_in_the_table_and_the_readers_row(tmp_path, engine, capsys):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    lines = "".join(json.dumps({"id": f"r{i}", "text": f"row number {i}"}) + "\n" for i in range(20)).encode()
+    crc = bytearray(gzip.compress(lines))
+    crc[-8] ^= 0xFF  # the member's CRC32, checked after its 20 lines were decoded and handed on
+    (folder / "crc.jsonl.gz").write_bytes(bytes(crc))
+    (folder / "cut.jsonl.gz").write_bytes(gzip.compress(lines)[:-30])  # a stream cut short
+    pq.write_table(pa.Table.from_pylist([{"id": f"p{i}", "text": "x y z"} for i in range(30)]), folder / "t.parquet")
+    data = (folder / "t.parquet").read_bytes()
+    (folder / "t.parquet").write_bytes(data[:-12])  # the footer gone: its row count with it
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(config(str(folder), tmp_path / "out", engine, [{"stage": "length"}])))
+    assert main(["run", str(path)]) == 0
+    printed = capsys.readouterr().out
+    problems = printed.split("file problems:\n", 1)[1].split("counts:", 1)[0].splitlines()
+    assert len(problems) == 3, printed
+    crc_line = next(p for p in problems if "crc.jsonl.gz" in p)
+    assert "lines 1-20 were read" in crc_line
+    assert any("cut.jsonl.gz" in p and "truncated" in p for p in problems)
+    assert any("t.parquet" in p and "row count unknown" in p for p in problems)
+    read_row = json.loads((tmp_path / "out" / "_report.json").read_text())["stages"][0]
+    assert read_row["stage"] == "read" and len(read_row["problems"]) == 3
+    assert read_row["stats"]["file_problems"] == 3

@@ -22,9 +22,10 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from ..io import DeadLetter, ShardWriter, read_file
+from ..io.base import FILE
 from ..io.commit import TMP_PREFIX, finalize_shards
 from ..io.sink import ROWS_PER_SHARD
-from ..stats import checksum, counter_name, split64
+from ..stats import FILE_PROBLEMS, checksum, counter_name, split64
 
 
 def read_batches(path: str, fmt: str, kind: str | None, batch_rows: int, options: dict):
@@ -50,8 +51,8 @@ class ReadFilesDoFn(beam.DoFn):
 
     def setup(self) -> None:
         ns = counter_name(self.stage)
-        self.rows_in, self.kept, self.dead, self.busy_us = (
-            Metrics.counter(ns, n) for n in ("in", "kept", "dead_letter", "busy_us"))
+        self.rows_in, self.kept, self.dead, self.busy_us, self.file_problems = (
+            Metrics.counter(ns, n) for n in ("in", "kept", "dead_letter", "busy_us", f"stat/{FILE_PROBLEMS}"))
         self.ids = {which: (Metrics.counter(ns, f"ids/{which}/lo"), Metrics.counter(ns, f"ids/{which}/hi"))
                     for which in ("kept", "dead")}
 
@@ -70,6 +71,8 @@ class ReadFilesDoFn(beam.DoFn):
             else:
                 self.dead.inc(n)
                 self._count_ids("dead", batch)
+                if batch[0].get("scope") == FILE:
+                    self.file_problems.inc()
             self.busy_us.inc(int((time.perf_counter() - start) * 1e6))
             yield batch if what == "rows" else beam.pvalue.TaggedOutput("dead_letter", batch)
             start = time.perf_counter()  # time spent downstream of the yield is not ours

@@ -19,10 +19,11 @@ from typing import Any
 
 from ..errors import UserError
 from ..io import DeadLetter, ShardWriter, expand_paths, read, read_file
+from ..io.base import FILE
 from ..io.commit import TMP_PREFIX, finalize_shards, read_success, shards_of, uncommit
 from ..runner import RunnerConfig, make_pipeline
 from ..stages import GlobalStep, Outcome, Stage, batches, group_rows, process_batch, process_group
-from ..stats import RunReport, StageReport
+from ..stats import FILE_PROBLEMS, RunReport, StageReport
 from .config import JobConfig
 
 READ = "read"
@@ -60,7 +61,7 @@ def run_job(job: JobConfig, runner: RunnerConfig) -> RunReport:
         return report
     dirs = output_dirs(job)
     report.outputs = {k: read_success(d) for k, d in dirs.items()}
-    if reports[0].dead_letter:
+    if reports[0].stats.get(FILE_PROBLEMS):
         reports[0].problems = file_problems(dirs["dead_letter"])
     failed = report.mismatches()
     if failed:
@@ -76,7 +77,7 @@ def file_problems(dead_dir: str) -> list[str]:
     if not read_success(dead_dir):
         return []
     return [str(DeadLetter(**{k: v for k, v in row.items() if k in DeadLetter.__dataclass_fields__}))
-            for row in read(dead_dir) if isinstance(row, dict) and row.get("scope") == "file"]
+            for row in read(dead_dir) if isinstance(row, dict) and row.get("scope") == FILE]
 
 
 def _run_beam(job: JobConfig, stages: list[Stage], files: list[str],
@@ -165,6 +166,8 @@ def _run_plain(job: JobConfig, stages: list[Stage], files: list[str]) -> list[St
                     letter = item.to_row()
                     reader.rows_in += item.records
                     reader.count("dead", [letter], item.records)
+                    if item.scope == FILE:
+                        reader.add_stats({FILE_PROBLEMS: 1})
                     sinks.write("dead_letter", [letter])
                 else:
                     reader.rows_in += 1
