@@ -36,17 +36,9 @@ def _select(args: argparse.Namespace) -> int:
 
 
 def _pairs(args: argparse.Namespace) -> int:
-    from .pipelines.pairs import explode_output, load_pairs_config, needs_explode
+    from .pipelines.pairs import load_pairs_config
 
-    cfg = load_pairs_config(args.config, args.input, args.output)
-    code = _execute(cfg, args)
-    folder = needs_explode(cfg)
-    if folder and not args.dry_run:  # multi-pair rows -> one preference row per pair, over the written output
-        job = next(j for j in cfg.jobs if j.output.path == folder)
-        info = explode_output(folder, job.output.format, job.output.rows_per_shard)
-        print(f"exploded {info['exploded']['rows_in']} multi-pair rows into {info['exploded']['pairs_out']} "
-              f"preference rows in {folder}", flush=True)
-    return code
+    return _execute(load_pairs_config(args.config, args.input, args.output), args)
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -142,6 +134,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _execute(cfg, args: argparse.Namespace) -> int:
     from .pipelines.job import REPORT, run_job
+    from .pipelines.pairs import explode_output, multi_pair
 
     if args.engine:
         cfg.runner.engine = args.engine
@@ -173,6 +166,10 @@ def _execute(cfg, args: argparse.Namespace) -> int:
             print(f"dry run: the Dataflow job graph was built and validated ({n} transforms); nothing was submitted")
             continue
         print(report.table())
+        if multi_pair(job):  # multi-pair rows -> one preference row per pair, over the written output
+            info = explode_output(job.output.path, job.output.format, job.output.rows_per_shard)["exploded"]
+            print(f"exploded {info['rows_in']} multi-pair rows into {info['pairs_out']} preference rows "
+                  f"in {job.output.path}", flush=True)
         stats = {s.stage: s.stats for s in report.stages}
         for stage in stages:  # what a stage realized, e.g. the mixture per group beside the request
             note = stage.summarize(stats.get(stage.name, {}))

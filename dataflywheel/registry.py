@@ -11,7 +11,15 @@ import importlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, SerializeAsAny, ValidationError, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SerializationInfo,
+    SerializeAsAny,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .errors import UserError
@@ -134,8 +142,8 @@ class StageSpec(BaseModel):
             raise _with_allowed_keys(err, stage_cls.Config) from None
 
     @model_serializer
-    def _as_options(self) -> dict[str, Any]:
-        return {"stage": self.stage, **self.config.model_dump()}
+    def _as_options(self, info: SerializationInfo) -> dict[str, Any]:
+        return {"stage": self.stage, **self.config.model_dump(mode=info.mode)}
 
     @classmethod
     def of(cls, stage: type[Stage] | str, config: StageConfig | dict[str, Any] | None = None) -> StageSpec:

@@ -115,13 +115,9 @@ def load_pairs_config(path: str | os.PathLike, inputs: list[str] | None = None,
     return pairs_run_config(read_yaml(path), str(path), inputs, output)
 
 
-def needs_explode(run: RunConfig) -> str | None:
-    """The pairs folder to explode after the run (a multi-pair method), or None."""
-    for job in run.jobs:
-        for spec in job.stages:
-            if isinstance(spec.config, PairsConfig) and spec.config.method in MULTI_PAIR:
-                return job.output.path
-    return None
+def multi_pair(job: JobConfig) -> bool:
+    """Whether a job builds multi-pair rows (all_pairs, rso), to be exploded after it ran."""
+    return any(isinstance(spec.config, PairsConfig) and spec.config.method in MULTI_PAIR for spec in job.stages)
 
 
 def explode_output(folder: str, fmt: str, rows_per_shard: int) -> dict[str, Any]:
