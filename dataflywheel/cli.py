@@ -236,13 +236,9 @@ def _validate(args: argparse.Namespace) -> int:
         cfg = load_flywheel_config(args.config)
         print(f"{args.config}: ok: a rounds config ({cfg.rounds} rounds, training {cfg.train.algorithm})")
         return 0
-    from .pipelines.config import load_config
-    from .pipelines.pairs import load_pairs_config
-    from .pipelines.sft import load_sft_config
-    from .pipelines.web import load_web_config
+    from .pipelines.config import load_config, load_front_end
 
-    load = {"run": load_config, "curate": load_web_config, "select": load_sft_config, "pairs": load_pairs_config}
-    cfg = load[kind](args.config)
+    cfg = load_config(args.config) if kind == "run" else load_front_end(kind, args.config)
     names = ", ".join(f"{j.name} ({', '.join(s.stage for s in j.stages) or 'no stages'})" for j in cfg.jobs)
     print(f"{args.config}: ok: a {kind} config; engine {cfg.runner.engine}; jobs: {names}")
     return 0

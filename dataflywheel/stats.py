@@ -161,8 +161,9 @@ class RunReport:
             d = {k: v for k, v in asdict(s).items() if k != "ids"}
             d["ids"] = {k: f"{v:016x}" for k, v in s.ids.items()}
             stages.append({**d, "rejected_total": s.rejected_total, "balanced": s.balanced})
+        problems = self.mismatches()
         return {"name": self.name, "wall_seconds": round(self.wall_seconds, 3), "stages": stages,
-                "outputs": self.outputs, "reconciled": not self.mismatches(), "problems": self.mismatches(),
+                "outputs": self.outputs, "reconciled": not problems, "problems": problems,
                 "config": redact(self.config)}
 
     def save(self, path: str | os.PathLike) -> Path:

@@ -48,12 +48,6 @@ VOLATILE = ("cached",)  # sample fields that differ between a fresh and a cache-
 
 # ---- data helpers -------------------------------------------------------------------------------
 
-def write_dataset(folder: Path, rows: Iterable[dict], fmt: str = "jsonl") -> dict:
-    """Rows -> a pipeline-style output folder (part files + ``_SUCCESS.json``), so `export` and the
-    readers treat it like any pipeline output."""
-    return write_rows(folder, rows, fmt)
-
-
 def row_count(folder: Path | str) -> int:
     """A finished output folder's row count, from its ``_SUCCESS.json`` (no rows read)."""
     done = read_success(folder)
@@ -117,7 +111,7 @@ def as_conversation(row: dict) -> dict:
 
 def stage_seed(cfg: FlywheelConfig, out: Path) -> dict:
     rows = [as_conversation(r) for r in task_rows(cfg, "seed")]
-    write_dataset(out, rows)
+    write_rows(out, rows)
     return {"counts": {"rows": len(rows)}, "hash": rows_hash(rows, cfg.output)}
 
 
@@ -129,7 +123,7 @@ def stage_prompts(cfg: FlywheelConfig, k: int, out: Path) -> dict:
         random.Random(f"flywheel-prompts:{cfg.seed}").shuffle(pool)
         n = cfg.prompts.per_round
         rows = pool[(k - 1) * n: k * n]
-    write_dataset(out, rows)
+    write_rows(out, rows)
     return {"counts": {"rows": len(rows)}, "hash": rows_hash(rows, cfg.output)}
 
 
@@ -200,7 +194,7 @@ def stage_pool(cfg: FlywheelConfig, k: int, prev: Path | None, best: Path, out: 
         counts = pool.update(read_rows(best), k)
         rows = pool.export()
         by_round = pool.rounds()
-    write_dataset(out / "rows", rows)
+    write_rows(out / "rows", rows)
     return {"counts": {**counts, "pool": len(rows)}, "metrics": {"pool_by_round": by_round}, "hash": rows_hash(rows, cfg.output)}
 
 
@@ -225,7 +219,7 @@ def stage_curate(cfg: FlywheelConfig, k: int, rows: Path, policy: Path, out: Pat
     from ..pipelines.sft import sft_run
 
     if not row_count(rows):  # nothing verified yet: an empty selection, no pipeline to run
-        write_dataset(out, [])
+        write_rows(out, [])
         return {"counts": {"in": 0, "kept": 0}, "hash": rows_hash([], cfg.output)}
     run = sft_run(select_config(cfg, k, rows, policy, out))
     report = run_job(run.jobs[0], run.runner)
@@ -375,5 +369,5 @@ def evaluate(cfg: FlywheelConfig, policy: Path, rows: list[dict]) -> tuple[list[
 
 def stage_eval(cfg: FlywheelConfig, policy: Path, heldout: list[dict], out: Path) -> dict:
     results, metrics = evaluate(cfg, policy, heldout)
-    write_dataset(out, results)
+    write_rows(out, results)
     return {"counts": {"rows": len(results)}, "metrics": metrics, "hash": rows_hash(results, cfg.output)}

@@ -64,22 +64,28 @@ def _single_job(data: dict[str, Any]) -> tuple[dict[str, Any], bool]:
 FRONT_ENDS = ("curate", "select", "pairs")
 
 
+def load_front_end(kind: str, path: str | os.PathLike, inputs: list[str] | None = None,
+                   output: str | None = None) -> RunConfig:
+    """A front-end's config file (``curate``, ``select``, ``pairs``) as the run config it builds."""
+    from .pairs import load_pairs_config
+    from .sft import load_sft_config
+    from .web import load_web_config
+
+    load = {"curate": load_web_config, "select": load_sft_config, "pairs": load_pairs_config}[kind]
+    return load(path, inputs, output)
+
+
 def _front_end_jobs(entry: dict[str, Any], source: str) -> list[Any]:
     """The jobs of a job entry naming a front-end config (``curate: FILE``), else the entry itself."""
     named = [key for key in FRONT_ENDS if key in entry]
     if not named:
         return [entry]
-    from .pairs import load_pairs_config
-    from .sft import load_sft_config
-    from .web import load_web_config
-
     extra = set(entry) - {named[0], "input", "output"}
     if len(named) > 1 or extra:
         raise UserError(f"{source}: a job naming a {named[0]} config takes only input and output "
                         f"(paths overriding the file's), not {sorted(extra) or named[1:]}")
     inputs = entry.get("input")
-    load = {"curate": load_web_config, "select": load_sft_config, "pairs": load_pairs_config}[named[0]]
-    run = load(entry[named[0]], [inputs] if isinstance(inputs, str) else inputs, entry.get("output"))
+    run = load_front_end(named[0], entry[named[0]], [inputs] if isinstance(inputs, str) else inputs, entry.get("output"))
     return list(run.jobs)
 
 

@@ -25,7 +25,8 @@ from ..io import DeadLetter, ShardWriter, read_file
 from ..io.base import FILE
 from ..io.commit import TMP_PREFIX, finalize_shards
 from ..io.sink import ROWS_PER_SHARD
-from ..stats import FILE_PROBLEMS, checksum, counter_name, split64
+from ..stats import FILE_PROBLEMS, counter_name
+from .stage_transform import count_ids, id_counters
 
 
 def read_batches(path: str, fmt: str, kind: str | None, batch_rows: int, options: dict):
@@ -53,13 +54,7 @@ class ReadFilesDoFn(beam.DoFn):
         ns = counter_name(self.stage)
         self.rows_in, self.kept, self.dead, self.busy_us, self.file_problems = (
             Metrics.counter(ns, n) for n in ("in", "kept", "dead_letter", "busy_us", f"stat/{FILE_PROBLEMS}"))
-        self.ids = {which: (Metrics.counter(ns, f"ids/{which}/lo"), Metrics.counter(ns, f"ids/{which}/hi"))
-                    for which in ("kept", "dead")}
-
-    def _count_ids(self, which: str, batch: list[dict]) -> None:
-        lo, hi = split64(checksum(batch))
-        self.ids[which][0].inc(lo)
-        self.ids[which][1].inc(hi)
+        self.ids = {which: id_counters(ns, which) for which in ("kept", "dead")}
 
     def process(self, path: str):
         start = time.perf_counter()
@@ -67,10 +62,10 @@ class ReadFilesDoFn(beam.DoFn):
             self.rows_in.inc(n)
             if what == "rows":
                 self.kept.inc(n)
-                self._count_ids("kept", batch)
+                count_ids(self.ids["kept"], batch)
             else:
                 self.dead.inc(n)
-                self._count_ids("dead", batch)
+                count_ids(self.ids["dead"], batch)
                 if batch[0].get("scope") == FILE:
                     self.file_problems.inc()
             self.busy_us.inc(int((time.perf_counter() - start) * 1e6))

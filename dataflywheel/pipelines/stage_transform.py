@@ -30,32 +30,38 @@ KEPT, REJECTED, DEAD = "kept", "rejected", "dead_letter"
 _SETS = {KEPT: "kept", REJECTED: "rejected", DEAD: "dead"}  # output tag -> counted row set
 
 
+def id_counters(ns: str, which: str) -> tuple[object, object]:
+    """The two Beam counters carrying a row set's 64-bit id checksum (Beam counters are int64)."""
+    return Metrics.counter(ns, f"ids/{which}/lo"), Metrics.counter(ns, f"ids/{which}/hi")
+
+
+def count_ids(counters: tuple[object, object], rows: list[dict]) -> None:
+    for counter, half in zip(counters, split64(checksum(rows))):
+        counter.inc(half)
+
+
 class CountRows(beam.DoFn):
     """Passes batches through, counting their rows and id checksum into ``dfw/<stage>``: ``in``,
-    ``kept``, ``rejected`` (by reason) or ``dead`` (``dead_letter``); ``records`` counts a reader's
-    letters by the records they stand for."""
+    ``kept``, ``rejected`` (by reason) or ``dead`` (``dead_letter``)."""
 
-    def __init__(self, stage: str, which: str, records: bool = False):
-        self.stage, self.which, self.records = stage, which, records
+    def __init__(self, stage: str, which: str):
+        self.stage, self.which = stage, which
 
     def setup(self) -> None:
-        ns = counter_name(self.stage)
-        self.ns = ns
-        self.rows = Metrics.counter(ns, {"dead": "dead_letter"}.get(self.which, self.which))
-        self.lo, self.hi = Metrics.counter(ns, f"ids/{self.which}/lo"), Metrics.counter(ns, f"ids/{self.which}/hi")
+        self.ns = counter_name(self.stage)
+        self.rows = Metrics.counter(self.ns, {"dead": "dead_letter"}.get(self.which, self.which))
+        self.ids = id_counters(self.ns, self.which)
         self.reasons: dict[str, object] = {}
 
     def process(self, batch: list[dict]):
-        lo, hi = split64(checksum(batch))
-        self.lo.inc(lo)
-        self.hi.inc(hi)
+        count_ids(self.ids, batch)
         if self.which == "rejected":
             for reason, n in Counter(r["rejected"]["reason"] for r in batch).items():
                 if reason not in self.reasons:
                     self.reasons[reason] = Metrics.counter(self.ns, f"rejected/{reason}")
                 self.reasons[reason].inc(n)
         else:
-            self.rows.inc(sum(r.get("records", 1) for r in batch) if self.records else len(batch))
+            self.rows.inc(len(batch))
         yield batch
 
 
@@ -69,10 +75,7 @@ class StageCounters:
 
     def record(self, out: Outcome) -> None:
         self.busy_us.inc(int(out.seconds * 1e6))
-        self.add_stats(out.stats)
-
-    def add_stats(self, stats: dict[str, int]) -> None:
-        for key, n in stats.items():
+        for key, n in out.stats.items():
             if key not in self.stats:
                 self.stats[key] = Metrics.counter(self.ns, f"stat/{key}")
             self.stats[key].inc(n)
