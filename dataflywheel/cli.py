@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from .errors import UserError
+from .io import fs
 from .stats import ReconcileError
 
 
@@ -54,7 +54,7 @@ def _synth(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2))
     print(report.table())
     print(f"rows in {cfg.output.path}; rejected candidates in {cfg.output.path}/_synth; "
-          f"report {Path(cfg.output.path) / '_report.json'}", flush=True)
+          f"report {fs.join(cfg.output.path, '_report.json')}", flush=True)
     return 0
 
 
@@ -158,7 +158,7 @@ def _execute(cfg, args: argparse.Namespace) -> int:
         try:
             report = run_job(job, cfg.runner)
         except ReconcileError:
-            print(f"the rows do not add up; the numbers are in {Path(job.output.path) / REPORT}", flush=True)
+            print(f"the rows do not add up; the numbers are in {fs.join(job.output.path, REPORT)}", flush=True)
             raise
         reports.append(report)
         if report.outputs.get("dry_run"):
@@ -175,12 +175,11 @@ def _execute(cfg, args: argparse.Namespace) -> int:
             note = stage.summarize(stats.get(stage.name, {}))
             if note:
                 print(note, flush=True)
-        print(f"kept rows in {job.output.path}; report {Path(job.output.path) / REPORT}", flush=True)
+        print(f"kept rows in {job.output.path}; report {fs.join(job.output.path, REPORT)}", flush=True)
     if cfg.report:
         import json
 
-        Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.report).write_text(json.dumps([r.to_dict() for r in reports], indent=2, default=str))
+        fs.write_text(cfg.report, json.dumps([r.to_dict() for r in reports], indent=2, default=str))
     return 0
 
 
@@ -360,18 +359,31 @@ def main(argv: list[str] | None = None) -> int:
         import os
 
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_redact_record)
     try:
         return args.func(args)
     except UserError as err:
-        for line in str(err).splitlines() or [""]:  # a config with several problems: one line each
+        for line in fs.redact(err).splitlines() or [""]:  # a config with several problems: one line each
             print(f"dataflywheel: error: {line}", file=sys.stderr)
         return 2
     except ReconcileError as err:
-        print(f"dataflywheel: run failed: {err}", file=sys.stderr)
+        print(f"dataflywheel: run failed: {fs.redact(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("dataflywheel: interrupted", file=sys.stderr)
         return 130
+    except Exception:  # a bug or an outage: the traceback, with credentials masked
+        import traceback
+
+        print(fs.redact(traceback.format_exc()), file=sys.stderr, end="")
+        return 1
+
+
+def _redact_record(record: logging.LogRecord) -> bool:
+    """A logging filter: credentials from the environment never reach a log line."""
+    record.msg, record.args = fs.redact(record.getMessage()), None
+    return True
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .records import MASK64, checksum, row_key
@@ -166,13 +165,12 @@ class RunReport:
                 "outputs": self.outputs, "reconciled": not problems, "problems": problems,
                 "config": redact(self.config)}
 
-    def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str))
-        os.replace(tmp, path)
-        return path
+    def save(self, path: str | os.PathLike) -> str:
+        """Write the report as JSON, atomically, to a local path or an object-store URL."""
+        from .io import fs
+
+        fs.write_text(path, json.dumps(self.to_dict(), indent=2, default=str))
+        return os.fspath(path)
 
     def table(self) -> str:
         head = ("stage", "in", "kept", "rejected", "dead", "busy s", "ok")
@@ -207,4 +205,8 @@ def redact(obj: Any) -> Any:
         return {k: ("***" if _SECRET_KEY.search(str(k)) and v else redact(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]
+    if isinstance(obj, str):  # a credential inside a URL, or the value of one from the environment
+        from .io.fs import redact as redact_text
+
+        return redact_text(obj)
     return obj

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import json
 import os
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 
 from dataflywheel.errors import UserError
 from dataflywheel.io import ShardWriter, detect_format, expand_paths, open_shard, read, write_success
+from dataflywheel.io.commit import finalize_shards, shard_prefix, shards_of
 from dataflywheel.io.jsonl import iter_jsonl
 
 ROWS = [{"id": str(i), "text": f"row {i}"} for i in range(25)]
@@ -75,15 +75,24 @@ def test_shard_writer_exception_keeps_finished_shards_only(tmp_path: Path) -> No
     assert [n for _, n in writer.shards] == [10, 10]
 
 
-def test_write_success_is_atomic_and_ignored_by_readers(tmp_path: Path) -> None:
-    with ShardWriter(str(tmp_path), "jsonl") as writer:
+def test_commit_reads_only_the_named_shards(tmp_path: Path) -> None:
+    with ShardWriter(str(tmp_path), "jsonl", prefix=shard_prefix(), rows_per_shard=10) as writer:
         for row in ROWS:
             writer.write(row)
+    with ShardWriter(str(tmp_path), "jsonl", prefix=shard_prefix()) as stray:  # a retried bundle's first try
+        stray.write(ROWS[0])
     (tmp_path / ".part-00009.jsonl.tmp-dead").write_text("half a row")  # a killed writer's leftover
-    marker = write_success(str(tmp_path), {"rows": 25, "shards": [p for p, _ in writer.close()]})
-    assert json.loads(Path(marker).read_text())["rows"] == 25 and Path(marker).name == "_SUCCESS.json"
-    assert expand_paths(str(tmp_path)) == [str(tmp_path / "part-00000.jsonl")]
-    assert list(read(str(tmp_path))) == ROWS
+    with pytest.raises(UserError, match="unfinished pipeline output"):  # part files, no marker yet
+        expand_paths(str(tmp_path))
+    info = finalize_shards(str(tmp_path), "jsonl", shards_of(writer))
+    assert info["rows"] == 25 and [s["rows"] for s in info["shards"]] == [10, 10, 5]
+    assert expand_paths(str(tmp_path)) == [str(tmp_path / s["file"]) for s in info["shards"]]
+    assert list(read(str(tmp_path))) == list(read(str(tmp_path / "*.jsonl"))) == ROWS
+    assert sorted(os.listdir(tmp_path)) == sorted([s["file"] for s in info["shards"]] + ["_SUCCESS.json"])
+    marker = write_success(str(tmp_path), {"rows": 25, "shards": ["not a dict"]})
+    with pytest.raises(UserError, match="_SUCCESS.json: shards"):
+        expand_paths(str(tmp_path))
+    assert Path(marker).name == "_SUCCESS.json"
 
 
 def test_expand_paths(tmp_path: Path) -> None:

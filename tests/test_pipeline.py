@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dataflywheel.io import read
+from dataflywheel.errors import UserError
+from dataflywheel.io import expand_paths, read
 from dataflywheel.pipelines.config import parse_config
 from dataflywheel.pipelines.job import run_job
 from dataflywheel.stages import Scorer
@@ -61,7 +62,8 @@ def test_beam_equals_plain_and_reconciles(tmp_path):
     assert rows_in(tmp_path / "plain") == rows_in(tmp_path / "beam")
     assert len(rows_in(tmp_path / "beam")) == 81
     kept_files = sorted(p.name for p in (tmp_path / "beam").glob("part-*"))
-    assert len(kept_files) >= 3 and all(f.endswith(f"of-{len(kept_files):05d}.jsonl") for f in kept_files)
+    named = json.loads((tmp_path / "beam" / "_SUCCESS.json").read_text())["shards"]
+    assert len(kept_files) >= 3 and kept_files == sorted(s["file"] for s in named)  # no stray shard is left
     rejected = rows_in(tmp_path / "beam" / "_rejected")
     assert len(rejected) == 41 and {r["rejected"]["stage"] for r in rejected} == {"length", "exact_dedup"}
     reasons = sorted(d["reason"] for d in dead_rows(tmp_path / "beam"))
@@ -113,10 +115,11 @@ def test_failed_run_leaves_no_complete_looking_output(tmp_path):
     assert (out / "_SUCCESS.json").exists()
     with pytest.raises(Exception, match="model file missing"):
         run(config(inputs, out, "local", stages=[{"stage": "test_pipeline:FailSetup"}]))
-    # The old marker may remain only together with the old, complete shards; a new partial set never appears.
-    success = json.loads((out / "_SUCCESS.json").read_text())
-    assert sorted(p.name for p in out.glob("part-*")) == sorted(s["file"] for s in success["shards"])
-    assert not list(out.glob("*.tmp*"))
+    # The job withdrew the old marker when it started: neither the old rows nor a partial new set
+    # is taken as this job's output, and readers refuse the folder until a run completes.
+    assert not (out / "_SUCCESS.json").exists()
+    with pytest.raises(UserError, match="unfinished pipeline output"):
+        expand_paths(str(out))
 
 
 def test_report_check_fails_loudly():

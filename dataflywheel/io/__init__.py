@@ -3,13 +3,13 @@
 ``read(patterns, kind=...)`` expands globs / folders, picks the reader by extension (or folder
 layout), and yields row dicts, validated as ``kind`` when given, or ``DeadLetter``s for what could
 not be read: nothing is dropped silently. Writers (``open_shard``, ``ShardWriter``) are atomic,
-and an output folder is committed by ``commit.finalize_shards`` (``_SUCCESS.json`` last). Names
-starting with "." or "_" (temp files, markers) are never read.
+and an output folder is committed by ``commit.finalize_shards`` (``_SUCCESS.json`` last, naming
+its shards: readers of such a folder read those and nothing else). Names starting with "." or "_"
+(temp files, markers) are never read. Every path may be local or an object-store URL (``fs.py``).
 """
 
 from __future__ import annotations
 
-import glob
 import importlib
 import json
 import os
@@ -18,8 +18,9 @@ from itertools import chain
 
 from .. import records
 from ..errors import RecordError, UserError
+from . import fs
 from .base import DeadLetter, snippet
-from .commit import read_success, write_rows, write_success
+from .commit import committed_files, read_success, write_rows, write_success
 from .sink import ShardWriter, open_shard
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "ShardWriter",
     "detect_format",
     "expand_paths",
+    "fs",
+    "is_pattern",
     "open_shard",
     "read",
     "read_file",
@@ -55,6 +58,8 @@ _READERS = {  # module, function: imported on first use (pyarrow, warc and html 
 
 
 def _is_hf_folder(path: str) -> bool:
+    if fs.is_remote(path):
+        return False  # HF dataset folders are read from local disk; in a bucket, pass a glob of their files
     from .hf import is_hf_folder
 
     return is_hf_folder(path)
@@ -62,17 +67,17 @@ def _is_hf_folder(path: str) -> bool:
 
 def detect_format(path: str) -> str:
     """The reader for ``path``: from its extension, or "hf" for a Hugging Face dataset folder."""
-    if os.path.isdir(path):
+    name = fs.basename(path).lower()
+    for fmt, suffixes in _SUFFIXES.items():
+        if name.endswith(suffixes):
+            return fmt
+    if fs.isdir(path):
         if _is_hf_folder(path):
             return "hf"
         raise UserError(
             f"{path}: a folder that is not a Hugging Face dataset folder (no state.json, dataset_dict.json, "
             "README configs or data/ shards); pass it to expand_paths / read, or a glob of its files"
         )
-    name = os.path.basename(path).lower()
-    for fmt, suffixes in _SUFFIXES.items():
-        if name.endswith(suffixes):
-            return fmt
     hint = "; a .json file holding one JSON array is not supported: write one object per line (.jsonl)"
     raise UserError(
         f"{path}: unknown input format; expected one of {', '.join(FORMATS)} "
@@ -85,54 +90,80 @@ def _hidden(name: str) -> bool:
 
 
 def _walk(folder: str) -> list[str]:
-    """Data files below ``folder``, sorted; an HF dataset folder inside counts as one source."""
+    """Data files below ``folder``, sorted. A pipeline output folder stands for the shards its
+    ``_SUCCESS.json`` names; an HF dataset folder inside counts as one source."""
+    committed = committed_files(folder)
+    if committed is not None:
+        return committed
     found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not _hidden(d))
-        for d in list(dirs):
-            if _is_hf_folder(os.path.join(root, d)):
-                found.append(os.path.join(root, d))
-                dirs.remove(d)
-        for name in files:
-            if not _hidden(name) and name.lower().endswith(_DATA_SUFFIXES):
-                found.append(os.path.join(root, name))
+    for name, is_dir in fs.listdir(folder):
+        path = fs.join(folder, name)
+        if _hidden(name):
+            continue
+        if is_dir:
+            found.extend([path] if _is_hf_folder(path) else _walk(path))
+        elif name.lower().endswith(_DATA_SUFFIXES):
+            found.append(path)
     return sorted(found)
 
 
 def _magic_root(pattern: str) -> str:
     """The part of a glob before its first wildcard component."""
-    parts = pattern.split(os.sep)
+    parts = pattern.split("/")
     for i, part in enumerate(parts):
-        if glob.has_magic(part):
-            return os.sep.join(parts[:i])
+        if fs.has_magic(part):
+            return "/".join(parts[:i])
     return pattern
 
 
+def _globbed(pattern: str) -> list[str]:
+    """A glob's data files: hidden components skipped, folders walked, and files inside a pipeline
+    output folder kept only when its ``_SUCCESS.json`` names them (strays of retried bundles are not data)."""
+    root = _magic_root(pattern).rstrip("/")
+    hits: list[str] = []
+    committed: dict[str, set[str] | None] = {}
+    for hit in fs.glob(pattern):
+        rel = hit[len(root):].lstrip("/") if root and hit.startswith(root) else hit
+        if any(_hidden(part) for part in rel.split("/")):
+            continue
+        if fs.isdir(hit):
+            hits.extend([hit] if _is_hf_folder(hit) else _walk(hit))
+            continue
+        parent = fs.dirname(hit)
+        if parent not in committed:
+            files = committed_files(parent)
+            committed[parent] = None if files is None else {fs.basename(f) for f in files}
+        if committed[parent] is None or fs.basename(hit) in committed[parent]:
+            hits.append(hit)
+    return hits
+
+
+def is_pattern(path: str) -> bool:
+    """Whether ``path`` names several files (a glob, or a folder) rather than one data file."""
+    return fs.has_magic(path) or not fs.basename(path).lower().endswith(_DATA_SUFFIXES)
+
+
 def expand_paths(patterns: str | Sequence[str]) -> list[str]:
-    """Files and HF folders named by globs (``**`` allowed), folders and paths; UserError when one matches nothing.
+    """Files and HF folders named by globs (``**`` allowed), folders and paths, local or remote
+    (``gs://``, ``s3://``, ``hf://``...); UserError when one matches nothing.
 
     A folder stands for the data files below it (sorted; names starting with "." or "_" skipped)
-    unless it is an HF dataset folder, which is one source. Duplicates are kept once, in order.
+    unless it is an HF dataset folder, which is one source, or a pipeline output, which stands for
+    the shards its ``_SUCCESS.json`` names (an unfinished one is refused). Duplicates are kept once, in order.
     """
     out: list[str] = []
     for pattern in [patterns] if isinstance(patterns, str) else patterns:
-        if os.path.isdir(pattern):
+        pattern = os.fspath(pattern)
+        if fs.has_magic(pattern):
+            hits = _globbed(pattern)
+        elif fs.isdir(pattern):
             hits = [pattern] if _is_hf_folder(pattern) else _walk(pattern)
-        elif os.path.isfile(pattern):
+        elif fs.isfile(pattern):
             hits = [pattern]
         else:
-            root = _magic_root(pattern)
             hits = []
-            for hit in sorted(glob.glob(pattern, recursive=True)):
-                rel = os.path.relpath(hit, root) if root else hit
-                if any(_hidden(part) for part in rel.split(os.sep)):
-                    continue
-                if os.path.isdir(hit):
-                    hits.extend([hit] if _is_hf_folder(hit) else _walk(hit))
-                else:
-                    hits.append(hit)
         if not hits:
-            raise UserError(f"no input files match {pattern!r}")
+            raise UserError(f"no input files match {fs.redact(pattern)!r}")
         out.extend(hits)
     return list(dict.fromkeys(out))
 
@@ -168,7 +199,7 @@ def _validated(items: Iterator, path: str, kind: str | None) -> Iterator[dict | 
         try:
             yield records.validate(kind, row)
         except RecordError as err:
-            source = os.path.join(path, loc["file"]) if "file" in loc else path
+            source = fs.join(path, loc["file"]) if "file" in loc else path
             yield DeadLetter(
                 source,
                 err.reason,

@@ -1,44 +1,74 @@
-"""The commit protocol of an output folder: complete hidden shards, then one finalize, then
-``_SUCCESS.json`` last. Every writer of an output folder (both engines' sinks, the flywheel,
-exploded pairs) commits through ``finalize_shards``; readers of a folder trust ``_SUCCESS.json``.
+"""The commit protocol of an output folder, on a local disk or an object store (which has no rename).
 
-Writers put each shard under a hidden temp name (``.tmp-...``, never read as data) and report it
-with its row count and id checksum. ``finalize_shards`` removes the old marker (the folder is
-incomplete from then on), renames the committed shards to ``part-00000-of-0000N.<ext>``, removes
-stale parts and the hidden leftovers of retried or killed bundles, and writes ``_SUCCESS.json``
-naming every shard with its rows, plus the folder's rows and id checksum.
+1. A job starts by withdrawing the folder's ``_SUCCESS.json`` (``uncommit``): from then until its
+   end the folder is incomplete, and readers refuse it.
+2. Each writer (a Beam bundle, the plain loop) writes its shards under final, unique names
+   ``part-<token>-<k>.<ext>``, each one whole or not at all (``fs.atomic_path``: rename locally,
+   one PUT on an object store), and reports them with their row counts and id checksums.
+3. ``finalize_shards`` writes ``_SUCCESS.json`` last, naming the committed shards with their rows,
+   plus the folder's rows and id checksum; only then does it delete what it does not name (old
+   shards, strays of retried or killed bundles, temp files), one object at a time: no batch call,
+   no copy, no rename.
+
+Readers of a folder trust ``_SUCCESS.json``: they read the shards it names and nothing else, and
+refuse a folder holding ``part-*`` files but no marker (a job killed or still running, or one that
+failed its checks). A kill at any point therefore leaves either the new complete output or no
+complete output, never a mix.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from ..records import MASK64
-from .sink import ShardWriter, atomic_path
+from . import fs
+from .sink import ShardWriter
 
 TMP_PREFIX = ".tmp-"
+PART_PREFIX = "part-"
 SUCCESS = "_SUCCESS.json"
 
-Shard = tuple[str, int, int]  # (hidden path, rows, id checksum)
+Shard = tuple[str, int, int]  # (path, rows, id checksum)
+
+
+def shard_prefix() -> str:
+    """A writer's unique shard-name prefix: no two writers (or two attempts of one bundle) collide."""
+    return f"{PART_PREFIX}{uuid.uuid4().hex[:16]}"
 
 
 def write_success(out_dir: str | os.PathLike, info: dict) -> str:
     """Write ``<out_dir>/_SUCCESS.json`` atomically (call it last: its presence means 'complete')."""
-    path = os.path.join(out_dir, SUCCESS)
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(info, fh, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
-        fh.write("\n")
+    path = fs.join(out_dir, SUCCESS)
+    fs.write_text(path, json.dumps(info, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n")
     return path
 
 
 def read_success(out_dir: str | os.PathLike) -> dict[str, Any] | None:
     """A finished folder's ``_SUCCESS.json``, or None when the folder is not (or no longer) complete."""
-    path = Path(out_dir) / SUCCESS
-    return json.loads(path.read_text()) if path.exists() else None
+    try:
+        return json.loads(fs.read_text(fs.join(out_dir, SUCCESS)))
+    except FileNotFoundError:
+        return None
+
+
+def committed_files(folder: str) -> list[str] | None:
+    """The data files of a pipeline output folder, as its ``_SUCCESS.json`` names them; None when
+    the folder is not a pipeline output. UserError for an unfinished one (part files, no marker)."""
+    info = read_success(folder)
+    if info is not None:
+        shards = info.get("shards")
+        if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("file"), str) for s in shards):
+            raise UserError(f"{fs.redact(fs.join(folder, SUCCESS))}: shards: expected a list of {{file, rows}} objects")
+        return [fs.join(folder, shard["file"]) for shard in shards]
+    if any(name.startswith(PART_PREFIX) and not is_dir for name, is_dir in fs.listdir(folder)):
+        raise UserError(f"{fs.redact(folder)}: an unfinished pipeline output (part files but no {SUCCESS}: the job "
+                        "was killed, is still running, or failed its checks); re-run the job that writes it")
+    return None
 
 
 def shards_of(writer: ShardWriter) -> list[Shard]:
@@ -48,39 +78,35 @@ def shards_of(writer: ShardWriter) -> list[Shard]:
 
 def finalize_shards(out_dir: str | os.PathLike, fmt: str, committed: Iterable[Shard],
                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Rename committed hidden shards to their final names, drop stale ones, write _SUCCESS last;
-    returns what it wrote there (``extra`` is added to it)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SUCCESS).unlink(missing_ok=True)  # the folder is incomplete from here until the new marker
-    shards = sorted((str(path), int(n), int(ids)) for path, n, ids in committed)
-    ext = "." + fmt
-    for old in out.glob(f"part-*{ext}"):
-        old.unlink()
-    final, rows, ids = [], 0, 0
-    for i, (tmp, n, shard_ids) in enumerate(shards):
-        name = f"part-{i:05d}-of-{len(shards):05d}{ext}"
-        os.replace(tmp, out / name)
-        final.append({"file": name, "rows": n})
-        rows, ids = rows + n, ids + shard_ids
-    for leftover in out.glob(f"{TMP_PREFIX}*"):  # shards of bundles that failed and were retried
-        leftover.unlink()
-    info = {"rows": rows, "ids": f"{ids & MASK64:016x}", "shards": final, "format": fmt, **(extra or {})}
-    write_success(out, info)
+    """Commit the shards written under their final names: ``_SUCCESS.json`` first, then delete the
+    folder's other shards and temp files; returns what it wrote to the marker (``extra`` added)."""
+    out_dir = os.fspath(out_dir)
+    fs.makedirs(out_dir)
+    shards = sorted((fs.basename(str(path)), int(n), int(ids)) for path, n, ids in committed)
+    rows = sum(n for _, n, _ in shards)
+    ids = sum(i for _, _, i in shards) & MASK64
+    info = {"rows": rows, "ids": f"{ids:016x}", "shards": [{"file": name, "rows": n} for name, n, _ in shards],
+            "format": fmt, **(extra or {})}
+    write_success(out_dir, info)
+    keep = {name for name, _, _ in shards}
+    for name, is_dir in fs.listdir(out_dir):
+        if not is_dir and name not in keep and (name.startswith((PART_PREFIX, TMP_PREFIX)) or ".tmp-" in name):
+            fs.remove(fs.join(out_dir, name))  # old shards, strays of retried bundles, a killed writer's temp file
     return info
 
 
 def uncommit(out_dir: str | os.PathLike) -> None:
-    """Withdraw a folder's ``_SUCCESS.json`` (a run that failed its checks): no reader takes it as complete."""
-    (Path(out_dir) / SUCCESS).unlink(missing_ok=True)
+    """Withdraw a folder's ``_SUCCESS.json`` (a job starts, or failed its checks): no reader takes it as complete."""
+    fs.remove(fs.join(out_dir, SUCCESS))
 
 
 def write_rows(folder: str | os.PathLike, rows: Iterable[dict], fmt: str = "jsonl",
                extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Rows -> a committed output folder (part files + ``_SUCCESS.json``), as a pipeline writes one."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(str(folder), fmt, prefix=f"{TMP_PREFIX}write")
-    with writer:
+    folder = os.fspath(folder)
+    uncommit(folder)
+    fs.makedirs(folder)
+    with ShardWriter(folder, fmt, prefix=shard_prefix()) as writer:
         for row in rows:
             writer.write(row)
     return finalize_shards(folder, fmt, shards_of(writer), extra)

@@ -27,6 +27,7 @@ from itertools import chain
 
 import zstandard
 
+from . import fs
 from .base import FILE, UNKNOWN_COUNT, DeadLetter, snippet
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -58,7 +59,7 @@ def sniff_compression(head: bytes) -> str:
 
 def iter_bytes(path: str) -> Iterator[bytes]:
     """Decompressed bytes of ``path`` in chunks; raises StreamError / OSError after the good bytes."""
-    with open(path, "rb") as fh:
+    with fs.open_file(path) as fh:
         head = fh.read(len(ZSTD_MAGIC))
         kind = sniff_compression(head)
         if kind == "plain":

@@ -33,6 +33,7 @@ import zstandard
 
 from ..errors import RecordError
 from ..records import content_id
+from . import fs
 from .base import FILE, DeadLetter, snippet
 
 # Decompressed bytes kept per page. Common Crawl cuts payloads at 1 MiB, so 10 MiB keeps every real
@@ -199,7 +200,7 @@ def page_url(head: str) -> str | None:
 
 def _read_bounded(path: str, max_bytes: int) -> bytes:
     """At most max_bytes + 1 bytes of the file, gunzipped when it starts with the gzip magic."""
-    with open(path, "rb") as fh:
+    with fs.open_file(path) as fh:
         if fh.read(2) == b"\x1f\x8b":
             fh.seek(0)
             with gzip.GzipFile(fileobj=fh) as gz:
@@ -233,7 +234,7 @@ def iter_html(path: str, max_bytes: int = MAX_HTML_BYTES) -> Iterator[tuple[dict
     except RecordError as err:
         yield DeadLetter(source=path, reason=err.reason, detail=err.detail, snippet=snippet(raw))
         return
-    url = page_url(text[:SNIFF_BYTES]) or Path(path).resolve().as_uri()
+    url = page_url(text[:SNIFF_BYTES]) or (path if fs.is_remote(path) else Path(path).resolve().as_uri())
     meta = {"encoding": encoding, "bytes": len(raw)}
     yield {}, {"id": content_id(url, text), "url": url, "html": text, "source": path, "meta": meta}
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import decimal
-import os
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import fs
 from .base import FILE, UNKNOWN_COUNT, DeadLetter
 
 BATCH_ROWS = 1024  # rows turned into dicts at once: a few MB of text, so memory stays flat
@@ -35,12 +36,17 @@ def iter_parquet(
     path: str, columns: Sequence[str] | None = None, batch_rows: int = BATCH_ROWS
 ) -> Iterator[tuple[dict, dict] | DeadLetter]:
     """``({"row": i}, row)`` per row of ``path`` (0-based), or DeadLetters for unreadable parts."""
+    # A remote file is read through our filesystem layer (pyarrow's own gs:// / s3:// would bypass
+    # its credentials and endpoints); pyarrow reads the footer, then one row group at a time.
+    source = fs.open_file(path) if fs.is_remote(path) else path
     try:
-        pf = pq.ParquetFile(path, page_checksum_verification=True)
+        pf = pq.ParquetFile(source, page_checksum_verification=True)
     except ARROW_ERRORS as err:
+        if not isinstance(source, str):
+            source.close()
         yield _file_report(path, err)
         return
-    with pf:
+    with pf, (source if not isinstance(source, str) else nullcontext()):
         total = pf.metadata.num_rows
         first = 0  # rows before the current row group: all yielded or reported
         try:
@@ -123,8 +129,8 @@ def _file_report(path: str, err: Exception) -> DeadLetter:
     """One report for a file pyarrow cannot open; names what the bytes look like and, when the
     footer still parses, stands for its row count."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as fh:
+        size = fs.size(path)
+        with fs.open_file(path) as fh:
             head = fh.read(64)
     except OSError as os_err:
         return DeadLetter(path, "file_unreadable", f"cannot read the file: {os_err}; {UNKNOWN_COUNT}", records=0,
@@ -149,7 +155,7 @@ def footer_num_rows(path: str) -> int | None:
     """``num_rows`` of the file's footer (Thrift compact ``FileMetaData`` field 3), read without
     pyarrow; None when the footer is missing or does not parse."""
     try:
-        with open(path, "rb") as fh:
+        with fs.open_file(path) as fh:
             end = fh.seek(0, 2)
             if end < 12:
                 return None

@@ -1,7 +1,8 @@
 """Atomic sharded writers: a shard appears under its final name complete, or not at all.
 
-``open_shard`` writes to a hidden temp file in the target folder (``.<name>.tmp-<uuid>``), fsyncs
-it, then ``os.replace``s it onto the final name; if the body raises, the temp file is removed.
+``open_shard`` writes through ``fs.atomic_path``: locally a hidden temp file in the target folder,
+fsynced and renamed onto the final name; on an object store a local temp file uploaded in one PUT.
+If the body raises, nothing appears.
 ``ShardWriter`` rolls shards every ``rows_per_shard`` rows and keeps each shard's row count and
 id checksum, which the commit protocol (``commit.py``) puts in ``_SUCCESS.json``. Readers and
 globs skip names starting with "." or "_", so temp files and markers are never read as data.
@@ -17,15 +18,14 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import Any
 
 import zstandard
 
 from ..records import MASK64, row_key
+from .fs import atomic_path, join
 
 WRITE_FORMATS = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet")
 # Parquet shards are buffered in memory whole: 50k rows of ~2 KB is ~100 MB of Python objects,
@@ -35,37 +35,6 @@ GZIP_LEVEL = 6  # gzip(1)'s default: level 9 is ~2x slower for ~1% smaller files
 ZSTD_LEVEL = 3  # zstd's default level
 
 Writer = Callable[[dict], None]
-
-
-@contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-    """Yield a hidden temp path next to ``path``; on success it is fsynced and renamed onto ``path``."""
-    folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: str) -> None:
-    """Make the rename itself durable (POSIX: the directory entry lives in the folder)."""
-    with suppress(OSError):  # some filesystems cannot fsync a directory; the data is already synced
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 @contextmanager
@@ -168,7 +137,7 @@ class ShardWriter:
 
     def write(self, row: dict) -> None:
         if self._write is None:
-            path = os.path.join(self.out_dir, f"{self.prefix}-{len(self.shards):05d}.{self.fmt}")
+            path = join(self.out_dir, f"{self.prefix}-{len(self.shards):05d}.{self.fmt}")
             self._shard = open_shard(path, self.fmt, self.schema)
             self._write = self._shard.__enter__()
             self._path = path

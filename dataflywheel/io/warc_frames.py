@@ -14,7 +14,7 @@ import re
 import zlib
 from collections.abc import Iterator
 
-from . import html
+from . import fs, html
 from .base import FILE, RECORD, UNKNOWN_COUNT, DeadLetter, snippet
 
 DOCUMENT_TYPES = ("response", "resource")  # WARC-Type values that can hold a page (ARC records count as response)
@@ -313,7 +313,7 @@ def _resync(st: Stream, frm: int, arc_tail: int | None, limit: int) -> int | Non
 
 def open_archive(path: str):
     """(decoded-or-raw file object, codec); ValueError for a compression we do not read."""
-    fh = open(path, "rb")
+    fh = fs.open_file(path)
     magic = fh.read(6)
     fh.seek(0)
     for prefix, name in _UNSUPPORTED.items():

@@ -11,16 +11,14 @@ them as complete. The report is saved to ``<output>/_report.json`` either way.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..io import DeadLetter, ShardWriter, expand_paths, read, read_file
+from ..io import DeadLetter, ShardWriter, expand_paths, fs, read, read_file
 from ..io.base import FILE
-from ..io.commit import TMP_PREFIX, finalize_shards, read_success, shards_of, uncommit
+from ..io.commit import finalize_shards, read_success, shard_prefix, shards_of, uncommit
 from ..runner import RunnerConfig, make_pipeline
 from ..stages import GlobalStep, Outcome, Stage, batches, group_rows, process_batch, process_group
 from ..stats import FILE_PROBLEMS, RunReport, StageReport
@@ -32,7 +30,7 @@ REPORT = "_report.json"
 
 def output_dirs(job: JobConfig) -> dict[str, str]:
     base = job.output.path
-    return {"kept": base, "rejected": os.path.join(base, "_rejected"), "dead_letter": os.path.join(base, "_dead_letter")}
+    return {"kept": base, "rejected": fs.join(base, "_rejected"), "dead_letter": fs.join(base, "_dead_letter")}
 
 
 def output_format(job: JobConfig, which: str) -> str:
@@ -49,6 +47,9 @@ def run_job(job: JobConfig, runner: RunnerConfig) -> RunReport:
         if not runner.dry_run:
             raise
         files = list(job.input.paths)  # a dry run builds the graph: the workers would read these later
+    if not runner.dry_run:
+        for folder in output_dirs(job).values():  # incomplete from here: a killed run leaves no complete output
+            uncommit(folder)
     start = time.perf_counter()
     graph = None
     if runner.engine == "plain":
@@ -67,7 +68,7 @@ def run_job(job: JobConfig, runner: RunnerConfig) -> RunReport:
     if failed:
         for folder in dirs.values():
             uncommit(folder)
-    report.save(Path(job.output.path) / REPORT)
+    report.save(fs.join(job.output.path, REPORT))
     report.check()
     return report
 
@@ -128,9 +129,9 @@ class _Sinks:
         if not rows or not self.wanted(which):
             return
         if which not in self.writers:
-            Path(self.dirs[which]).mkdir(parents=True, exist_ok=True)
+            fs.makedirs(self.dirs[which])
             self.writers[which] = ShardWriter(self.dirs[which], output_format(self.job, which),
-                                              prefix=f"{TMP_PREFIX}plain", rows_per_shard=self.job.output.rows_per_shard)
+                                              prefix=shard_prefix(), rows_per_shard=self.job.output.rows_per_shard)
         for row in rows:
             self.writers[which].write(row)
 

@@ -124,7 +124,7 @@ def explode_output(folder: str, fmt: str, rows_per_shard: int) -> dict[str, Any]
     """Rewrite a finished pairs folder with one preference row per pair; returns its ``_SUCCESS`` info
     with ``exploded`` = {rows_in, pairs_out}. Idempotent: exploded rows have no ``pairs``."""
     from ..io import ShardWriter, read
-    from ..io.commit import TMP_PREFIX, finalize_shards, read_success, shards_of
+    from ..io.commit import finalize_shards, read_success, shard_prefix, shards_of
     from ..synth.pairs import explode_pairs
 
     before = read_success(folder)
@@ -132,9 +132,9 @@ def explode_output(folder: str, fmt: str, rows_per_shard: int) -> dict[str, Any]
         raise UserError(f"{folder}: no _SUCCESS.json: the pairs job did not finish, nothing to explode")
     if "exploded" in before:
         return before
-    writer = ShardWriter(folder, fmt, prefix=f"{TMP_PREFIX}explode", rows_per_shard=rows_per_shard)
+    writer = ShardWriter(folder, fmt, prefix=shard_prefix(), rows_per_shard=rows_per_shard)
     rows_in = pairs_out = 0
-    for row in read(folder):  # reads part-* files only: the hidden new shards are never read back
+    for row in read(folder):  # the shards _SUCCESS.json names: the new ones are never read back
         if not isinstance(row, dict):  # a DeadLetter: our own shard does not read back
             raise UserError(f"{folder}: cannot explode: {row}")
         rows_in += 1

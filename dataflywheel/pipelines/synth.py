@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from pathlib import Path
 from typing import Any, Literal
 
 from ..config import InputConfig, OutputConfig, Strict, load_yaml
 from ..errors import UserError
 from ..filters.basic import ExactDedup
 from ..filters.dedup.stage import MinHashDedup, MinHashDedupConfig
+from ..io import fs
 from ..registry import StageSpec
 from ..runner import RunnerConfig
 from ..stats import RunReport
@@ -73,7 +73,7 @@ def synthesize(cfg: SynthConfig, backend: Any) -> tuple[list[dict], list[dict], 
     from ..io import read
 
     evol = cfg.evol_instruct.model_copy(update={"generate_responses": False}) if prompts_only else cfg.evol_instruct
-    seeds = list(read(cfg.seeds)) if not cfg.seeds.endswith(".txt") else Path(cfg.seeds).read_text().splitlines()
+    seeds = list(read(cfg.seeds)) if not cfg.seeds.endswith(".txt") else fs.read_text(cfg.seeds).splitlines()
     result = EvolInstruct(backend, evol).run(seeds)
     if prompts_only:
         rows = [{"id": it.id, "prompt": [{"role": "user", "content": it.instruction}],
@@ -83,16 +83,13 @@ def synthesize(cfg: SynthConfig, backend: Any) -> tuple[list[dict], list[dict], 
     return rows, [failure_row(f) for f in result.failures], result.reasons, "prompt" if prompts_only else "conversation"
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+def _write_jsonl(path: str, rows: list[dict]) -> None:
+    with fs.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, path)
 
 
-def job_config(cfg: SynthConfig, candidates: Path, kind: str) -> RunConfig:
+def job_config(cfg: SynthConfig, candidates: str, kind: str) -> RunConfig:
     stages: list[StageSpec] = []
     if cfg.responses is not None:
         responses = cfg.responses if cfg.responses.backend else cfg.responses.model_copy(update={"backend": cfg.backend})
@@ -110,15 +107,15 @@ def run_synth(cfg: SynthConfig) -> tuple[dict, RunReport]:
 
     backend = build_backend(cfg.backend)
     rows, rejected, reasons, kind = synthesize(cfg, backend)
-    work = Path(cfg.output.path) / "_synth"
-    _write_jsonl(work / "candidates.jsonl", rows)
-    _write_jsonl(work / "rejected.jsonl", rejected)
+    work = fs.join(cfg.output.path, "_synth")
+    _write_jsonl(fs.join(work, "candidates.jsonl"), rows)
+    _write_jsonl(fs.join(work, "rejected.jsonl"), rejected)
     summary = {"method": cfg.method, "candidates": len(rows), "rejected": len(rejected),
                "rejected_by_reason": dict(reasons), "backend": dict(backend.counts)}
     if not rows:
         raise UserError(f"{cfg.method} produced no candidates ({len(rejected)} rejected: "
-                        f"{dict(reasons.most_common(5))}); see {work / 'rejected.jsonl'}")
-    run = job_config(cfg, work / "candidates.jsonl", kind)
+                        f"{dict(reasons.most_common(5))}); see {fs.join(work, 'rejected.jsonl')}")
+    run = job_config(cfg, fs.join(work, "candidates.jsonl"), kind)
     report = run_job(run.jobs[0], run.runner)
-    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    fs.write_text(fs.join(work, "summary.json"), json.dumps(summary, indent=2))
     return summary, report
