@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from . import progress
 from .errors import UserError
 from .io import fs
 from .stats import ReconcileError
@@ -18,7 +19,8 @@ def _run(args: argparse.Namespace) -> int:
     data = read_yaml(args.config)
     if isinstance(data, dict) and "policy" in data and "jobs" not in data:  # a flywheel (rounds) config
         rounds = argparse.Namespace(config=args.config, output=None, control=False, runner=None,
-                                    dry_run=args.dry_run, rounds=None, round=None, until_plateau=False)
+                                    dry_run=args.dry_run, rounds=None, round=None, until_plateau=False,
+                                    quiet=args.quiet)
         return _rounds(rounds)
     return _execute(load_config(args.config), args)
 
@@ -261,6 +263,14 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=["local", "plain", "dataflow", "portable"], help="override runner.engine")
     parser.add_argument("--workers", type=int, help="local workers (> 1 uses multi_processing unless mode is set)")
     parser.add_argument("--dry-run", action="store_true", help="Dataflow: build and validate the job graph only")
+    _quiet_option(parser)
+
+
+QUIET_HELP = "print no progress lines (inputs done / total, rows/s, ETA) on stderr while it runs"
+
+
+def _quiet_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
 
 
 def _pipeline_command(sub, name: str, func, help_text: str, config_help: str) -> None:
@@ -296,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     syn = sub.add_parser("synth", help="synthesize instruction data (Self-Instruct / Evol-Instruct) from seeds")
     syn.add_argument("config", help="synth YAML config (configs/synth.yaml)")
     syn.add_argument("--engine", choices=["local", "plain", "dataflow", "portable"], help="override runner.engine")
+    _quiet_option(syn)
     syn.set_defaults(func=_synth)
 
     train = sub.add_parser("train", help="train a model: sft, rm (reward model), dpo or grpo (configs/train_*.yaml)")
@@ -320,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     rnd.add_argument("--runner", metavar="YAML", help="use the runner section of this file for the Beam stages "
                      "(e.g. configs/dataflow.yaml)")
     rnd.add_argument("--dry-run", action="store_true", help="build round K's (default 1) Dataflow job graphs; run nothing")
+    _quiet_option(rnd)
     rnd.set_defaults(func=_rounds)
 
     rep = sub.add_parser("report", help="print a flywheel run's rounds side by side and write an HTML report with plots")
@@ -352,17 +364,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Library progress bars (transformers' "Loading weights" and "Writing model shards", Hub
+    downloads, datasets' maps) would interleave with our progress lines and reports: off in our
+    commands, left alone for code that imports the library."""
+    import os
+
+    # read when the libraries are imported (transformers follows the Hub's setting); no import here:
+    # they cost a second, and `validate` or `stages` never need them
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    for module, switch in (("huggingface_hub.utils", "disable_progress_bars"),
+                           ("transformers.utils.logging", "disable_progress_bar"), ("datasets", "disable_progress_bars")):
+        if module in sys.modules:  # imported already (main() called in-process): the variables come too late
+            getattr(sys.modules[module], switch)()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # model-loading progress bars would interleave with the run report
-        import os
-
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not args.verbose:
+        _quiet_libraries()
     for handler in logging.getLogger().handlers:
         handler.addFilter(_redact_record)
     try:
-        return args.func(args)
+        with progress.configured(not getattr(args, "quiet", True)):  # the commands that have --quiet show it
+            return args.func(args)
     except UserError as err:
         for line in fs.redact(err).splitlines() or [""]:  # a config with several problems: one line each
             print(f"dataflywheel: error: {line}", file=sys.stderr)

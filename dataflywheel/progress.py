@@ -51,8 +51,16 @@ def configure(enabled: bool = True, *, interval: float | None = None, tty: bool 
     _settings = Settings(enabled, interval, tty, stream)
 
 
-def is_enabled() -> bool:
-    return _settings.enabled
+@contextmanager
+def configured(enabled: bool = True, **options) -> Iterator[None]:
+    """``configure`` for what runs inside, then the settings from before."""
+    global _settings
+    before = _settings
+    configure(enabled, **options)
+    try:
+        yield
+    finally:
+        _settings = before
 
 
 @contextmanager
@@ -137,7 +145,8 @@ class Ticker:
     def close(self, final: str | None = None) -> None:
         """Stop; on a terminal clear the line, otherwise print ``final`` when given."""
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
         if self.tty:
             if self._shown:
                 self.stream.write("\r" + " " * self._shown + "\r")
@@ -214,7 +223,8 @@ class RunProgress:
             parts.append(f"done in {human_duration(elapsed)}")
         else:  # by bytes when sizes are known (files differ in size), else by files
             done = size / self.total_bytes if self.total_bytes else files / max(1, self.total_files)
-            parts.append(f"ETA {human_duration(elapsed * (1 - done) / done)}" if 0 < done < 1 else "ETA ?")
+            parts.append("inputs read" if done >= 1 else f"ETA {human_duration(elapsed * (1 - done) / done)}"
+                         if done > 0 else "ETA ?")
         text = ", ".join(parts)
         return f"{self.label}: {text}" if self.label else text
 
@@ -316,9 +326,9 @@ class StepProgress:
 
 
 @contextmanager
-def steps(total: int, start: int = 0, label: str = "") -> Iterator[StepProgress | None]:
+def steps(total: int, start: int = 0, label: str = "", enabled: bool = True) -> Iterator[StepProgress | None]:
     """A training loop's progress line (set ``.step``), printed while inside; None when off."""
-    if not _settings.enabled:
+    if not (enabled and _settings.enabled):
         yield None
         return
     prog = StepProgress(total, start, _prefixed(label))

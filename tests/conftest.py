@@ -33,3 +33,4 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+pytest_plugins = ["object_store"]  # gs:// and s3:// servers on loopback

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .. import progress
 from ..io.sink import atomic_path
 
 SKIP_NAMES = ("_SUCCESS.json",)  # holds wall times and paths: not content
@@ -98,7 +99,8 @@ def run_stage(round_dir: Path, stage: str, inputs: dict, fn: Callable[[Path], di
     _write_json(started, {"stage": stage, "inputs": key})
     log(f"{round_dir.name}/{stage}: running{' (resuming)' if keep else ''}")
     t0 = time.perf_counter()
-    result = fn(out) or {}
+    with progress.scope(f"{round_dir.name}/{stage}"):  # the stage's progress lines say which stage
+        result = fn(out) or {}
     marker = {"stage": stage, "inputs": key, "input_detail": inputs, "output": result.get("hash") or tree_hash(out, skip_dirs),
               "counts": result.get("counts", {}), "metrics": result.get("metrics", {}),
               "seconds": round(time.perf_counter() - t0, 2), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -32,6 +32,7 @@ _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "HF_TOKEN",
               "HUGGING_FACE_HUB_TOKEN", "GOOGLE_OAUTH_ACCESS_TOKEN", "CLOUDSDK_AUTH_ACCESS_TOKEN")
 _USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:]+:[^/@\s]+@")
+READ_BLOCK = 4 << 20  # bytes fetched per request when reading a remote file: memory per open file ~2 blocks
 CACHE_ENV = "DATAFLYWHEEL_CACHE"  # where remote models are copied to be loaded (default ~/.cache/dataflywheel)
 
 
@@ -55,13 +56,19 @@ def filesystem(path: str) -> tuple[Any, str]:
     """(fsspec filesystem, path within it) for a URL; the filesystem is cached by fsspec per process."""
     from fsspec.core import url_to_fs
 
+    from ..errors import UserError
+
+    if _USERINFO.match(path):
+        raise UserError(f"{redact(path)}: credentials in a URL are not accepted; they come from the environment "
+                        "(Application Default Credentials for gs://, AWS_* for s3://, HF_TOKEN for hf://)")
+    # No listings cache: other processes (Beam workers, a killed run's re-run) change the folders
+    # we list, and the commit protocol must see the marker that is there now.
+    options = {"use_listings_cache": False} if scheme(path) in ("gs", "s3") else {}
     try:
-        return url_to_fs(path)
+        return url_to_fs(path, **options)
     except (ImportError, ValueError) as err:
         hint = {"gs": "gcsfs (pip install 'dataflywheel[gcs]')", "s3": "s3fs (pip install 'dataflywheel[s3]')",
                 "hf": "huggingface_hub"}.get(scheme(path), "the fsspec implementation for it")
-        from ..errors import UserError
-
         raise UserError(f"{redact(path)}: cannot open {scheme(path)}:// paths: install {hint} ({err})") from None
 
 
@@ -157,6 +164,8 @@ def open_file(path: str | os.PathLike, mode: str = "rb", **kwargs: Any) -> IO:
     if not is_remote(path):
         return open(local_path(path), mode, **kwargs)
     fs, p = filesystem(path)
+    if "r" in mode:  # s3fs reads ahead 50 MB blocks by default (100 MB held per file): bound it
+        kwargs.setdefault("block_size", READ_BLOCK)
     return fs.open(p, mode, **kwargs)
 
 

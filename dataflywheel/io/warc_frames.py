@@ -323,6 +323,8 @@ def open_archive(path: str):
     if magic.startswith(b"\x04\x22\x4d\x18"):
         from fastwarc.stream_io import Lz4Reader  # only LZ4 input needs fastwarc
 
+        if fs.is_remote(path):  # fastwarc reads any file-like object: ours streams the remote one
+            return Lz4Reader(fh, fsspec_args=False), "lz4"
         fh.close()
         return Lz4Reader(path, fsspec_args=False), "lz4"
     return fh, "gzip" if magic.startswith(b"\x1f\x8b") else "plain"

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from dataflywheel.errors import UserError
+from dataflywheel.io import fs
 from dataflywheel.models.cache import shared
 from dataflywheel.models.lm_score import resolve_device
 from dataflywheel.models.tiny_lm import load_fp32
@@ -76,7 +77,7 @@ class RewardModel:
     def __init__(self, path: str | Path, device: str = "auto", batch_size: int = 16, chat_template: str | None = None):
         self.device = resolve_device(device)
         self.batch_size, self.chat_template = batch_size, chat_template
-        folder = Path(path).expanduser()
+        folder = Path(fs.local_copy(path)).expanduser()  # a model in a bucket: its cached local copy
         name = str(folder.resolve()) if folder.is_dir() else str(path)
 
         def load() -> tuple[Any, Any]:

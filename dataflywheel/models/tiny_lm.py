@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dataflywheel.errors import UserError
+from dataflywheel.io import fs
 from dataflywheel.models.cache import hub_offline, shared
 
 BOS, EOS, PAD, TURN_START = "<|bos|>", "<|im_end|>", "<|pad|>", "<|im_start|>"
@@ -205,7 +206,7 @@ def load_causal_lm(
     the Hub offline and must hold safetensors. The model is returned in eval mode on ``device``.
     Cached by (model, dtype, device, attention, trust_remote_code).
     """
-    text = str(name_or_path)
+    text = fs.local_copy(name_or_path) if fs.is_remote(name_or_path) else str(name_or_path)
     folder = Path(text).expanduser()
     local = folder.is_dir()
     if local:
@@ -243,6 +244,7 @@ def load_fp32(name: str, head: str = "causal_lm", trust_remote_code: bool = Fals
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    name = fs.local_copy(name) if fs.is_remote(name) else name  # a model in a bucket: its cached local copy
     folder = Path(name).expanduser()
     if folder.is_dir():
         _weights_check(folder)

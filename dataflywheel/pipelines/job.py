@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from ..errors import UserError
+from .. import progress
 from ..io import DeadLetter, ShardWriter, expand_paths, fs, read, read_file
 from ..io.base import FILE
 from ..io.commit import finalize_shards, read_success, shard_prefix, shards_of, uncommit
@@ -41,21 +41,19 @@ def run_job(job: JobConfig, runner: RunnerConfig) -> RunReport:
     """Run one job and check its accounting; returns the report (a Dataflow dry run: the job graph
     in ``report.job_graph``, nothing run). Raises ReconcileError when the rows do not add up."""
     stages = job.build_stages()
-    try:
-        files = expand_paths(job.input.paths)
-    except UserError:
-        if not runner.dry_run:
-            raise
-        files = list(job.input.paths)  # a dry run builds the graph: the workers would read these later
+    # A dry run builds the graph without touching the inputs (the launcher may not reach the bucket):
+    # its read step expands the globs on the workers.
+    files = list(job.input.paths) if runner.dry_run else expand_paths(job.input.paths)
     if not runner.dry_run:
         for folder in output_dirs(job).values():  # incomplete from here: a killed run leaves no complete output
             uncommit(folder)
     start = time.perf_counter()
     graph = None
-    if runner.engine == "plain":
-        reports = _run_plain(job, stages, files)
-    else:
-        reports, graph = _run_beam(job, stages, files, runner)
+    with progress.run(files, job.name, enabled=not runner.dry_run) as prog:
+        if runner.engine == "plain":
+            reports = _run_plain(job, stages, files, prog)
+        else:
+            reports, graph = _run_beam(job, stages, files, runner, prog)
     report = RunReport(job.name, reports, time.perf_counter() - start, config=job.model_dump(mode="json"))
     if runner.dry_run:
         report.job_graph, report.outputs = graph, {"dry_run": True}
@@ -81,18 +79,20 @@ def file_problems(dead_dir: str) -> list[str]:
             for row in read(dead_dir) if isinstance(row, dict) and row.get("scope") == FILE]
 
 
-def _run_beam(job: JobConfig, stages: list[Stage], files: list[str],
-              runner: RunnerConfig) -> tuple[list[StageReport], Any]:
+def _run_beam(job: JobConfig, stages: list[Stage], files: list[str], runner: RunnerConfig,
+              prog: progress.RunProgress | None = None) -> tuple[list[StageReport], Any]:
     import apache_beam as beam
 
     from .io_transforms import ReadFiles, WriteShards
     from .stage_transform import DEAD, KEPT, REJECTED, ApplyStage, reports_from_beam
+    from .watch import finish, spool_for, watch
 
     accel = runner.dataflow.accelerator_hint() if runner.engine == "dataflow" and runner.dataflow else None
     dirs = output_dirs(job)
     p = make_pipeline(runner, job.name)
     read_out = p | "Read" >> ReadFiles(files, job.input.format, job.input.kind, job.input.batch_rows,
-                                       job.input.options, READ)
+                                       job.input.options, READ, progress=prog.token if prog else None,
+                                       spool=spool_for(prog, runner))
     current, rejected, dead = read_out[KEPT], [], [read_out[DEAD]]
     for stage in stages:
         outs = current | ApplyStage(stage, accelerator=accel if stage.config.gpu else None)
@@ -106,9 +106,11 @@ def _run_beam(job: JobConfig, stages: list[Stage], files: list[str],
     (dead | "AllDead" >> beam.Flatten()
      | "WriteDead" >> WriteShards(dirs["dead_letter"], "jsonl", job.output.rows_per_shard))
     result = p.run()
+    watch(prog, result, READ)
     result.wait_until_finish()
     if runner.dry_run:
         return [], getattr(getattr(result, "job", None), "proto_pipeline", None)
+    finish(prog, result, READ)
     reports = reports_from_beam(result, [READ] + [s.name for s in stages])
     for report, new_rows in zip(reports, [True] + [s.new_rows for s in stages]):
         report.new_rows = new_rows
@@ -149,10 +151,13 @@ def _counted(stream: Iterator[list[dict]], report: StageReport, which: str) -> I
         yield batch
 
 
-def _run_plain(job: JobConfig, stages: list[Stage], files: list[str]) -> list[StageReport]:
+def _run_plain(job: JobConfig, stages: list[Stage], files: list[str],
+               prog: progress.RunProgress | None = None) -> list[StageReport]:
     sinks = _Sinks(job)
     reader = StageReport(READ, new_rows=True)
     reports = [reader] + [StageReport(s.name, new_rows=s.new_rows) for s in stages]
+    if prog is not None:  # the printer reads the reader's row count itself: nothing to do per row
+        prog.sources.append(lambda: (0, 0, reader.rows_in))
 
     def read_rows() -> Iterator[dict]:
         for path in files:
@@ -174,6 +179,8 @@ def _run_plain(job: JobConfig, stages: list[Stage], files: list[str]) -> list[St
                     reader.rows_in += 1
                     yield item
             reader.seconds += busy
+            if prog is not None:
+                prog.file_done(path)
 
     def record(report: StageReport, out: Outcome) -> list[dict]:
         for which, rows in (("kept", out.kept), ("rejected", out.rejected), ("dead", out.dead)):

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .. import progress
 from .config import LoopConfig
 
 CHECKPOINTS = "checkpoints"
@@ -253,40 +254,43 @@ def train_loop(
     trim_jsonl(metrics_path, start)
 
     last: dict[str, Any] = {"step": start}
-    bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not cfg.progress, dynamic_ncols=True)
-    step = start
-    session = {"seconds": 0.0, "tokens": 0.0}  # this process's steps, for the run's throughput
-    while step < total_steps:
-        t0 = time.perf_counter()
-        model.train()
-        loss_total, count_total, sums = accumulate(model, step_batches(step), loss_fn, params,
-                                                   lambda: autocast(device, bf16))
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-        lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        seconds = time.perf_counter() - t0
-        last = {"step": step, "loss": loss_total / count_total if count_total else 0.0, "count": count_total,
-                "lr": lr, "grad_norm": float(grad_norm), "seconds": round(seconds, 4),
-                **{k: s / c for k, (s, c) in sums.items() if c}}
-        session["seconds"] += seconds
-        if "tokens" in sums:
-            session["tokens"] += sums["tokens"][0]
-            last["tokens"] = sums["tokens"][0]
-            last["tokens_per_s"] = round(sums["tokens"][0] / seconds, 1)
-        if step % cfg.log_every == 0 or step == total_steps:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(last) + "\n")
-        bar.update(1)
-        bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
-        stopping = cfg.stop_after is not None and step >= cfg.stop_after
-        if step == total_steps or stopping or (cfg.save_every and step % cfg.save_every == 0):
-            save_checkpoint(model, tokenizer, opt, sched, step, out_dir, cfg, save_extra)
-        if stopping:
-            break
-    bar.close()
+    # without its own bar (the flywheel turns it off) a command's progress line shows the steps
+    with (tqdm(total=total_steps, initial=start, desc=desc, disable=not cfg.progress, dynamic_ncols=True) as bar,
+          progress.steps(total_steps, start, desc, enabled=not cfg.progress) as line):
+        step = start
+        session = {"seconds": 0.0, "tokens": 0.0}  # this process's steps, for the run's throughput
+        while step < total_steps:
+            t0 = time.perf_counter()
+            model.train()
+            loss_total, count_total, sums = accumulate(model, step_batches(step), loss_fn, params,
+                                                       lambda: autocast(device, bf16))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            seconds = time.perf_counter() - t0
+            last = {"step": step, "loss": loss_total / count_total if count_total else 0.0, "count": count_total,
+                    "lr": lr, "grad_norm": float(grad_norm), "seconds": round(seconds, 4),
+                    **{k: s / c for k, (s, c) in sums.items() if c}}
+            session["seconds"] += seconds
+            if "tokens" in sums:
+                session["tokens"] += sums["tokens"][0]
+                last["tokens"] = sums["tokens"][0]
+                last["tokens_per_s"] = round(sums["tokens"][0] / seconds, 1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
+            if line is not None:
+                line.step = step
+            stopping = cfg.stop_after is not None and step >= cfg.stop_after
+            if step == total_steps or stopping or (cfg.save_every and step % cfg.save_every == 0):
+                save_checkpoint(model, tokenizer, opt, sched, step, out_dir, cfg, save_extra)
+            if stopping:
+                break
     out = {**last, "resumed_from": start, "total_steps": total_steps, "step_seconds": round(session["seconds"], 3),
            "seconds_per_step": round(session["seconds"] / max(1, step - start), 4)}
     if session["tokens"] and session["seconds"]:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from dataflywheel.errors import UserError
+from dataflywheel.io import fs
 from dataflywheel.models.cache import shared
 from dataflywheel.models.fingerprint import folder_fingerprint
 from dataflywheel.models.lm_score import DEFAULT_BATCH_SIZE, model_context
@@ -264,8 +265,10 @@ class TransformersBackend(Backend):
         return {**self.__dict__, "_lm": None}  # Beam pickles stages: the model reloads (once) on the worker
 
     def generate(self, requests: list[Request]) -> list[Result]:
-        if self.revision is None and self._folder.is_dir():
-            self.revision = shared(f"fingerprint:{self._folder.resolve()}", lambda: folder_fingerprint(self._folder))
+        # a model in a bucket is fingerprinted from its local copy, made on the worker that loads it
+        folder = Path(fs.local_copy(self.model)) if fs.is_remote(self.model) else self._folder
+        if self.revision is None and folder.is_dir():
+            self.revision = shared(f"fingerprint:{folder.resolve()}", lambda: folder_fingerprint(folder))
         return super().generate(requests)
 
     def load(self) -> tuple[Any, Any]:
