@@ -82,7 +82,8 @@ def beam_args(cfg: RunnerConfig, job_name: str | None = None) -> list[str]:
         args += [f"--direct_num_workers={cfg.workers}", f"--direct_running_mode={mode}"]
     elif cfg.engine == "dataflow":
         d = cfg.dataflow
-        assert d is not None
+        if d is None:  # an engine set after validation, e.g. a command's --engine
+            raise UserError("engine dataflow needs a 'runner.dataflow' section (project, temp_location, ...)")
         args += ["--runner=DataflowRunner", f"--project={d.project}", f"--region={d.region}",
                  f"--temp_location={d.temp_location}"]
         optional = {"staging_location": d.staging_location, "job_name": d.job_name or _job_name(job_name),
@@ -94,7 +95,9 @@ def beam_args(cfg: RunnerConfig, job_name: str | None = None) -> list[str]:
             args.append("--dry_run=True")
     elif cfg.engine == "portable":
         p = cfg.portable
-        assert p is not None
+        if p is None:
+            raise UserError("engine portable needs a 'runner.portable' section (job_endpoint, environment_type, "
+                            "environment_config): see docs/engines.md")
         args += ["--runner=PortableRunner", f"--job_endpoint={p.job_endpoint}", f"--environment_type={p.environment_type}"]
         if p.environment_config:
             args.append(f"--environment_config={p.environment_config}")

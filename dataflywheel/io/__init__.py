@@ -157,6 +157,10 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
         if fs.has_magic(pattern):
             hits = _globbed(pattern)
         elif fs.isdir(pattern):
+            committed = committed_files(pattern)
+            if committed is not None:  # a pipeline output: its named shards, none for an empty one
+                out.extend(committed)
+                continue
             hits = [pattern] if _is_hf_folder(pattern) else _walk(pattern)
         elif fs.isfile(pattern):
             hits = [pattern]

@@ -8,8 +8,9 @@ How the reader's counts reach the launcher, by engine:
   and its metrics exist only then.
 - local ``multi_processing``: workers are processes of this machine; each reader rewrites its
   counts to a file in a spool folder the launcher sums.
-- Dataflow and portable job servers: ``run()`` returns at once, and the launcher polls the running
-  job's metrics (attempted values of the reader's counters) every few seconds while it waits.
+- Dataflow and portable job servers: ``run()`` returns at once, and the printer thread polls the
+  running job's metrics (attempted values of the reader's counters) every 10 s while the main
+  thread waits (both talk gRPC, whose clients are thread-safe).
 
 At the end the committed counters give the final line, whatever the engine.
 """

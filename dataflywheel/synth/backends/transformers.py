@@ -279,7 +279,7 @@ class TransformersBackend(Backend):
             device = self.device
             if device == "auto":
                 device = "cuda" if torch.cuda.is_available() else "cpu"
-            if self._folder.is_dir() or self.revision is None:
+            if fs.is_remote(self.model) or self._folder.is_dir() or self.revision is None:
                 self._lm = load_causal_lm(self.model, dtype=self.dtype, device=device,
                                           trust_remote_code=self.trust_remote_code)
             else:
