@@ -33,4 +33,4 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-pytest_plugins = ["object_store"]  # gs:// and s3:// servers on loopback
+pytest_plugins = ["object_store", "portable_beam"]  # gs:// and s3:// servers on loopback; Beam job service + worker pool

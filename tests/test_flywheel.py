@@ -153,9 +153,9 @@ def test_round_k_runs_only_up_to_k(tmp_path):
 def test_resumable_stage_keeps_partial_work_only_for_the_same_inputs(tmp_path):
     calls = []
 
-    def work(out: Path) -> dict:
-        calls.append(sorted(p.name for p in out.iterdir()))
-        (out / "part").write_text("x")
+    def work(out: str) -> dict:
+        calls.append(sorted(p.name for p in Path(out).iterdir()))
+        (Path(out) / "part").write_text("x")
         raise RuntimeError("killed")
 
     for inputs in ({"a": 1}, {"a": 1}, {"a": 2}):

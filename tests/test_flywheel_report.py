@@ -16,6 +16,7 @@ import pytest
 from dataflywheel.cli import main
 from dataflywheel.flywheel import report
 from dataflywheel.flywheel.charts import five_numbers
+from dataflywheel.io import write_rows
 
 
 def _jsonl(path: Path, rows: list[dict]) -> None:
@@ -69,11 +70,10 @@ def make_run(root: Path, name: str = "demo", control: bool = False) -> Path:
         for k, acc in ((1, 0.3), (2, 0.45)):
             rounds.append(_loop_round(k, acc, scores[k], margins[k], dpo=k == 1))
             rd = run / f"round-{k:03d}"
-            _jsonl(rd / "samples/scored/part-00000-of-00001.jsonl",
+            write_rows(rd / "samples/scored",
                    [{"id": f"r{k}-{i}", "completions": [{"index": j, "text": "x", "tokens": 4 + j,
                                                           "scores": {"verifier": v, "reward": v}} for j, v in enumerate(s)]}
                     for i, s in enumerate(scores[k])])
-            (rd / "samples/scored/_SUCCESS.json").write_text("{}")
             pair_rows = [{"id": f"p{k}-{i}", "chosen": [], "rejected": [],
                           "scores": {"margin": m, "reward_chosen": 1.0, "reward_rejected": 0.0,
                                      "tokens_chosen": 3 + i, "tokens_rejected": 6 + i}} for i, m in enumerate(margins[k])]
@@ -82,7 +82,7 @@ def make_run(root: Path, name: str = "demo", control: bool = False) -> Path:
                     del row["scores"]["tokens_chosen"], row["scores"]["tokens_rejected"]
                     row["meta"] = {"chosen_index": 0, "rejected_index": 1,
                                    "candidates": [{"index": 0, "tokens": 2}, {"index": 1, "tokens": 9}]}
-            _jsonl(rd / "samples/pairs/part-00000-of-00001.jsonl", pair_rows)
+            write_rows(rd / "samples/pairs", pair_rows)
             _jsonl(rd / "train/sft/metrics.jsonl", [{"step": s, "loss": 1.5 - 0.05 * s} for s in range(1, 6)])
             if k == 1:
                 _jsonl(rd / "train/dpo/metrics.jsonl", [{"step": s, "loss": 0.69 - 0.01 * s} for s in range(1, 4)])
@@ -197,9 +197,7 @@ def test_missing_parts_render(tmp_path):
 def test_empty_pairs_folder_and_round_zero_only(tmp_path):
     run = make_run(tmp_path)
     manifest = json.loads((run / "manifest.json").read_text())
-    for f in (run / "round-001/samples/pairs").iterdir():
-        f.unlink()
-    (run / "round-001/samples/pairs/_SUCCESS.json").write_text("{}")  # a stage that kept no pairs
+    write_rows(run / "round-001/samples/pairs", [])  # a stage that kept no pairs
     c = parse(report.write_html(run).read_text()).charts
     assert c["lengths"]["box"] == 2  # round 2 only
     assert c["margins"]["bar"] == 2  # round 1 falls back to the manifest's pair_margins
@@ -226,7 +224,7 @@ def test_curves_follow_each_other():
 
 
 def test_stream_rows_caps(tmp_path):
-    _jsonl(tmp_path / "d/part-0.jsonl", [{"id": i} for i in range(50)])
+    write_rows(tmp_path / "d", [{"id": i} for i in range(50)])
     assert [r["id"] for r in report.stream_rows(tmp_path / "d", cap=7)] == list(range(7))
     assert list(report.stream_rows(tmp_path / "nothing")) == []
 

@@ -130,8 +130,6 @@ def test_stages_run_in_worker_processes(tmp_path, portable_runner):
     assert report.stages[-1].rejected == {"too_short": 6}
 
 
-@pytest.mark.xfail(strict=True, reason="run_job hands relative input and output paths to the workers as they are, "
-                   "so they resolve in the worker pool's working directory: nothing is read, the run reports 0 rows")
 def test_relative_paths_mean_the_launchers_directory(tmp_path, portable_runner, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = lines_job(tmp_path, "in.jsonl", "out", [{"stage": "length", "min_words": 3}])

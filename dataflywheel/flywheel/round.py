@@ -23,13 +23,13 @@ import hashlib
 import json
 import os
 import random
-import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from ..config import InputConfig, OutputConfig
-from ..io import read, read_success, write_rows
+from ..io import fs, read, read_success, write_rows
 from ..pipelines.pairs import PairsPipelineConfig
 from ..pipelines.sft import SelectConfig, SftSelectConfig, SftSteps
 from ..registry import StageSpec
@@ -48,7 +48,7 @@ VOLATILE = ("cached",)  # sample fields that differ between a fresh and a cache-
 
 # ---- data helpers -------------------------------------------------------------------------------
 
-def row_count(folder: Path | str) -> int:
+def row_count(folder: str) -> int:
     """A finished output folder's row count, from its ``_SUCCESS.json`` (no rows read)."""
     done = read_success(folder)
     if done is None:
@@ -56,7 +56,7 @@ def row_count(folder: Path | str) -> int:
     return int(done["rows"])
 
 
-def read_rows(folder: Path | str) -> list[dict]:
+def read_rows(folder: str) -> list[dict]:
     """A finished output folder's kept rows, by id (an empty output has no part files to read)."""
     done = read_success(folder)
     if done is not None and done.get("rows") == 0:
@@ -76,12 +76,13 @@ def _strip(value: Any, roots: tuple[str, ...]) -> Any:
     return value
 
 
-def rows_hash(rows: Iterable[dict], root: str | Path | None = None) -> str:
+def rows_hash(rows: Iterable[dict], root: str | None = None) -> str:
     """Order-independent content hash of rows (volatile fields left out): Beam may write the same
     rows in another shard order, and a cache-served re-run marks samples ``cached``. Paths inside
     the run folder ``root`` (a policy named in provenance) count as run-relative, so a run moved or
     repeated elsewhere hashes the same."""
-    roots = tuple(sorted({str(root), str(Path(root).resolve())}, key=len, reverse=True)) if root else ()
+    both = {str(root)} if root is None or fs.is_remote(root) else {str(root), str(Path(root).resolve())}
+    roots = tuple(sorted(both, key=len, reverse=True)) if root else ()
     digests = sorted(hashlib.sha256(json.dumps(_strip(r, roots), sort_keys=True, default=str).encode()).hexdigest()
                      for r in rows)
     return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
@@ -109,13 +110,13 @@ def as_conversation(row: dict) -> dict:
             "meta": {"source": "seed"}}
 
 
-def stage_seed(cfg: FlywheelConfig, out: Path) -> dict:
+def stage_seed(cfg: FlywheelConfig, out: str) -> dict:
     rows = [as_conversation(r) for r in task_rows(cfg, "seed")]
     write_rows(out, rows)
     return {"counts": {"rows": len(rows)}, "hash": rows_hash(rows, cfg.output)}
 
 
-def stage_prompts(cfg: FlywheelConfig, k: int, out: Path) -> dict:
+def stage_prompts(cfg: FlywheelConfig, k: int, out: str) -> dict:
     if cfg.task is not None:
         rows = task_rows(cfg, "round", k)
     else:  # the k-th disjoint slice of the pool, in a seeded order
@@ -129,14 +130,14 @@ def stage_prompts(cfg: FlywheelConfig, k: int, out: Path) -> dict:
 
 # ---- samples: the pairs pipeline ----------------------------------------------------------------
 
-def scorers_for(cfg: FlywheelConfig, rm: Path | None) -> list[StageSpec]:
+def scorers_for(cfg: FlywheelConfig, rm: str | None) -> list[StageSpec]:
     """The configured scorers, the reward model replaced by the refreshed one when there is one."""
     return [StageSpec.of(s.stage, s.config.model_copy(update={"model": str(rm)}))
             if rm is not None and s.stage == "reward_model" else s for s in cfg.scorers]
 
 
-def pairs_config(cfg: FlywheelConfig, k: int, prompts: Path, policy: Path, out: Path,
-                 runner: RunnerConfig | None = None, rm: Path | None = None) -> PairsPipelineConfig:
+def pairs_config(cfg: FlywheelConfig, k: int, prompts: str, policy: str, out: str,
+                 runner: RunnerConfig | None = None, rm: str | None = None) -> PairsPipelineConfig:
     """The round's `pairs` pipeline config (pipelines/pairs.py expands it to Beam jobs)."""
     backend = BackendConfig(kind="transformers", model=str(policy),
                             options={"device": "cpu", "batch_size": cfg.batch_size})
@@ -149,7 +150,7 @@ def pairs_config(cfg: FlywheelConfig, k: int, prompts: Path, policy: Path, out: 
         pairs=PairsConfig(method="west_of_n"), best_of_n=BestOfNConfig(field=cfg.pool.field, min_score=cfg.pool.min_score))
 
 
-def stage_samples(cfg: FlywheelConfig, k: int, prompts: Path, policy: Path, out: Path, rm: Path | None = None) -> dict:
+def stage_samples(cfg: FlywheelConfig, k: int, prompts: str, policy: str, out: str, rm: str | None = None) -> dict:
     from ..pipelines.job import run_job
     from ..pipelines.pairs import pairs_run
 
@@ -161,7 +162,7 @@ def stage_samples(cfg: FlywheelConfig, k: int, prompts: Path, policy: Path, out:
         counts[job.name.rsplit("-", 1)[-1]] = {"in": report.stages[0].rows_in, "kept": last.kept,
                                                 "rejected": {k2: v for s in report.stages for k2, v in s.rejected.items()},
                                                 "dead_letter": sum(s.dead_letter for s in report.stages)}
-    scored, pairs = read_rows(out / "scored"), read_rows(out / "pairs")
+    scored, pairs = read_rows(fs.join(out, "scored")), read_rows(fs.join(out, "pairs"))
     samples = [c for r in scored for c in r.get("completions", [])]
     rewards = [(c.get("scores") or {}).get(cfg.pool.field) for c in samples]
     verified = sum(1 for r in scored if any(((c.get("scores") or {}).get(cfg.pool.field) or 0) >= cfg.pool.min_score
@@ -171,7 +172,7 @@ def stage_samples(cfg: FlywheelConfig, k: int, prompts: Path, policy: Path, out:
                "prompts_with_verified": verified / max(1, len(scored)),
                "pair_margins": [p["scores"]["margin"] for p in pairs][:2000],
                "mean_tokens": _mean([c.get("tokens") for c in samples if c.get("tokens") is not None])}
-    h = rows_hash([*scored, *pairs, *read_rows(out / "sft")], cfg.output)
+    h = rows_hash([*scored, *pairs, *read_rows(fs.join(out, "sft"))], cfg.output)
     return {"counts": counts, "metrics": metrics, "hash": h}
 
 
@@ -182,23 +183,26 @@ def _mean(xs: list) -> float | None:
 
 # ---- pool and curation --------------------------------------------------------------------------
 
-def stage_pool(cfg: FlywheelConfig, k: int, prev: Path | None, best: Path, out: Path) -> dict:
+def stage_pool(cfg: FlywheelConfig, k: int, prev: str | None, best: str, out: str) -> dict:
     """This round's verified best-of-N rows merged into the previous round's pool (a copy: a re-run
-    of this stage starts again from the previous round's file, so it is idempotent)."""
+    of this stage starts again from the previous round's file, so it is idempotent). The pool is a
+    sqlite file, worked on locally and stored with the stage (uploaded whole to a bucket run)."""
     from ..synth.best_pool import BestPool
 
-    db = out / "pool.sqlite"
-    if cfg.pool.mode == "all_rounds" and prev is not None and (prev / "pool.sqlite").is_file():
-        shutil.copyfile(prev / "pool.sqlite", db)
-    with BestPool(db) as pool:
-        counts = pool.update(read_rows(best), k)
-        rows = pool.export()
-        by_round = pool.rounds()
-    write_rows(out / "rows", rows)
+    with tempfile.TemporaryDirectory(prefix="pool-") as scratch:
+        db = os.path.join(scratch, "pool.sqlite")
+        if cfg.pool.mode == "all_rounds" and prev is not None and fs.isfile(fs.join(prev, "pool.sqlite")):
+            fs.copy_file(fs.join(prev, "pool.sqlite"), db)
+        with BestPool(db) as pool:
+            counts = pool.update(read_rows(best), k)
+            rows = pool.export()
+            by_round = pool.rounds()
+        fs.copy_file(db, fs.join(out, "pool.sqlite"))
+    write_rows(fs.join(out, "rows"), rows)
     return {"counts": {**counts, "pool": len(rows)}, "metrics": {"pool_by_round": by_round}, "hash": rows_hash(rows, cfg.output)}
 
 
-def select_config(cfg: FlywheelConfig, k: int, rows: Path, policy: Path, out: Path,
+def select_config(cfg: FlywheelConfig, k: int, rows: str, policy: str, out: str,
                   runner: RunnerConfig | None = None) -> SftSelectConfig:
     """The round's `select` pipeline config over the pool (pipelines/sft.py)."""
     c = cfg.curate
@@ -214,7 +218,7 @@ def select_config(cfg: FlywheelConfig, k: int, rows: Path, policy: Path, out: Pa
                            output=OutputConfig(path=str(out), format="jsonl"), steps=steps, select=select)
 
 
-def stage_curate(cfg: FlywheelConfig, k: int, rows: Path, policy: Path, out: Path) -> dict:
+def stage_curate(cfg: FlywheelConfig, k: int, rows: str, policy: str, out: str) -> dict:
     from ..pipelines.job import run_job
     from ..pipelines.sft import sft_run
 
@@ -244,8 +248,8 @@ def training_mix(seed_rows: list[dict], pool_rows: list[dict], weight: float) ->
     return mix
 
 
-def stage_train(cfg: FlywheelConfig, k: int, policy: Path | None, seed_dir: Path, curated: Path | None,
-                pairs: Path | None, out: Path, prompts: Path | None = None) -> dict:
+def stage_train(cfg: FlywheelConfig, k: int, policy: str | None, seed_dir: str, curated: str | None,
+                pairs: str | None, out: str, prompts: str | None = None) -> dict:
     """Train the next policy from ``policy`` (None: round 0, from ``policy.model`` or a tiny model):
     SFT on seed + pool (``sft``), then DPO on the round's pairs (``sft+dpo``), DPO alone with the
     current policy as reference (``dpo``, RLHFlow), or GRPO on the round's prompts (``grpo``). Round 0
@@ -269,42 +273,56 @@ def stage_train(cfg: FlywheelConfig, k: int, policy: Path | None, seed_dir: Path
         current, metrics["grpo"] = _grpo(cfg, k, policy, prompts, out)
     assert current is not None
     # run-relative: a run folder can be moved or copied (the ablations copy round 0)
-    return {"counts": counts, "metrics": {**metrics, "policy": os.path.relpath(current, cfg.output)},
-            "hash": tree_hash(Path(current))}
+    return {"counts": counts, "metrics": {**metrics, "policy": run_relative(current, cfg.output)},
+            "hash": tree_hash(current)}
+
+
+def run_relative(path: str, run: str) -> str:
+    """``path`` relative to the run folder (local or a bucket URL): a run folder can be moved or
+    copied (the ablations copy round 0). A path outside a bucket run stays as it is."""
+    if fs.is_remote(run) or fs.is_remote(path):
+        base = run.rstrip("/") + "/"
+        return path[len(base):] if path.startswith(base) else path
+    return os.path.relpath(path, run)
+
+
+def in_run(run: str, rel: str) -> str:
+    """The inverse of ``run_relative``."""
+    return rel if fs.is_remote(rel) or os.path.isabs(rel) else fs.join(run, rel)
 
 
 def _summary(run: dict, keys: tuple[str, ...] = ("steps", "train_loss", "rows", "padding_fraction", "seconds")) -> dict:
     return {key: run.get(key) for key in keys if key in run}
 
 
-def _sft(cfg: FlywheelConfig, k: int, policy: Path | None, mix: list[dict], out: Path) -> tuple[Path, dict]:
+def _sft(cfg: FlywheelConfig, k: int, policy: str | None, mix: list[dict], out: str) -> tuple[str, dict]:
     from ..train import sft as sft_mod
 
-    data = out / "mix.jsonl"
-    if not data.is_file():  # a resumed stage trains on the same file
-        data.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in mix))
+    data = fs.join(out, "mix.jsonl")
+    if not fs.isfile(data):  # a resumed stage trains on the same file
+        fs.write_text(data, "".join(json.dumps(r, sort_keys=True) + "\n" for r in mix))
     if k == 0:
         start = {"model": cfg.policy.model} if cfg.policy.model else {"tiny": cfg.policy.tiny}
         loop = cfg.policy.loop.model_copy(update={"max_steps": cfg.policy.steps, "seed": cfg.seed})
     else:
         start = {"model": str(policy)}
         loop = cfg.train.loop.model_copy(update={"max_steps": cfg.train.steps, "seed": cfg.round_seed(k)})
-    summary = sft_mod.run(sft_mod.SftConfig(**start, data=[str(data)], output=str(out / "sft"), eval_fraction=0.0,
+    summary = sft_mod.run(sft_mod.SftConfig(**start, data=[data], output=fs.join(out, "sft"), eval_fraction=0.0,
                                             max_length=cfg.train.max_length, loop=loop))
-    return Path(summary["final"]), _summary(summary)
+    return str(summary["final"]), _summary(summary)
 
 
-def _dpo(cfg: FlywheelConfig, k: int, policy: Path, pairs: Path, out: Path) -> tuple[Path, dict]:
+def _dpo(cfg: FlywheelConfig, k: int, policy: str, pairs: str, out: str) -> tuple[str, dict]:
     from ..train import dpo as dpo_mod
 
     loop = cfg.train.dpo_loop.model_copy(update={"max_steps": cfg.train.dpo_steps, "seed": cfg.round_seed(k)})
-    summary = dpo_mod.run(dpo_mod.DpoConfig(model=str(policy), data=[str(pairs)], output=str(out / "dpo"),
+    summary = dpo_mod.run(dpo_mod.DpoConfig(model=str(policy), data=[str(pairs)], output=fs.join(out, "dpo"),
                                             eval_fraction=0.0, max_length=cfg.train.max_length,
                                             beta=cfg.train.dpo_beta, loop=loop.model_dump()))
-    return Path(summary["final"]), _summary(summary)
+    return str(summary["final"]), _summary(summary)
 
 
-def _grpo(cfg: FlywheelConfig, k: int, policy: Path, prompts: Path, out: Path) -> tuple[Path, dict]:
+def _grpo(cfg: FlywheelConfig, k: int, policy: str, prompts: str, out: str) -> tuple[str, dict]:
     """GRPO on this round's prompts, rewarded by the round's verifier (or reward model) scorer."""
     from ..train import grpo as grpo_mod
 
@@ -318,30 +336,30 @@ def _grpo(cfg: FlywheelConfig, k: int, policy: Path, prompts: Path, out: Path) -
     s = cfg.sampling
     options = {"num_generations": s.n, "max_completion_length": s.max_tokens, "temperature": s.temperature,
                **reward, **cfg.train.grpo}
-    summary = grpo_mod.run(grpo_mod.GrpoConfig(model=str(policy), data=[str(prompts)], output=str(out / "grpo"),
+    summary = grpo_mod.run(grpo_mod.GrpoConfig(model=str(policy), data=[str(prompts)], output=fs.join(out, "grpo"),
                                                eval_fraction=0.0, max_length=cfg.train.max_length,
                                                loop=loop.model_dump(), **options))
-    return Path(summary["final"]), _summary(summary, ("steps", "seconds", "reward_start", "reward_end"))
+    return str(summary["final"]), _summary(summary, ("steps", "seconds", "reward_start", "reward_end"))
 
 
-def stage_rm(cfg: FlywheelConfig, k: int, rm: Path, pairs: Path, out: Path) -> dict:
+def stage_rm(cfg: FlywheelConfig, k: int, rm: str, pairs: str, out: str) -> dict:
     """Refresh the reward model on the round's West-of-N pairs (+ labelled data)."""
     from ..train import rm as rm_mod
 
     r = cfg.rm_refresh
     n_pairs = row_count(pairs)
     if not n_pairs and not r.data:  # nothing to learn from: the model stays
-        return {"counts": {"pairs": 0}, "metrics": {"rm": os.path.relpath(rm, cfg.output)}, "hash": tree_hash(rm)}
+        return {"counts": {"pairs": 0}, "metrics": {"rm": run_relative(rm, cfg.output)}, "hash": tree_hash(rm)}
     data = ([str(pairs)] if n_pairs else []) + list(r.data)
     loop = {"lr": r.lr, "batch_size": r.batch_size, "max_steps": r.steps, "seed": cfg.round_seed(k), "progress": False}
-    summary = rm_mod.run(rm_mod.RmConfig(model=str(rm), data=data, output=str(out / "train"), eval_fraction=0.0,
+    summary = rm_mod.run(rm_mod.RmConfig(model=str(rm), data=data, output=fs.join(out, "train"), eval_fraction=0.0,
                                          max_length=cfg.train.max_length, loop=loop))
-    final = Path(summary["final"])
-    metrics = {"rm": os.path.relpath(final, cfg.output), **_summary(summary, ("steps", "train_loss", "seconds"))}
+    final = str(summary["final"])
+    metrics = {"rm": run_relative(final, cfg.output), **_summary(summary, ("steps", "train_loss", "seconds"))}
     return {"counts": {"pairs": n_pairs, "labelled_paths": len(r.data)}, "metrics": metrics, "hash": tree_hash(final)}
 
 
-def evaluate(cfg: FlywheelConfig, policy: Path, rows: list[dict]) -> tuple[list[dict], dict]:
+def evaluate(cfg: FlywheelConfig, policy: str, rows: list[dict]) -> tuple[list[dict], dict]:
     """Greedy answers (and pass@k samples when asked) to held-out prompts, verified."""
     from ..synth.backends.base import Request
     from ..synth.backends.transformers import TransformersBackend
@@ -367,7 +385,7 @@ def evaluate(cfg: FlywheelConfig, policy: Path, rows: list[dict]) -> tuple[list[
     return results, metrics
 
 
-def stage_eval(cfg: FlywheelConfig, policy: Path, heldout: list[dict], out: Path) -> dict:
+def stage_eval(cfg: FlywheelConfig, policy: str, heldout: list[dict], out: str) -> dict:
     results, metrics = evaluate(cfg, policy, heldout)
     write_rows(out, results)
     return {"counts": {"rows": len(results)}, "metrics": metrics, "hash": rows_hash(results, cfg.output)}

@@ -12,12 +12,12 @@ started again ends with the same outputs as one that never stopped.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from ..io import read
+from ..io import fs, read
 from .config import FlywheelConfig
 from .round import (
+    in_run,
     rows_hash,
     stage_curate,
     stage_eval,
@@ -34,8 +34,8 @@ from .state import canonical_hash, lock_run, read_json, run_stage, write_json
 TRAIN_SKIP = ("checkpoints",)  # a finished training folder's hash: the weights, not the resume state
 
 
-def round_dir(run: Path, k: int) -> Path:
-    return run / f"round-{k:03d}"
+def round_dir(run: str, k: int) -> str:
+    return fs.join(run, f"round-{k:03d}")
 
 
 def heldout_rows(cfg: FlywheelConfig) -> list[dict]:
@@ -48,11 +48,11 @@ def _summary(marker: dict) -> dict:
     return {k: marker.get(k) for k in ("inputs", "output", "counts", "metrics", "seconds", "skipped")}
 
 
-def run_round(cfg: FlywheelConfig, run: Path, k: int, prev: dict | None, heldout: list[dict],
+def run_round(cfg: FlywheelConfig, run: str, k: int, prev: dict | None, heldout: list[dict],
               log: Callable[[str], None] = print) -> dict:
     """Run (or resume) round ``k``; ``prev`` is round k-1's record. Returns this round's record."""
     rd = round_dir(run, k)
-    rd.mkdir(parents=True, exist_ok=True)
+    fs.makedirs(rd)
     stages: dict[str, dict] = {}
     common = {"seed": cfg.seed, "max_length": cfg.train.max_length}
     if k == 0:
@@ -60,11 +60,11 @@ def run_round(cfg: FlywheelConfig, run: Path, k: int, prev: dict | None, heldout
                                    lambda out: stage_seed(cfg, out), log=log)
         stages["train"] = run_stage(
             rd, "train", {"seed": stages["seed"]["output"], "policy": cfg.policy.model_dump(), **common},
-            lambda out: stage_train(cfg, 0, None, rd / "seed", None, None, out),
+            lambda out: stage_train(cfg, 0, None, fs.join(rd, "seed"), None, None, out),
             resumable=True, skip_dirs=TRAIN_SKIP, log=log)
     else:
-        policy = run / prev["policy"]
-        seed_dir = round_dir(run, 0) / "seed"
+        policy = in_run(run, prev["policy"])
+        seed_dir = fs.join(round_dir(run, 0), "seed")
         seed_hash = prev["seed_hash"]
         if cfg.control:  # the compute-matched control: the same steps on the seed set alone
             inputs = {"policy": prev["policy_hash"], "seed": seed_hash, "train": cfg.train.model_dump(),
@@ -77,43 +77,43 @@ def run_round(cfg: FlywheelConfig, run: Path, k: int, prev: dict | None, heldout
                 rd, "prompts", {"task": cfg.task and cfg.task.model_dump(), "prompts": cfg.prompts.model_dump(),
                                 "round": k, **common},
                 lambda out: stage_prompts(cfg, k, out), log=log)
-            rm = run / prev["rm"] if prev.get("rm") else None  # refreshed in the round before
+            rm = in_run(run, prev["rm"]) if prev.get("rm") else None  # refreshed in the round before
             stages["samples"] = run_stage(
                 rd, "samples", {"prompts": stages["prompts"]["output"], "policy": prev["policy_hash"],
                                 "sampling": cfg.sampling.model_dump(), "scorers": [s.model_dump() for s in cfg.scorers],
                                 "pool": cfg.pool.model_dump(),
                                 "rm": prev.get("rm_hash")},
-                lambda out: stage_samples(cfg, k, rd / "prompts", policy, out, rm), log=log)
+                lambda out: stage_samples(cfg, k, fs.join(rd, "prompts"), policy, out, rm), log=log)
             if cfg.rm_refresh is not None:
-                start = rm or Path(cfg.scorer("reward_model").config.model)
+                start = rm or str(cfg.scorer("reward_model").config.model)
                 stages["rm"] = run_stage(
                     rd, "rm", {"samples": stages["samples"]["output"], "rm": prev.get("rm_hash") or str(start),
                                "refresh": cfg.rm_refresh.model_dump(), **common},
-                    lambda out: stage_rm(cfg, k, start, rd / "samples" / "pairs", out),
+                    lambda out: stage_rm(cfg, k, start, fs.join(rd, "samples", "pairs"), out),
                     resumable=True, skip_dirs=TRAIN_SKIP, log=log)
-            prev_pool = round_dir(run, k - 1) / "pool" if k > 1 else None
+            prev_pool = fs.join(round_dir(run, k - 1), "pool") if k > 1 else None
             stages["pool"] = run_stage(
                 rd, "pool", {"samples": stages["samples"]["output"], "previous": prev.get("pool_hash"),
                              "pool": cfg.pool.model_dump()},
-                lambda out: stage_pool(cfg, k, prev_pool, rd / "samples" / "sft", out), log=log)
+                lambda out: stage_pool(cfg, k, prev_pool, fs.join(rd, "samples", "sft"), out), log=log)
             stages["curate"] = run_stage(
                 rd, "curate", {"pool": stages["pool"]["output"], "curate": cfg.curate.model_dump(),
                                "policy": prev["policy_hash"], **common},
-                lambda out: stage_curate(cfg, k, rd / "pool" / "rows", policy, out), log=log)
+                lambda out: stage_curate(cfg, k, fs.join(rd, "pool", "rows"), policy, out), log=log)
             inputs = {"policy": prev["policy_hash"], "seed": seed_hash, "curated": stages["curate"]["output"],
                       "pairs": stages["samples"]["output"], "prompts": stages["prompts"]["output"],
                       "train": cfg.train.model_dump(),
                       "weight": cfg.pool.weight, **common}
             stages["train"] = run_stage(
                 rd, "train", inputs,
-                lambda out: stage_train(cfg, k, policy, seed_dir, rd / "curate", rd / "samples" / "pairs", out,
-                                        rd / "prompts"),
+                lambda out: stage_train(cfg, k, policy, seed_dir, fs.join(rd, "curate"), fs.join(rd, "samples", "pairs"),
+                                        out, fs.join(rd, "prompts")),
                 resumable=True, skip_dirs=TRAIN_SKIP, log=log)
     policy_now = stages["train"]["metrics"]["policy"]
     stages["eval"] = run_stage(
         rd, "eval", {"policy": stages["train"]["output"], "heldout": rows_hash(heldout), "eval": cfg.eval.model_dump(),
                      "verifier": cfg.prompts.verifier, "max_tokens": cfg.sampling.max_tokens},
-        lambda out: stage_eval(cfg, run / policy_now, heldout, out), log=log)
+        lambda out: stage_eval(cfg, in_run(run, policy_now), heldout, out), log=log)
     record = {
         "round": k, "policy": policy_now, "policy_hash": stages["train"]["output"],  # policy: run-relative
         "seed_hash": stages["seed"]["output"] if k == 0 else prev["seed_hash"],
@@ -123,7 +123,7 @@ def run_round(cfg: FlywheelConfig, run: Path, k: int, prev: dict | None, heldout
         "accuracy": stages["eval"]["metrics"].get("accuracy"),
         "stages": {name: _summary(m) for name, m in stages.items()},
     }
-    write_json(rd / "manifest.json", record)
+    write_json(fs.join(rd, "manifest.json"), record)
     return record
 
 
@@ -143,10 +143,10 @@ def dry_run_round(cfg: FlywheelConfig, k: int = 1) -> dict[str, Any]:
     if k < 1:
         raise UserError("round 0 has no Beam stages (seed, train, eval): dry-run a round >= 1")
     runner = cfg.runner.model_copy(update={"dataflow": cfg.runner.dataflow.model_copy(update={"dry_run": True})})
-    run = Path(cfg.output)
-    rd, policy = round_dir(run, k), round_dir(run, k - 1) / "train" / "sft" / "final"
-    runs = [pairs_run(pairs_config(cfg, k, rd / "prompts", policy, rd / "samples", runner)),
-            sft_run(select_config(cfg, k, rd / "pool" / "rows", policy, rd / "curate", runner))]
+    run = cfg.output
+    rd, policy = round_dir(run, k), fs.join(round_dir(run, k - 1), "train", "sft", "final")
+    runs = [pairs_run(pairs_config(cfg, k, fs.join(rd, "prompts"), policy, fs.join(rd, "samples"), runner)),
+            sft_run(select_config(cfg, k, fs.join(rd, "pool", "rows"), policy, fs.join(rd, "curate"), runner))]
     return {job.name: run_job(job, one.runner).job_graph for one in runs for job in one.jobs}
 
 
@@ -161,7 +161,7 @@ def plateaued(accuracies: list[float], patience: int, min_delta: float) -> bool:
 def run_rounds(cfg: FlywheelConfig, rounds: int | None = None, only_round: int | None = None,
                until_plateau: bool = False, log: Callable[[str], None] = print) -> dict:
     """Run rounds 0..N (``only_round``: 0..K, for schedulers); returns the run manifest."""
-    run = Path(cfg.output)
+    run = cfg.output
     lock = lock_run(run)
     try:
         last = only_round if only_round is not None else (cfg.rounds if rounds is None else rounds)
@@ -185,9 +185,9 @@ def run_rounds(cfg: FlywheelConfig, rounds: int | None = None, only_round: int |
         lock.close()
 
 
-def write_manifest(cfg: FlywheelConfig, run: Path, records: list[dict], stopped: str | None) -> dict:
+def write_manifest(cfg: FlywheelConfig, run: str, records: list[dict], stopped: str | None) -> dict:
     """The run's manifest: config, every round's record, and the datasets `export` publishes."""
-    old = read_json(run / "manifest.json") or {}
+    old = read_json(fs.join(run, "manifest.json")) or {}
     by_round = {r["round"]: r for r in old.get("rounds", [])}
     by_round.update({r["round"]: r for r in records})
     rounds = [by_round[k] for k in sorted(by_round)]
@@ -203,5 +203,5 @@ def write_manifest(cfg: FlywheelConfig, run: Path, records: list[dict], stopped:
             "stage_counts": {r["round"]: {s: m["counts"] for s, m in r["stages"].items()} for r in rounds}}
     manifest: dict[str, Any] = {"name": cfg.name, "config": cfg.model_dump(), "rounds": rounds,
                                 "stopped": stopped, "exports": exports, "card": card}
-    write_json(run / "manifest.json", manifest)
+    write_json(fs.join(run, "manifest.json"), manifest)
     return manifest

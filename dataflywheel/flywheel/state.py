@@ -17,14 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from .. import progress
-from ..io.sink import atomic_path
+from ..io import fs
 
 SKIP_NAMES = ("_SUCCESS.json",)  # holds wall times and paths: not content
 SKIP_SUFFIXES = (".sqlite", ".sqlite-wal", ".sqlite-shm", ".lock")  # caches and locks: not content
@@ -36,103 +34,114 @@ def canonical_hash(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def tree_hash(path: str | Path, skip_dirs: tuple[str, ...] = ()) -> str:
-    """Content hash of a file or folder: relative paths and bytes, in sorted order. Hidden files,
-    ``_SUCCESS.json`` (timings), caches and ``skip_dirs`` (e.g. training checkpoints) are left out."""
-    root = Path(path)
+def tree_hash(path: str | os.PathLike, skip_dirs: tuple[str, ...] = ()) -> str:
+    """Content hash of a file or folder, local or in a bucket: relative paths and bytes, in sorted
+    order. Hidden files, ``_SUCCESS.json`` (timings), caches and ``skip_dirs`` (e.g. training
+    checkpoints) are left out."""
+    root = os.fspath(path)
     h = hashlib.sha256()
-    if root.is_file():
-        files = [root]
-    elif root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file() and _counted(p.relative_to(root), skip_dirs))
+    if fs.isfile(root):
+        files = [(fs.basename(root), root)]
+    elif fs.isdir(root):
+        files = sorted((rel, fs.join(root, *rel.split("/"))) for rel in _files_below(root)
+                       if _counted(rel.split("/"), skip_dirs))
     else:
         return "missing"
-    for p in files:
-        h.update(str(p.relative_to(root) if p != root else p.name).encode() + b"\0")
-        with open(p, "rb") as fh:
+    for rel, file in files:
+        h.update(rel.encode() + b"\0")
+        with fs.open_file(file) as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
         h.update(b"\0")
     return h.hexdigest()[:16]
 
 
-def _counted(rel: Path, skip_dirs: tuple[str, ...]) -> bool:
-    parts = rel.parts
+def _files_below(root: str) -> list[str]:
+    """Relative ("/"-joined) paths of every file below ``root``."""
+    base = root.rstrip("/")
+    out = []
+    for folder, names in fs.walk_files(root):
+        rel_folder = folder[len(base):].strip("/").replace(os.sep, "/")
+        out += [f"{rel_folder}/{name}" if rel_folder else name for name in names]
+    return out
+
+
+def _counted(parts: list[str], skip_dirs: tuple[str, ...]) -> bool:
     if any(p.startswith(".") for p in parts) or any(p in skip_dirs for p in parts[:-1]):
         return False
-    return rel.name not in SKIP_NAMES and not rel.name.endswith(SKIP_SUFFIXES)
+    return parts[-1] not in SKIP_NAMES and not parts[-1].endswith(SKIP_SUFFIXES)
 
 
-def read_marker(folder: Path, stage: str) -> dict | None:
-    path = folder / f"{stage}.done.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except ValueError:  # a marker is written atomically; a torn one means someone edited it
-        return None
+def read_marker(folder: str, stage: str) -> dict | None:
+    return read_json(fs.join(folder, f"{stage}.done.json"))
 
 
-def _write_json(path: Path, data: dict) -> None:
-    with atomic_path(str(path)) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True, default=str)
-
-
-def run_stage(round_dir: Path, stage: str, inputs: dict, fn: Callable[[Path], dict], *,
+def run_stage(round_dir: str, stage: str, inputs: dict, fn: Callable[[str], dict], *,
               resumable: bool = False, skip_dirs: tuple[str, ...] = (), log: Callable[[str], None] = print) -> dict:
     """Run ``fn(out_dir) -> {"counts", "metrics", "hash"}`` unless a marker with the same input hash exists.
 
-    Returns the marker: ``stage``, ``inputs`` (hash), ``output`` (the stage's own content ``hash`` when
-    it gives one, e.g. order-independent over rows; else the content hash of ``round_dir/stage``),
-    ``counts``, ``metrics``, ``seconds``, ``skipped`` (True when the marker was reused)."""
+    ``round_dir`` is a local folder or a bucket URL. Returns the marker: ``stage``, ``inputs``
+    (hash), ``output`` (the stage's own content ``hash`` when it gives one, e.g. order-independent
+    over rows; else the content hash of ``round_dir/stage``), ``counts``, ``metrics``, ``seconds``,
+    ``skipped`` (True when the marker was reused)."""
     key = canonical_hash(inputs)
     done = read_marker(round_dir, stage)
     if done is not None and done.get("inputs") == key:
         return {**done, "skipped": True}
-    out = round_dir / stage
-    started = round_dir / f"{stage}.started.json"
-    keep = resumable and started.is_file() and json.loads(started.read_text()).get("inputs") == key
+    out = fs.join(round_dir, stage)
+    started = fs.join(round_dir, f"{stage}.started.json")
+    keep = resumable and (read_json(started) or {}).get("inputs") == key
     if not keep:
-        shutil.rmtree(out, ignore_errors=True)
-    (round_dir / f"{stage}.done.json").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(started, {"stage": stage, "inputs": key})
-    log(f"{round_dir.name}/{stage}: running{' (resuming)' if keep else ''}")
+        fs.remove_tree(out)
+    fs.remove(fs.join(round_dir, f"{stage}.done.json"))
+    fs.makedirs(out)
+    write_json(started, {"stage": stage, "inputs": key})
+    name = f"{fs.basename(round_dir)}/{stage}"
+    log(f"{name}: running{' (resuming)' if keep else ''}")
     t0 = time.perf_counter()
-    with progress.scope(f"{round_dir.name}/{stage}"):  # the stage's progress lines say which stage
+    with progress.scope(name):  # the stage's progress lines say which stage
         result = fn(out) or {}
     marker = {"stage": stage, "inputs": key, "input_detail": inputs, "output": result.get("hash") or tree_hash(out, skip_dirs),
               "counts": result.get("counts", {}), "metrics": result.get("metrics", {}),
               "seconds": round(time.perf_counter() - t0, 2), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _write_json(round_dir / f"{stage}.done.json", marker)
-    started.unlink(missing_ok=True)
+    write_json(fs.join(round_dir, f"{stage}.done.json"), marker)
+    fs.remove(started)
     return {**marker, "skipped": False}
 
 
-def write_json(path: str | Path, data: dict) -> None:
-    """Atomically write ``data`` as JSON (manifests)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(path, data)
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """Atomically write ``data`` as JSON (markers, manifests), locally or to a bucket."""
+    fs.write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
-def read_json(path: str | Path) -> dict | None:
+def read_json(path: str | os.PathLike) -> dict | None:
+    """A JSON file's content, or None when it is missing (or torn: markers are written atomically,
+    so a torn one means someone edited it)."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(fs.read_text(path))
     except FileNotFoundError:
+        return None
+    except ValueError:
         return None
 
 
-def lock_run(folder: Path) -> Any:
+def lock_run(folder: str) -> Any:
     """An exclusive, non-blocking lock on the run folder (fcntl): a second writer fails at once with
     the holder's pid instead of interleaving rounds. Released when the returned file is closed or
-    the process dies (kill -9 included: the kernel drops the lock)."""
+    the process dies (kill -9 included: the kernel drops the lock). A run folder in a bucket is
+    locked on this machine only (object stores have no locks): run one driver per bucket run."""
     import fcntl
 
     from ..errors import UserError
 
-    folder.mkdir(parents=True, exist_ok=True)
-    fh = open(folder / "run.lock", "a+")
+    if fs.is_remote(folder):
+        lock_dir = os.path.join(fs.cache_root(), "locks")
+        os.makedirs(lock_dir, exist_ok=True)
+        lock_path = os.path.join(lock_dir, hashlib.sha256(folder.encode()).hexdigest()[:16] + ".lock")
+    else:
+        os.makedirs(folder, exist_ok=True)
+        lock_path = os.path.join(folder, "run.lock")
+    fh = open(lock_path, "a+")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -260,6 +260,12 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         fh.write(text)
 
 
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy one file between any two places (local, bucket), streaming; ``dst`` appears whole."""
+    with open_file(src) as fin, atomic_path(dst) as tmp, open(tmp, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+
+
 def upload_tree(local: str | os.PathLike, url: str, skip: tuple[str, ...] = ()) -> list[str]:
     """Copy every file below the local folder ``local`` to ``url`` (one PUT per file); names under a
     folder called one of ``skip`` are left out. Returns the relative paths copied."""

@@ -11,6 +11,7 @@ them as complete. The report is saved to ``<output>/_report.json`` either way.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -88,7 +89,9 @@ def _run_beam(job: JobConfig, stages: list[Stage], files: list[str], runner: Run
     from .watch import finish, spool_for, watch
 
     accel = runner.dataflow.accelerator_hint() if runner.engine == "dataflow" and runner.dataflow else None
-    dirs = output_dirs(job)
+    # Workers in other processes (portable, Dataflow) do not share this process's working directory.
+    dirs = {k: _absolute(v) for k, v in output_dirs(job).items()}
+    files = [_absolute(f) for f in files]
     p = make_pipeline(runner, job.name)
     read_out = p | "Read" >> ReadFiles(files, job.input.format, job.input.kind, job.input.batch_rows,
                                        job.input.options, READ, progress=prog.token if prog else None,
@@ -115,6 +118,10 @@ def _run_beam(job: JobConfig, stages: list[Stage], files: list[str], runner: Run
     for report, new_rows in zip(reports, [True] + [s.new_rows for s in stages]):
         report.new_rows = new_rows
     return reports, None
+
+
+def _absolute(path: str) -> str:
+    return path if fs.is_remote(path) else os.path.abspath(fs.local_path(path))
 
 
 class _Sinks:

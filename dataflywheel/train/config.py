@@ -6,14 +6,18 @@ fields; defaults are stated once, here or there, with their source.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from dataflywheel.config import load_yaml
+from dataflywheel.io import fs
 
 from .model import TinyInit
+
+STAGING = "train-staging"  # bucket outputs are trained in fs.cache_root()/train-staging/<key>-<name> (output.py)
 
 
 class LoopConfig(BaseModel):
@@ -47,11 +51,12 @@ class LoopConfig(BaseModel):
 
 class TrainBase(BaseModel):
     """What every training config has. ``data``: files, folders or globs of the pipeline's outputs
-    (JSONL / Parquet / HF folders); ``output``: the run folder (checkpoints/, final/, metrics.jsonl)."""
+    (JSONL / Parquet / HF folders), local or in a bucket; ``output``: the run folder (checkpoints/,
+    final/, metrics.jsonl), local or a bucket URL (trained in a local staging folder, output.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = None  # a local folder or Hub id ...
+    model: str | None = None  # a local folder, bucket URL or Hub id ...
     tiny: TinyInit | None = None  # ... or a tiny model built into output/base (offline configs and tests)
     data: list[str]
     output: str
@@ -65,7 +70,19 @@ class TrainBase(BaseModel):
 
     @property
     def out(self) -> Path:
-        return Path(self.output)
+        """The local folder the run writes (for a bucket output, its staging folder)."""
+        return output_dir(self.output)
+
+
+def staging_dir(url: str) -> Path:
+    """The local folder a bucket output is trained in: one per URL, so a re-run on this machine finds it."""
+    key = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    return Path(fs.cache_root()) / STAGING / f"{key}-{fs.basename(url)}"
+
+
+def output_dir(output: str) -> Path:
+    """Where a run with this ``output`` writes its files: the folder itself, or a bucket's staging folder."""
+    return staging_dir(output) if fs.is_remote(output) else Path(fs.local_path(output))
 
 
 def load_train_config(path: str | Path, cls: type[TrainBase], overrides: dict | None = None) -> TrainBase:

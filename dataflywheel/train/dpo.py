@@ -26,6 +26,7 @@ import torch
 from pydantic import Field
 
 from dataflywheel.errors import UserError
+from dataflywheel.io import fs
 from dataflywheel.models.fingerprint import model_fingerprint
 from dataflywheel.models.score_cache import ScoreCache, cache_key
 
@@ -34,6 +35,7 @@ from .data import Lint, PairExample, load_split, pair_examples, use_chat_templat
 from .loop import LossOut, autocast, index_plan, pick_device, steps_for, train_loop
 from .losses import dpo_loss, sequence_logps
 from .model import load_for_training, resolve_model, save_final, to_device
+from .output import RunOutput
 from .pack import collate_padded
 
 
@@ -89,7 +91,8 @@ def ref_key_prefix(ref_name: str, cfg: DpoConfig, tok: Any, bf16: bool, loaded: 
     ``loaded``: the reference when already loaded (a Hub model's id then includes its revision)."""
     template = tok.chat_template or ""  # the config's override is on the tokenizer (use_chat_template)
     digest = hashlib.sha256(template.encode()).hexdigest()[:16]
-    return model_fingerprint(ref_name, loaded), f"dpo_ref:max_length={cfg.max_length}:template={digest}:bf16={bf16}"
+    # a model in a bucket is fingerprinted by its content (its cached copy), as a local folder is
+    return model_fingerprint(fs.local_copy(ref_name), loaded), f"dpo_ref:max_length={cfg.max_length}:template={digest}:bf16={bf16}"
 
 
 @torch.no_grad()
@@ -144,6 +147,7 @@ def evaluate(model: Any, pairs: Sequence[PairExample], ref: torch.Tensor | None,
 
 def run(cfg: DpoConfig) -> dict:
     """Train; returns the summary also written to ``output/summary.json``."""
+    output = RunOutput.start(cfg.output, cfg.resume)  # a bucket output: its latest checkpoint comes here first
     lint = Lint()
     train_rows, held = load_split(cfg.data, cfg.eval_data, cfg.eval_fraction, "preference", lint)
     texts = (m["content"] for r in train_rows for k in ("prompt", "chosen", "rejected") for m in r[k])
@@ -191,18 +195,20 @@ def run(cfg: DpoConfig) -> dict:
           f"reference {cfg.reference} ({forwards} reference forwards, {ref_seconds:.1f}s)", flush=True)
     t0 = time.perf_counter()
     last = train_loop(model, loop, cfg.out, total_steps=total, step_batches=step_batches,
-                      loss_fn=dpo_loss_fn(device, cfg, live), tokenizer=tok, resume=cfg.resume, desc="dpo")
+                      loss_fn=dpo_loss_fn(device, cfg, live), tokenizer=tok, on_checkpoint=output.push_checkpoint,
+                      resume=cfg.resume, desc="dpo")
     seconds = time.perf_counter() - t0
     metrics = {k: v for k, v in last.items() if k.startswith(("rewards/", "logps/"))}
     summary = {
         "algorithm": "dpo", "model": model_name, "ref_model": ref_name, "reference": cfg.reference,
         "loss_type": cfg.loss_type, "beta": cfg.beta, "pairs": len(pairs), "eval_pairs": len(eval_pairs),
         "lint": dict(lint.counts), "rows_dropped": lint.rows, "ref_forwards": forwards, "ref_seconds": round(ref_seconds, 2),
-        "steps": last["step"], "train_loss": last.get("loss"), **metrics, "seconds": round(seconds, 2),
+        "steps": last["step"], "resumed_from": last["resumed_from"], "train_loss": last.get("loss"), **metrics,
+        "seconds": round(seconds, 2),
         "step_seconds": last.get("step_seconds"), "tokens_per_s": last.get("tokens_per_s_run"),
         "seconds_per_step": last.get("seconds_per_step"),
         **evaluate(model, eval_pairs, eval_ref_logps, cfg, tok.pad_token_id, live),
     }
     if last["step"] >= total:
-        summary["final"] = str(save_final(model, tok, cfg.out, summary))
+        summary["final"] = output.publish_final(save_final(model, tok, cfg.out, summary))
     return summary

@@ -29,6 +29,7 @@ import torch
 from pydantic import Field, model_validator
 
 from dataflywheel.errors import UserError
+from dataflywheel.io import fs
 from dataflywheel.synth.backends.base import Request, Sampling
 from dataflywheel.synth.backends.transformers import chat_prompt_ids
 from dataflywheel.synth.verifiers import BUILTIN, RewardFn, load_verifier, verifier_reward
@@ -38,6 +39,7 @@ from .data import Lint, load_split, use_chat_template
 from .loop import LossOut, autocast, index_plan, latest_checkpoint, pick_device, train_loop
 from .losses import IGNORE, group_advantages, grpo_loss, token_logps
 from .model import load_for_training, resolve_model, save_final, to_device
+from .output import RunOutput
 
 GRPO_LR = 1e-6  # TRL GRPOConfig learning_rate (docs/sources.md#grpo)
 ROLLOUT_FILE = "rollout.pt"
@@ -232,7 +234,7 @@ def make_backend(cfg: GrpoConfig, model: Any, tok: Any, model_name: str) -> Any:
     if cfg.backend == "vllm":
         from dataflywheel.synth.backends.vllm_offline import VLLMBackend
 
-        return VLLMBackend(model_name, **cfg.backend_options)
+        return VLLMBackend(fs.local_copy(model_name), **cfg.backend_options)  # vLLM loads local folders and Hub ids
     from dataflywheel.synth.backends.transformers import TransformersBackend
 
     return TransformersBackend.from_model(model, tok, model_name, **cfg.backend_options)
@@ -264,6 +266,7 @@ def _mean(xs: list[float]) -> float | None:
 
 def run(cfg: GrpoConfig) -> dict:
     """Train; returns the summary also written to ``output/summary.json``."""
+    output = RunOutput.start(cfg.output, cfg.resume)  # a bucket output: its latest checkpoint comes here first
     lint = Lint()
     # prompt rows: `prompt`, Alpaca `instruction`, or `messages` ending with the user turn (records.py);
     # every other column (e.g. `answer`) stays on the row for the reward function
@@ -316,7 +319,7 @@ def run(cfg: GrpoConfig) -> dict:
     t0 = time.perf_counter()
     last = train_loop(model, loop, cfg.out, total_steps=total, step_batches=step_batches,
                       loss_fn=grpo_loss_fn(cfg, device), tokenizer=tok, save_extra=save_extra,
-                      resume=cfg.resume, desc="grpo")
+                      on_checkpoint=output.push_checkpoint, resume=cfg.resume, desc="grpo")
     steps = [json.loads(ln) for ln in (cfg.out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     curve, done = [s["reward"] for s in steps if "reward" in s], last["step"] >= total
     if done:
@@ -334,5 +337,5 @@ def run(cfg: GrpoConfig) -> dict:
         "eval_reward": eval_reward(backend, held, reward_fn, cfg) if done else None,
     }
     if done:
-        summary["final"] = str(save_final(model, tok, cfg.out, summary))
+        summary["final"] = output.publish_final(save_final(model, tok, cfg.out, summary))
     return summary

@@ -227,11 +227,13 @@ def train_loop(
     loss_fn: Callable[[Any, Any], LossOut],
     tokenizer: Any = None,
     save_extra: Callable[[Path], None] | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
     resume: bool = True,
     desc: str = "train",
 ) -> dict[str, Any]:
     """Train ``model`` for ``total_steps`` optimizer steps; returns the last step's metrics
-    (plus ``resumed_from``). Metrics of every step go to ``out_dir/metrics.jsonl``."""
+    (plus ``resumed_from``). Metrics of every step go to ``out_dir/metrics.jsonl``.
+    ``on_checkpoint(folder)`` runs after each checkpoint is saved (output.py uploads it to a bucket)."""
     from tqdm.auto import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -288,7 +290,9 @@ def train_loop(
                 line.step = step
             stopping = cfg.stop_after is not None and step >= cfg.stop_after
             if step == total_steps or stopping or (cfg.save_every and step % cfg.save_every == 0):
-                save_checkpoint(model, tokenizer, opt, sched, step, out_dir, cfg, save_extra)
+                saved = save_checkpoint(model, tokenizer, opt, sched, step, out_dir, cfg, save_extra)
+                if on_checkpoint is not None:
+                    on_checkpoint(saved)
             if stopping:
                 break
     out = {**last, "resumed_from": start, "total_steps": total_steps, "step_seconds": round(session["seconds"], 3),

@@ -27,6 +27,7 @@ from .data import Lint, PairExample, load_split, pair_examples, use_chat_templat
 from .loop import LossOut, autocast, index_plan, latest_checkpoint, pick_device, steps_for, train_loop, trim_jsonl
 from .losses import bradley_terry
 from .model import load_for_training, resolve_model, save_final, to_device
+from .output import RunOutput
 from .pack import collate_padded
 
 EVAL_FILE = "eval.jsonl"
@@ -101,6 +102,7 @@ def _margins(rows: Sequence[dict], pairs: Sequence[PairExample], field: str | No
 
 def run(cfg: RmConfig) -> dict:
     """Train; returns the summary also written to ``output/summary.json``."""
+    output = RunOutput.start(cfg.output, cfg.resume)  # a bucket output: its latest checkpoint comes here first
     lint = Lint()
     train_rows, held = load_split(cfg.data, cfg.eval_data, cfg.eval_fraction, "preference", lint)
     texts = (m["content"] for r in train_rows for k in ("prompt", "chosen", "rejected") for m in r[k])
@@ -138,16 +140,17 @@ def run(cfg: RmConfig) -> dict:
     t0 = time.perf_counter()
     last = train_loop(model, loop, cfg.out, total_steps=total, step_batches=step_batches,
                       loss_fn=rm_loss_fn(device, cfg.center_rewards_coefficient), tokenizer=tok,
-                      resume=cfg.resume, desc="rm")
+                      on_checkpoint=output.push_checkpoint, resume=cfg.resume, desc="rm")
     seconds = time.perf_counter() - t0
     summary = {
         "algorithm": "rm", "model": model_name, "pairs": len(pairs), "eval_pairs": len(eval_pairs),
-        "lint": dict(lint.counts), "rows_dropped": lint.rows, "steps": last["step"], "train_loss": last.get("loss"),
+        "lint": dict(lint.counts), "rows_dropped": lint.rows, "steps": last["step"],
+        "resumed_from": last["resumed_from"], "train_loss": last.get("loss"),
         "train_accuracy": last.get("accuracy"), "seconds": round(seconds, 2),
         "step_seconds": last.get("step_seconds"), "tokens_per_s": last.get("tokens_per_s_run"),
         "seconds_per_step": last.get("seconds_per_step"),
         **evaluate(model, eval_pairs, eval_margins, cfg, tok.pad_token_id),
     }
     if last["step"] >= total:
-        summary["final"] = str(save_final(model, tok, cfg.out, summary))
+        summary["final"] = output.publish_final(save_final(model, tok, cfg.out, summary))
     return summary

@@ -20,6 +20,7 @@ from .data import Example, Lint, load_split, sft_examples, use_chat_template
 from .loop import LossOut, index_plan, pick_device, steps_for, train_loop
 from .losses import sft_loss
 from .model import load_for_training, resolve_model, save_final, to_device
+from .output import RunOutput
 from .pack import bfd, collate_packed, collate_padded, padding_fraction
 
 
@@ -85,6 +86,7 @@ def eval_loss(model: Any, examples: list[Example], pad_id: int, device: str, bat
 
 def run(cfg: SftConfig) -> dict:
     """Train; returns the summary also written to ``output/summary.json``."""
+    output = RunOutput.start(cfg.output, cfg.resume)  # a bucket output: its latest checkpoint comes here first
     lint = Lint()
     train_rows, held = load_split(cfg.data, cfg.eval_data, cfg.eval_fraction, "conversation", lint)
     texts = (m["content"] for r in train_rows for m in r["messages"])
@@ -103,14 +105,16 @@ def run(cfg: SftConfig) -> dict:
           f"{'bins' if cfg.packing else 'rows'}, padding {pack_stats['padding_fraction']:.1%}, {total} steps", flush=True)
     t0 = time.perf_counter()
     last = train_loop(model, cfg.loop, cfg.out, total_steps=total, step_batches=step_batches,
-                      loss_fn=sft_loss_fn(device), tokenizer=tok, resume=cfg.resume, desc="sft")
+                      loss_fn=sft_loss_fn(device), tokenizer=tok, on_checkpoint=output.push_checkpoint,
+                      resume=cfg.resume, desc="sft")
     summary = {
         "algorithm": "sft", "model": model_name, "rows": len(examples), "eval_rows": len(eval_examples),
         "lint": dict(lint.counts), "rows_dropped": lint.rows, "truncated": lint.truncated, "packing": cfg.packing, **pack_stats,
-        "steps": last["step"], "train_loss": last.get("loss"), "seconds": round(time.perf_counter() - t0, 2),
+        "steps": last["step"], "resumed_from": last["resumed_from"], "train_loss": last.get("loss"),
+        "seconds": round(time.perf_counter() - t0, 2),
         "step_seconds": last.get("step_seconds"), "tokens_per_s": last.get("tokens_per_s_run"),
         "eval_loss": eval_loss(model, eval_examples, tok.pad_token_id, device, cfg.eval_batch_size),
     }
     if last["step"] >= total:
-        summary["final"] = str(save_final(model, tok, cfg.out, summary))
+        summary["final"] = output.publish_final(save_final(model, tok, cfg.out, summary))
     return summary
