@@ -44,6 +44,11 @@ class SqliteStore:
     def __init__(self, path: str | Path, table: str = "kv", busy_timeout_s: float = BUSY_TIMEOUT_S):
         if not _TABLE.fullmatch(table):
             raise ValueError(f"table name must match {_TABLE.pattern}, got {table!r}")
+        if "://" in str(path) and not str(path).startswith("file://"):
+            from ..errors import UserError
+
+            raise UserError(f"cache {path}: a cache is a sqlite file and must be on a local disk (its write-ahead "
+                            "log needs shared memory between the processes of one host); give a local path")
         self.path, self.table, self.busy_timeout_s = Path(path), table, busy_timeout_s
         self._local = threading.local()
 
