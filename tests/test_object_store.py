@@ -123,6 +123,52 @@ def test_select_in_a_bucket_equals_local(bucket, tmp_path):
     assert read_success(f"{bucket}/selected")["rows"] == 10
 
 
+def test_cache_in_a_bucket_is_shared_by_fresh_machines(bucket, tmp_path, monkeypatch):
+    """A sqlite cache at a bucket URL: each machine works on a local file and leaves a snapshot;
+    a fresh machine starts with every earlier machine's entries."""
+    from dataflywheel.models import store_sync
+    from dataflywheel.models.store import SqliteStore
+
+    url = f"{bucket}/cache/scores.sqlite"
+    monkeypatch.setenv("DATAFLYWHEEL_CACHE", str(tmp_path / "machine-1"))
+    first = SqliteStore(url, "kv")
+    first.put_many([("a", "1")])
+    first.close()
+    monkeypatch.setenv("DATAFLYWHEEL_CACHE", str(tmp_path / "machine-2"))
+    second = SqliteStore(url, "kv")
+    assert second.get_many(["a"]) == {"a": "1"}  # merged from machine 1's snapshot
+    second.put_many([("b", "2")])
+    second.close()
+    assert len([n for n, _ in fs.listdir(url)]) == 2  # one snapshot per machine
+    monkeypatch.setenv("DATAFLYWHEEL_CACHE", str(tmp_path / "machine-1"))
+    store_sync._MERGED.clear()  # a new process on machine 1
+    again = SqliteStore(url, "kv")
+    assert again.get_many(["a", "b"]) == {"a": "1", "b": "2"}
+    again.close()
+
+
+def test_selection_rerun_on_a_fresh_machine_reuses_a_bucket_cache(bucket, tmp_path, monkeypatch):
+    from dataflywheel.models import store_sync
+    from dataflywheel.models.tiny_lm import build_tiny_causal_lm
+
+    model = str(build_tiny_causal_lm(tmp_path / "lm", max_positions=512))
+    pool = upload(POOL, f"{bucket}/pool/sft_pool.jsonl")
+    cfg = {"name": "sel", "runner": {"engine": "local"}, "input": {"paths": pool},
+           "steps": {"ifd": {"model": model, "max_ifd": None, "device": "cpu", "cache": f"{bucket}/cache/scores.sqlite"}},
+           "select": {"method": "top", "budget": 10, "field": "ifd"}}
+    stats = []
+    for k in range(2):
+        monkeypatch.setenv("DATAFLYWHEEL_CACHE", str(tmp_path / f"machine-{k}"))
+        store_sync._MERGED.clear()
+        path = tmp_path / f"sel-{k}.yaml"
+        path.write_text(yaml.safe_dump({**cfg, "output": {"path": f"{bucket}/out{k}"}}))
+        assert main(["select", str(path), "--quiet"]) == 0
+        report = json.loads(fs.read_text(f"{bucket}/out{k}/_report.json"))
+        stats.append(next(s for s in report["stages"] if s["stage"] == "ifd")["stats"])
+    assert stats[0]["pairs_scored"] > 0 and stats[1].get("pairs_scored", 0) == 0 and stats[1]["cache_hits"] > 0
+    assert rows(f"{bucket}/out0") == rows(f"{bucket}/out1")
+
+
 def test_pairs_in_a_bucket_equals_local(bucket, tmp_path, monkeypatch):
     """The shipped pairs config (generate -> verify -> reward model -> pairs, best-of-n) with its
     prompts, its output folders and its models in a bucket."""

@@ -17,7 +17,8 @@ threads write at once (sqlite.org/wal.html, sqlite.org/lang_transaction.html):
   corrupts; a power cut may drop the last few commits, which are then recomputed.
 
 The file must sit on a local disk: WAL needs shared memory between the processes of one host, so
-network filesystems (NFS, GCS FUSE) are unsafe (sqlite.org/wal.html).
+network filesystems (NFS, GCS FUSE) are unsafe (sqlite.org/wal.html). A cache path in a bucket is
+therefore a local file shared through per-machine snapshots in the bucket (``store_sync.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from ..io import fs
+from .store_sync import mirror_path, pull, push
 
 BUSY_TIMEOUT_S = 60.0  # ours: a write holds the lock for milliseconds; waiting beats failing a bundle
 _CHUNK = 500  # keys per SELECT, below sqlite's oldest bound-variable limit (999)
@@ -44,22 +48,21 @@ class SqliteStore:
     def __init__(self, path: str | Path, table: str = "kv", busy_timeout_s: float = BUSY_TIMEOUT_S):
         if not _TABLE.fullmatch(table):
             raise ValueError(f"table name must match {_TABLE.pattern}, got {table!r}")
-        if "://" in str(path) and not str(path).startswith("file://"):
-            from ..errors import UserError
-
-            raise UserError(f"cache {path}: a cache is a sqlite file and must be on a local disk (its write-ahead "
-                            "log needs shared memory between the processes of one host); give a local path")
-        self.path, self.table, self.busy_timeout_s = Path(path), table, busy_timeout_s
+        # A cache in a bucket is a local file shared through the bucket's snapshots (store_sync.py).
+        self.spec = str(path)
+        self.remote = self.spec if fs.is_remote(self.spec) else None
+        self.path = Path(mirror_path(self.remote) if self.remote else path)
+        self.table, self.busy_timeout_s = table, busy_timeout_s
         self._local = threading.local()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "table": self.table, "busy_timeout_s": self.busy_timeout_s}
+        return {"path": self.spec, "table": self.table, "busy_timeout_s": self.busy_timeout_s}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["path"], state["table"], state["busy_timeout_s"])
 
     def __repr__(self) -> str:
-        return f"SqliteStore({str(self.path)!r}, table={self.table!r})"
+        return f"SqliteStore({self.spec!r}, table={self.table!r})"
 
     def _conn(self) -> sqlite3.Connection:
         local, pid = self._local, os.getpid()
@@ -79,6 +82,8 @@ class SqliteStore:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute(schema)
+                if self.remote:
+                    pull(self.remote, conn, str(self.path))
                 return conn
             except sqlite3.OperationalError as err:
                 if ("locked" not in str(err) and "busy" not in str(err)) or time.monotonic() > deadline:
@@ -121,5 +126,7 @@ class SqliteStore:
         """Close this thread's connection (others close when their thread or process ends)."""
         local = self._local
         if getattr(local, "pid", None) == os.getpid():
+            if self.remote:
+                push(self.remote, local.conn)
             local.conn.close()
         local.__dict__.clear()
