@@ -152,7 +152,7 @@ def test_table_has_one_column_per_round(tmp_path):
 
 
 def test_html_has_one_svg_per_chart_with_the_right_marks(tmp_path):
-    path = report.write_html(make_run(tmp_path))
+    path = Path(report.write_html(make_run(tmp_path)))
     assert path == tmp_path / "run" / "report.html"
     p = parse(path.read_text())
     c = p.charts
@@ -174,7 +174,7 @@ def test_html_has_one_svg_per_chart_with_the_right_marks(tmp_path):
 
 def test_text_is_escaped(tmp_path):
     run = make_run(tmp_path, name="<script>alert(1)</script>")
-    html = report.write_html(run, tmp_path / "out" / "r.html").read_text()
+    html = Path(report.write_html(run, tmp_path / "out" / "r.html")).read_text()
     assert "<script" not in html and "<b>x</b>" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     parse(html)  # still parses, one svg per chart
@@ -185,7 +185,7 @@ def test_missing_parts_render(tmp_path):
     run = make_run(tmp_path, control=True)
     table = report.summary_table(report.load_manifest(run))
     assert "(control: seed data only)" in table and "pairs kept" in table
-    html = report.write_html(run).read_text()
+    html = Path(report.write_html(run)).read_text()
     p = parse(html)
     assert p.charts["accuracy"]["lines"] == [3, 1]  # held-out accuracy for 3 rounds; pass@4 only in round 0's eval
     for name in ("rewards", "margins", "lengths", "kept", "dpo_loss"):
@@ -198,13 +198,13 @@ def test_empty_pairs_folder_and_round_zero_only(tmp_path):
     run = make_run(tmp_path)
     manifest = json.loads((run / "manifest.json").read_text())
     write_rows(run / "round-001/samples/pairs", [])  # a stage that kept no pairs
-    c = parse(report.write_html(run).read_text()).charts
+    c = parse(Path(report.write_html(run)).read_text()).charts
     assert c["lengths"]["box"] == 2  # round 2 only
     assert c["margins"]["bar"] == 2  # round 1 falls back to the manifest's pair_margins
     manifest["rounds"] = manifest["rounds"][:1]
     (run / "manifest.json").write_text(json.dumps(manifest))
     assert report.summary_table(manifest).splitlines()[1].split() == ["round", "0"]
-    assert parse(report.write_html(run).read_text()).charts["accuracy"]["lines"] == [1, 1]
+    assert parse(Path(report.write_html(run)).read_text()).charts["accuracy"]["lines"] == [1, 1]
 
 
 def test_loss_curve_thins_and_skips_torn_lines(tmp_path):

@@ -14,6 +14,7 @@ and as a chart saying "no data", never as an error.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from html import escape
 from itertools import islice
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..io import fs
 from . import charts
 from .charts import fmt
 
@@ -36,10 +38,10 @@ svg{display:block;margin:1em 0}.note{color:#666}"""
 # ---- the manifest ---------------------------------------------------------------------------------
 
 def load_manifest(run_dir: str | Path) -> dict:
-    """The run's manifest.json; a UserError (one line) when the folder is not a flywheel run."""
-    path = Path(run_dir) / "manifest.json"
+    """The run's manifest.json (local or in a bucket); a UserError (one line) when the folder is not a flywheel run."""
+    path = fs.join(run_dir, "manifest.json")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(fs.read_text(path))
     except FileNotFoundError:
         raise UserError(f"{run_dir}: no manifest.json; not a flywheel run folder (`dataflywheel rounds` writes one)") from None
     except ValueError as err:
@@ -165,11 +167,11 @@ def summary_table(manifest: dict) -> str:
 
 # ---- stage outputs (streamed) ---------------------------------------------------------------------
 
-def stream_rows(folder: Path, cap: int = MAX_ROWS) -> Iterator[dict]:
+def stream_rows(folder: str | Path, cap: int = MAX_ROWS) -> Iterator[dict]:
     """Up to ``cap`` rows of a pipeline output folder (or file); nothing when it is absent or empty."""
     from ..io import read
 
-    if not folder.exists():
+    if not fs.exists(folder):
         return iter(())
     try:
         rows = (r for r in read(str(folder)) if isinstance(r, dict))
@@ -178,7 +180,7 @@ def stream_rows(folder: Path, cap: int = MAX_ROWS) -> Iterator[dict]:
         return iter(())
 
 
-def reward_values(folder: Path, field: str) -> list[float]:
+def reward_values(folder: str | Path, field: str) -> list[float]:
     """Every sample's ``field`` score (else ``reward``) from a ``samples/scored`` folder."""
     out = []
     for row in stream_rows(folder):
@@ -190,7 +192,7 @@ def reward_values(folder: Path, field: str) -> list[float]:
     return out
 
 
-def pair_stats(folder: Path) -> dict[str, list[float]]:
+def pair_stats(folder: str | Path) -> dict[str, list[float]]:
     """Margins and chosen / rejected lengths in tokens from a ``samples/pairs`` folder."""
     out: dict[str, list[float]] = {"margin": [], "chosen": [], "rejected": []}
     for row in stream_rows(folder):
@@ -208,12 +210,12 @@ def pair_stats(folder: Path) -> dict[str, list[float]]:
     return out
 
 
-def loss_curve(path: Path, cap: int = MAX_POINTS) -> list[tuple[float, float]]:
+def loss_curve(path: str | Path, cap: int = MAX_POINTS) -> list[tuple[float, float]]:
     """(step, loss) per logged step of a train loop's metrics.jsonl (train/loop.py), thinned to ``cap``."""
-    if not path.is_file():
+    if not fs.isfile(path):
         return []
     points = []
-    with open(path, encoding="utf-8") as fh:
+    with fs.open_file(path, "r", encoding="utf-8") as fh:
         for line in fh:
             try:
                 m = json.loads(line)
@@ -236,8 +238,8 @@ def append_curve(curves: dict[str, list[tuple[float, float]]], label: str, point
 
 # ---- the HTML -------------------------------------------------------------------------------------
 
-def _round_dir(run: Path, record: dict) -> Path:
-    return run / f"round-{int(record.get('round', 0)):03d}"
+def _round_dir(run: str, record: dict) -> str:
+    return fs.join(run, f"round-{int(record.get('round', 0)):03d}")
 
 
 def kept_bars(rounds: list[dict]) -> list[tuple[str, int, int, str]]:
@@ -262,7 +264,7 @@ def kept_bars(rounds: list[dict]) -> list[tuple[str, int, int, str]]:
     return bars
 
 
-def charts_for(run: Path, manifest: dict) -> list[tuple[str, str]]:
+def charts_for(run: str, manifest: dict) -> list[tuple[str, str]]:
     """(section heading, svg) for every chart of the report, in order."""
     rounds = manifest.get("rounds") or []
     field = ((manifest.get("config") or {}).get("pool") or {}).get("field") or "reward"
@@ -283,13 +285,13 @@ def charts_for(run: Path, manifest: dict) -> list[tuple[str, str]]:
             if isinstance(value, (int, float)):
                 acc[label].append((float(k), float(value)))
         if "samples" in (r.get("stages") or {}):
-            rewards[f"round {k}"] = reward_values(folder / "samples" / "scored", field)
-            pairs = pair_stats(folder / "samples" / "pairs")
+            rewards[f"round {k}"] = reward_values(fs.join(folder, "samples", "scored"), field)
+            pairs = pair_stats(fs.join(folder, "samples", "pairs"))
             margins[f"round {k}"] = pairs["margin"] or [float(x) for x in
                                                         _get(r, "samples", "metrics", "pair_margins") or []]
             lengths += [(f"r{k}", "chosen", pairs["chosen"]), (f"r{k}", "rejected", pairs["rejected"])]
         for curves, phase in ((sft, "sft"), (dpo, "dpo")):
-            append_curve(curves, f"round {k}", loss_curve(folder / "train" / phase / "metrics.jsonl"))
+            append_curve(curves, f"round {k}", loss_curve(fs.join(folder, "train", phase, "metrics.jsonl")))
     steps = "step (rounds one after another)"
     return [
         ("Held-out accuracy per round",
@@ -313,9 +315,9 @@ def _html_table(manifest: dict) -> str:
     return f'<table class="summary"><tr><th></th>{head}</tr>{body}</table>'
 
 
-def render_html(run: Path, manifest: dict) -> str:
+def render_html(run: str, manifest: dict) -> str:
     """The report as one HTML string."""
-    name = str(manifest.get("name", run.name))
+    name = str(manifest.get("name", fs.basename(run)))
     parts = ["<!doctype html>", '<html><head><meta charset="utf-8">',
              f"<title>dataflywheel report: {escape(name)}</title><style>{STYLE}</style></head><body>",
              f"<h1>Flywheel run {escape(name)}</h1>",
@@ -334,13 +336,10 @@ def render_html(run: Path, manifest: dict) -> str:
     return "\n".join(parts)
 
 
-def write_html(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write the report (default ``RUN/report.html``) and return its path."""
-    run = Path(run_dir)
+def write_html(run_dir: str | Path, out: str | Path | None = None) -> str:
+    """Write the report (default ``RUN/report.html``, local or in a bucket) and return its path."""
+    run = os.fspath(run_dir)
     manifest = load_manifest(run)
-    path = Path(out) if out is not None else run / "report.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")  # a reader never sees half a report
-    tmp.write_text(render_html(run, manifest), encoding="utf-8")
-    tmp.replace(path)
+    path = os.fspath(out) if out is not None else fs.join(run, "report.html")
+    fs.write_text(path, render_html(run, manifest))  # atomic: a reader never sees half a report
     return path
