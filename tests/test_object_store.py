@@ -166,6 +166,7 @@ def test_selection_rerun_on_a_fresh_machine_reuses_a_bucket_cache(bucket, tmp_pa
         report = json.loads(fs.read_text(f"{bucket}/out{k}/_report.json"))
         stats.append(next(s for s in report["stages"] if s["stage"] == "ifd")["stats"])
     assert stats[0]["pairs_scored"] > 0 and stats[1].get("pairs_scored", 0) == 0 and stats[1]["cache_hits"] > 0
+    assert len(fs.listdir(f"{bucket}/cache/scores.sqlite")) == 2  # a snapshot per machine, in the bucket
     assert rows(f"{bucket}/out0") == rows(f"{bucket}/out1")
 
 
@@ -273,3 +274,19 @@ def test_credentials_never_appear_in_outputs(s3_server, tmp_path, capfd):
     assert "json_syntax" in written and "credentials in a URL are not accepted" in printed
     for secret in (S3_SECRET, S3_KEY_ID):
         assert secret not in printed and secret not in written
+
+
+def test_export_from_and_to_a_bucket(bucket, tmp_path):
+    """`dataflywheel export`: a pipeline output in a bucket -> a Hub-layout dataset in a bucket."""
+    from dataflywheel.io import write_rows
+
+    rows_in = [{"id": f"r{i}", "text": f"text {i}"} for i in range(30)]
+    write_rows(f"{bucket}/out", rows_in)
+    assert main(["export", f"{bucket}/out", "--config-name", "docs", "--to", f"{bucket}/export"]) == 0
+    card = fs.read_text(f"{bucket}/export/README.md")
+    assert "dataflywheel" in card and "docs/train-" in card
+    assert sorted(r["id"] for r in read(f"{bucket}/export/docs/*.parquet")) == sorted(r["id"] for r in rows_in)
+    with pytest.raises(UserError, match="overlaps"):
+        from dataflywheel.io.hub_export import export_dataset
+
+        export_dataset({"docs": f"{bucket}/out"}, f"{bucket}/out/export")

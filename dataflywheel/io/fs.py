@@ -266,14 +266,18 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         shutil.copyfileobj(fin, fout, 1 << 20)
 
 
-def upload_tree(local: str | os.PathLike, url: str, skip: tuple[str, ...] = ()) -> list[str]:
+def upload_tree(local: str | os.PathLike, url: str, skip: tuple[str, ...] = (),
+                skip_files: tuple[str, ...] = ()) -> list[str]:
     """Copy every file below the local folder ``local`` to ``url`` (one PUT per file); names under a
-    folder called one of ``skip`` are left out. Returns the relative paths copied."""
+    folder called one of ``skip``, and files named one of ``skip_files``, are left out. Returns the
+    relative paths copied."""
     done = []
     root = os.fspath(local)
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if d not in skip)
         for name in sorted(files):
+            if name in skip_files:
+                continue
             rel = os.path.relpath(os.path.join(folder, name), root)
             with atomic_path(join(url, *rel.split(os.sep))) as tmp:
                 shutil.copyfile(os.path.join(folder, name), tmp)

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from ..stats import redact
+from . import fs
 
 # What each row kind is, the Hub task category it serves, and tags (the record kinds of records.py; TRL's dataset formats).
 KINDS: dict[str, tuple[str, list[str], list[str]]] = {
@@ -70,8 +71,7 @@ def row_kind(columns) -> str:
 
 def _read_json(path: str) -> dict | None:
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+        data = json.loads(fs.read_text(path))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -79,15 +79,15 @@ def _read_json(path: str) -> dict | None:
 
 def folder_provenance(folder: str) -> dict[str, Any]:
     """Counts of a pipeline output folder: kept rows, rejected, dead letters, and per-stage counts when recorded."""
-    success = _read_json(os.path.join(folder, "_SUCCESS.json")) or {}
+    success = _read_json(fs.join(folder, "_SUCCESS.json")) or {}
     out: dict[str, Any] = {"kept": success.get("rows")}
     for sub, key in (("_rejected", "rejected"), ("_dead_letter", "dead_letter")):
-        marker = _read_json(os.path.join(folder, sub, "_SUCCESS.json"))
+        marker = _read_json(fs.join(folder, sub, "_SUCCESS.json"))
         if marker is not None:
             out[key] = marker.get("rows")
     if "exploded" in success:
         out["exploded"] = success["exploded"]
-    report = _read_json(os.path.join(folder, "_report.json"))
+    report = _read_json(fs.join(folder, "_report.json"))
     if report and isinstance(report.get("stages"), list):
         out["job"] = report.get("name")
         out["stages"] = [

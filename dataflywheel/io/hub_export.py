@@ -7,7 +7,8 @@ shards + ``_SUCCESS.json``) as its own Hub *config*, split ``train``, in the lay
 first config being the default (huggingface.co/docs/hub/datasets-manual-configuration). Rows are
 streamed shard by shard (``io.hf.write_shards``: one Parquet shard in memory at a time, one schema
 per config). The export is built in a hidden sibling folder and renamed into place, so ``to`` holds
-a complete export or the previous one, never a mix.
+a complete export or the previous one, never a mix. Sources may be in a bucket; a bucket ``to`` is
+built locally and uploaded, its card (README.md) last, so a reader that finds the card finds the data.
 
 ``push_to_hub(folder, "org/name")`` creates the dataset repo (private by default) and uploads the
 folder with huggingface_hub; the token comes from the argument, else huggingface_hub's own lookup
@@ -24,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -32,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import UserError
+from . import fs
 from .base import DeadLetter
 from .commit import SUCCESS as SUCCESS_NAME
 from .hf import card_metadata, write_shards
@@ -60,12 +63,16 @@ def export_dataset(
     """
     if not sources:
         raise UserError("nothing to export: give at least one dataset folder")
-    target = os.path.abspath(to)
+    target = to if fs.is_remote(to) else os.path.abspath(to)
     markers = {config: _check_source(config, folder) for config, folder in sources.items()}
     _check_target(target, sources.values())
-    parent, base = os.path.split(target)
-    os.makedirs(parent, exist_ok=True)
-    stage = os.path.join(parent, f".{base}.tmp-{uuid.uuid4().hex}")
+    base = fs.basename(target)
+    if fs.is_remote(target):
+        stage = tempfile.mkdtemp(prefix=f".{base}.tmp-")
+    else:
+        parent = os.path.dirname(target)
+        os.makedirs(parent, exist_ok=True)
+        stage = os.path.join(parent, f".{base}.tmp-{uuid.uuid4().hex}")
     try:
         configs, empty = [], []
         for config, folder in sources.items():
@@ -92,7 +99,7 @@ def export_dataset(
         title = name or base
         with atomic_path(os.path.join(stage, "README.md")) as tmp, open(tmp, "w", encoding="utf-8") as fh:
             fh.write(render_card(title, license, configs, provenance, empty))
-        _swap(stage, target)
+        _upload(stage, target) if fs.is_remote(target) else _swap(stage, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return {"path": target, "empty": empty, "configs": {
@@ -104,14 +111,13 @@ def _check_source(config: str, folder: str) -> dict:
     if not _CONFIG_NAME.fullmatch(config) or config == "data":
         raise UserError(f"invalid config name {config!r}: use letters, digits, '_', '-', '.' "
                         "(starting with a letter or digit), and not 'data'")
-    if not os.path.isdir(folder):
+    if not fs.isdir(folder):
         raise UserError(f"{folder}: no such dataset folder")
-    marker = os.path.join(folder, SUCCESS_NAME)
-    if not os.path.isfile(marker):
+    marker = fs.join(folder, SUCCESS_NAME)
+    if not fs.isfile(marker):
         raise UserError(f"{folder}: no {SUCCESS_NAME}: not a finished pipeline output")
     try:
-        with open(marker, encoding="utf-8") as fh:
-            info = json.load(fh)
+        info = json.loads(fs.read_text(marker))
     except (OSError, ValueError) as err:
         raise UserError(f"{marker}: unreadable: {err}") from None
     if not isinstance(info, dict):
@@ -122,9 +128,17 @@ def _check_source(config: str, folder: str) -> dict:
 def _check_target(target: str, folders) -> None:
     """``to`` must be new, empty, or an earlier export; never a source folder or inside / around one."""
     for folder in folders:
-        src = os.path.abspath(folder)
-        if os.path.commonpath([src, target]) in (src, target):
+        src = folder.rstrip("/") if fs.is_remote(folder) else os.path.abspath(folder)
+        if fs.is_remote(src) != fs.is_remote(target):
+            continue
+        inside = (f"{src}/".startswith(f"{target}/") or f"{target}/".startswith(f"{src}/")) if fs.is_remote(src) \
+            else os.path.commonpath([src, target]) in (src, target)
+        if inside:
             raise UserError(f"--to {target} overlaps the source folder {folder}: export to a separate folder")
+    if fs.is_remote(target):
+        if fs.listdir(target) and not _is_export(fs.join(target, "README.md")):
+            raise UserError(f"{target} exists and is not an earlier export: choose a new or empty folder")
+        return
     if os.path.isdir(target) and os.listdir(target):
         tags = (card_metadata(target) or {}).get("tags") or []
         if "dataflywheel" not in tags:
@@ -133,13 +147,28 @@ def _check_target(target: str, folders) -> None:
         raise UserError(f"{target} exists and is not a folder")
 
 
+def _is_export(card: str) -> bool:
+    """Whether a remote README.md is one of our dataset cards (its front matter tags dataflywheel)."""
+    try:
+        return "dataflywheel" in fs.read_text(card).split("\n---", 1)[0]
+    except FileNotFoundError:
+        return False
+
+
+def _upload(stage: str, target: str) -> None:
+    """Replace the export in a bucket: the old objects go, the data goes up, the card last."""
+    fs.remove_tree(target)
+    fs.upload_tree(stage, target, skip_files=("README.md",))
+    fs.copy_file(os.path.join(stage, "README.md"), fs.join(target, "README.md"))
+
+
 def _rows(folder: str, marker: dict) -> Iterator[dict]:
     """The folder's rows, from the shards its ``_SUCCESS.json`` lists (else every data file in it)."""
     from . import read, read_file
 
     shards = marker.get("shards")
     if isinstance(shards, list) and all(isinstance(s, dict) and "file" in s for s in shards):
-        items = (item for s in shards for item in read_file(os.path.join(folder, s["file"])))
+        items = (item for s in shards for item in read_file(fs.join(folder, s["file"])))
     else:
         items = read(folder)
     for item in items:
@@ -150,6 +179,8 @@ def _rows(folder: str, marker: dict) -> Iterator[dict]:
 
 def _label(folder: str) -> str:
     """How the card names a source: relative to the current folder when inside it, else its name (no home paths)."""
+    if fs.is_remote(folder):
+        return folder
     path = os.path.abspath(folder)
     rel = os.path.relpath(path, os.getcwd())
     return rel if not rel.startswith("..") else os.path.basename(path)
@@ -183,7 +214,7 @@ def sources_from_paths(
     which of their exports to keep.
     """
     names = list(config_names or [])
-    runs = [p for p in paths if os.path.isfile(os.path.join(p, MANIFEST))]
+    runs = [p for p in paths if fs.isfile(fs.join(p, MANIFEST))]
     folders = [p for p in paths if p not in runs]
     if runs and folders and names:
         raise UserError("--config-name with both run folders and dataset folders is ambiguous: export them apart")
@@ -201,7 +232,7 @@ def sources_from_paths(
         exports, card = _read_manifest(run)
         for config, rel in exports.items():
             if not names or config in names:
-                add(config, os.path.join(run, rel))
+                add(config, fs.join(run, rel))
         if card:
             cards[run] = card
     if runs and names:
@@ -216,10 +247,9 @@ def sources_from_paths(
 
 
 def _read_manifest(run: str) -> tuple[dict[str, str], dict | None]:
-    path = os.path.join(run, MANIFEST)
+    path = fs.join(run, MANIFEST)
     try:
-        with open(path, encoding="utf-8") as fh:
-            manifest = json.load(fh)
+        manifest = json.loads(fs.read_text(path))
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: unreadable: {err}") from None
     exports = manifest.get("exports") if isinstance(manifest, dict) else None
@@ -233,7 +263,7 @@ def _read_manifest(run: str) -> tuple[dict[str, str], dict | None]:
 
 def _config_name(folder: str) -> str:
     """A config name from a folder name: other characters become '_'."""
-    base = os.path.basename(os.path.normpath(os.path.abspath(folder)))
+    base = fs.basename(folder) if fs.is_remote(folder) else os.path.basename(os.path.normpath(os.path.abspath(folder)))
     name = re.sub(r"[^\w.-]", "_", base).lstrip("._-")
     return "default" if name in ("", "data") else name
 

@@ -31,12 +31,12 @@ class ScoreCache:
     """JSON values (``get_json``/``put_json``) and float32 vectors (``get_vectors``/``put_vectors``) by key."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = str(path)  # a local file or a bucket URL (kept as text: Path would fold gs:// into gs:/)
         self.scores = SqliteStore(self.path, "scores")
         self.vectors = SqliteStore(self.path, "vectors")
 
     def __repr__(self) -> str:
-        return f"ScoreCache({str(self.path)!r})"
+        return f"ScoreCache({self.path!r})"
 
     def get_json(self, keys: Sequence[str]) -> dict[str, Any]:
         return {k: json.loads(v) for k, v in self.scores.get_many(list(keys)).items()}
