@@ -82,7 +82,7 @@ def _train(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2, default=str))
     done = "final" in summary
     print(f"{'model in ' + summary['final'] if done else 'stopped at step ' + str(summary.get('steps'))}; "
-          f"metrics {cfg.out / 'metrics.jsonl'}", flush=True)
+          f"metrics {fs.join(cfg.output, 'metrics.jsonl')}", flush=True)
     return 0
 
 

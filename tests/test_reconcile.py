@@ -133,7 +133,7 @@ def test_cli_exits_1_with_one_line_naming_the_stage(tmp_path, engine, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(json.dumps(config(write_input(tmp_path / "in"), tmp_path / "out", engine,
                                       [{"stage": "test_swap_rows"}])))
-    assert main(["run", str(path)]) == 1
+    assert main(["run", str(path), "--quiet"]) == 1  # no progress lines: stderr holds the error alone
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "test_swap_rows" in err[0] and "5 rows" in err[0]
 
