@@ -24,7 +24,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import IO, Any
 
@@ -90,28 +90,24 @@ def dirname(path: str) -> str:
     return posixpath.dirname(path.rstrip("/")) if is_remote(path) else os.path.dirname(os.path.abspath(path))
 
 
-def exists(path: str | os.PathLike) -> bool:
+def _ask(path: str | os.PathLike, local: Callable[[str], bool], remote: str) -> bool:
     path = os.fspath(path)
     if not is_remote(path):
-        return os.path.exists(local_path(path))
+        return local(local_path(path))
     fs, p = filesystem(path)
-    return fs.exists(p)
+    return bool(getattr(fs, remote)(p))
+
+
+def exists(path: str | os.PathLike) -> bool:
+    return _ask(path, os.path.exists, "exists")
 
 
 def isdir(path: str | os.PathLike) -> bool:
-    path = os.fspath(path)
-    if not is_remote(path):
-        return os.path.isdir(local_path(path))
-    fs, p = filesystem(path)
-    return fs.isdir(p)
+    return _ask(path, os.path.isdir, "isdir")
 
 
 def isfile(path: str | os.PathLike) -> bool:
-    path = os.fspath(path)
-    if not is_remote(path):
-        return os.path.isfile(local_path(path))
-    fs, p = filesystem(path)
-    return fs.isfile(p)
+    return _ask(path, os.path.isfile, "isfile")
 
 
 def size(path: str) -> int:
