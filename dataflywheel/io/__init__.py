@@ -122,11 +122,11 @@ def _globbed(pattern: str) -> list[str]:
     root = _magic_root(pattern).rstrip("/")
     hits: list[str] = []
     committed: dict[str, set[str] | None] = {}
-    for hit in fs.glob(pattern):
+    for hit, is_dir in fs.glob_entries(pattern):
         rel = hit[len(root):].lstrip("/") if root and hit.startswith(root) else hit
         if any(_hidden(part) for part in rel.split("/")):
             continue
-        if fs.isdir(hit):
+        if is_dir:
             hits.extend([hit] if _is_hf_folder(hit) else _walk(hit))
             continue
         parent = fs.dirname(hit)

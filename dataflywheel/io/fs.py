@@ -123,10 +123,15 @@ def has_magic(pattern: str) -> bool:
 
 def glob(pattern: str) -> list[str]:
     """Sorted matches of a glob (``**`` recursive), as full paths / URLs."""
+    return [path for path, _ in glob_entries(pattern)]
+
+
+def glob_entries(pattern: str) -> list[tuple[str, bool]]:
+    """Sorted (path or URL, is_folder) of a glob's matches: one listing, no request per match."""
     if not is_remote(pattern):
-        return sorted(_glob.glob(local_path(pattern), recursive=True))
+        return [(hit, os.path.isdir(hit)) for hit in sorted(_glob.glob(local_path(pattern), recursive=True))]
     fs, p = filesystem(pattern)
-    return sorted(_url(fs, hit) for hit in fs.glob(p))
+    return sorted((_url(fs, hit), info.get("type") == "directory") for hit, info in fs.glob(p, detail=True).items())
 
 
 def listdir(folder: str) -> list[tuple[str, bool]]:
