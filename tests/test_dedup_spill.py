@@ -1,0 +1,77 @@
+"""MinHash dedup in bounded memory (filters/dedup/spill.py): the same decisions as the in-memory
+run, row for row, on a generated corpus (repeated ids, empty and long documents, both verification
+modes) and on a slice of the shared near-duplicate benchmark; the spill folder is removed after
+success, after failure, and when a killed run left it behind."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+
+import pytest
+from test_dedup_stage import corpus
+
+from dataflywheel.filters.dedup import spill
+from dataflywheel.filters.dedup.stage import MinHashDedup
+
+
+def in_memory(stage: MinHashDedup, rows: list[dict]) -> list:
+    return sorted((json.dumps(row, sort_keys=True), reason) for row, reason in stage.run(rows))
+
+
+def spilled(stage: MinHashDedup, rows: list[dict], memory_mb: int = 64) -> list:
+    return sorted((json.dumps(row, sort_keys=True), reason) for row, reason in spill.run_spilled(stage, iter(rows), memory_mb))
+
+
+def generated(n: int, seed: int = 0) -> list[dict]:
+    """Unique documents and near copies at several edit rates, some ids repeated, some texts empty."""
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(3000)]
+    bases = [[rng.choice(vocab) for _ in range(rng.randint(40, 120))] for _ in range(n // 3)]
+    rows = []
+    for i in range(n):
+        words = list(rng.choice(bases))
+        for _ in range(rng.choice([0, 1, 3, 8, 30])):  # edit rates from none to unrelated
+            words[rng.randrange(len(words))] = rng.choice(vocab)
+        rows.append({"id": f"d{i:05d}", "text": " ".join(words), "meta": {"n": i}})
+    rows += [{"id": "d00007", "text": rows[7]["text"].upper()}, {"id": "blank", "text": ""},
+             {"id": "blank2", "text": "   "}]
+    rng.shuffle(rows)
+    return rows
+
+
+@pytest.mark.parametrize("options", [{"threshold": 0.7}, {"threshold": 0.8, "verify": False},
+                                     {"threshold": 0.8, "max_exact_shingles": 60}])
+def test_same_decisions_as_in_memory(options):
+    rows = generated(1500) + corpus()
+    stage = MinHashDedup(**options)
+    expected = in_memory(stage, rows)
+    assert spilled(stage, rows) == expected
+    assert sum(reason == "near_duplicate" for _, reason in expected) > 100  # the corpus does hold clusters
+    assert sum(reason == "duplicate_id" for _, reason in expected) == 2
+
+
+def test_neardup_benchmark_slice(shared_data):
+    with gzip.open(shared_data / "neardup" / "corpus.jsonl.gz", "rt") as f:
+        rows = [{"id": r["id"], "text": r["text"]} for r in map(json.loads, f)][:4000]
+    stage = MinHashDedup(threshold=0.8)
+    assert spilled(stage, rows, memory_mb=64) == in_memory(stage, rows)
+
+
+def test_spill_folder_removed_after_success_failure_and_kill(tmp_path, monkeypatch):
+    monkeypatch.setenv(spill.SPILL_ENV, str(tmp_path))
+    stale = tmp_path / f"{spill.PREFIX}999999999-x"  # a killed run's folder: its pid is gone
+    stale.mkdir()
+    stage = MinHashDedup(threshold=0.7)
+    assert len(list(spill.run_spilled(stage, iter(corpus()), 64))) == len(corpus())
+    assert os.listdir(tmp_path) == []
+
+    def broken():
+        yield from corpus()[:5]
+        raise RuntimeError("the reader broke")
+
+    with pytest.raises(RuntimeError, match="reader broke"):
+        list(spill.run_spilled(stage, broken(), 64))
+    assert os.listdir(tmp_path) == []
