@@ -59,6 +59,9 @@ class RunnerConfig(_Strict):
     dataflow: DataflowConfig | None = None
     portable: PortableConfig | None = None
     beam_args: list[str] = []  # extra raw Beam pipeline flags, passed through
+    # Memory the plain engine's whole-dataset steps (e.g. minhash_dedup) aim to stay under; past it
+    # they spill to local disk (DATAFLYWHEEL_SPILL, default the temp folder).
+    memory_budget_mb: int = Field(2048, ge=64)
 
     @model_validator(mode="after")
     def _sections(self) -> RunnerConfig:

@@ -120,6 +120,12 @@ class GlobalStep(Stage):
         """Yield (row, None) to keep a row or (row, reason) to reject it; every input row once."""
         raise NotImplementedError
 
+    def run_bounded(self, rows: Iterable[dict], memory_mb: int) -> Iterator[tuple[dict, str | None]] | None:
+        """``run`` over a stream of every row in at most about ``memory_mb`` of memory, spilling to
+        disk past it; None when the step has no such execution (the local engines then group in
+        memory). Only for steps whose ``key`` puts every row in one group."""
+        return None
+
 
 @dataclass
 class Outcome:
@@ -223,13 +229,19 @@ def process_group(stage: GlobalStep, rows: list[dict]) -> Outcome:
     except Exception as err:  # noqa: BLE001
         out.dead.extend(dead_row(stage, row, err) for row in rows)
         decisions = []
-    out.stats = _tally(stage, [row for row, _ in decisions])
+    decided = outcome_of(stage, decisions, time.perf_counter() - start)
+    out.kept, out.rejected, out.stats, out.seconds = decided.kept, decided.rejected, decided.stats, decided.seconds
+    return out
+
+
+def outcome_of(stage: GlobalStep, decisions: list[tuple[dict, str | None]], seconds: float) -> Outcome:
+    """The Outcome of a GlobalStep's (row, reason) decisions: kept, rejected with the reason, tallied."""
+    out = Outcome(rows_in=len(decisions), stats=_tally(stage, [row for row, _ in decisions]), seconds=seconds)
     for row, reason in decisions:
         if reason is None:
             out.kept.append(row)
         else:
             out.rejected.append(rejected_row(stage, row, reason))
-    out.seconds = time.perf_counter() - start
     return out
 
 

@@ -21,7 +21,7 @@ from ..io import DeadLetter, ShardWriter, expand_paths, fs, read, read_file
 from ..io.base import FILE
 from ..io.commit import finalize_shards, read_success, shard_prefix, shards_of, uncommit
 from ..runner import RunnerConfig, make_pipeline
-from ..stages import GlobalStep, Outcome, Stage, batches, group_rows, process_batch, process_group
+from ..stages import GlobalStep, Outcome, Stage, batches, group_rows, outcome_of, process_batch, process_group
 from ..stats import FILE_PROBLEMS, RunReport, StageReport
 from .config import JobConfig
 
@@ -52,7 +52,7 @@ def run_job(job: JobConfig, runner: RunnerConfig) -> RunReport:
     graph = None
     with progress.run(files, job.name, enabled=not runner.dry_run) as prog:
         if runner.engine == "plain":
-            reports = _run_plain(job, stages, files, prog)
+            reports = _run_plain(job, stages, files, prog, runner.memory_budget_mb)
         else:
             reports, graph = _run_beam(job, stages, files, runner, prog)
     report = RunReport(job.name, reports, time.perf_counter() - start, config=job.model_dump(mode="json"))
@@ -158,8 +158,8 @@ def _counted(stream: Iterator[list[dict]], report: StageReport, which: str) -> I
         yield batch
 
 
-def _run_plain(job: JobConfig, stages: list[Stage], files: list[str],
-               prog: progress.RunProgress | None = None) -> list[StageReport]:
+def _run_plain(job: JobConfig, stages: list[Stage], files: list[str], prog: progress.RunProgress | None,
+               memory_mb: int) -> list[StageReport]:
     sinks = _Sinks(job)
     reader = StageReport(READ, new_rows=True)
     reports = [reader] + [StageReport(s.name, new_rows=s.new_rows) for s in stages]
@@ -198,6 +198,16 @@ def _run_plain(job: JobConfig, stages: list[Stage], files: list[str],
         return out.kept
 
     def apply(stage: Stage, report: StageReport, stream: Iterator[list[dict]]) -> Iterator[list[dict]]:
+        bounded = stage.run_bounded((row for batch in stream for row in batch), memory_mb) \
+            if isinstance(stage, GlobalStep) and type(stage).key is GlobalStep.key else None
+        if bounded is not None:  # a whole-dataset step that spills to disk: flat memory
+            t0 = time.perf_counter()
+            for chunk in batches(bounded, job.input.batch_rows):
+                kept = record(report, outcome_of(stage, chunk, time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                if kept:
+                    yield kept
+            return
         if isinstance(stage, GlobalStep):  # needs all rows: the plain loop groups in memory
             groups, dead = group_rows(stage, (row for batch in stream for row in batch))
             record(report, Outcome(dead=dead))

@@ -19,7 +19,7 @@ the kept output and ``_rejected`` together hold the full cluster table.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -126,6 +126,12 @@ class MinHashDedup(GlobalStep):
             yield decide(row, cluster, sizes[cluster])
         for row, first_id in repeats:
             yield with_meta(row, duplicate_of=first_id), DUPLICATE_ID
+
+    def run_bounded(self, rows: Iterable[dict], memory_mb: int) -> Iterator[tuple[dict, str | None]]:
+        """``run`` in bounded memory: rows spilled to disk, band keys joined by DuckDB (spill.py)."""
+        from .spill import run_spilled
+
+        return run_spilled(self, rows, memory_mb)
 
     def decide_id(self, rows: list[dict], cluster: str, size: int) -> list[tuple[dict, str | None]]:
         """The decisions for the rows sharing one id, given the id's cluster and the cluster's size
