@@ -148,3 +148,10 @@ def test_detect_format_errors_name_the_file_and_the_formats(tmp_path: Path) -> N
     assert detect_format(str(tmp_path)) == "hf"
     with pytest.raises(UserError, match="unknown format 'csv'"):
         read(str(tmp_path / "dataset_dict.json"), fmt="csv")
+
+
+def test_other_tools_part_files_are_data(tmp_path: Path) -> None:
+    """Only our own shard names without a marker mean 'unfinished': Spark-style part files are read."""
+    (tmp_path / "part-00000-3c1e-c000.jsonl").write_text('{"id": "1", "text": "a"}\n')
+    (tmp_path / "_SUCCESS").write_text("")  # Hadoop's empty marker
+    assert [r["id"] for r in read(str(tmp_path))] == ["1"]

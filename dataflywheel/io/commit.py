@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -32,6 +33,9 @@ from .sink import ShardWriter
 TMP_PREFIX = ".tmp-"
 PART_PREFIX = "part-"
 SUCCESS = "_SUCCESS.json"
+# Our writers' shard names: only a folder holding these without a marker is an unfinished output of
+# ours (other tools' part-* files, e.g. Spark's part-00000-<uuid>.parquet, are read as data).
+OUR_SHARD = re.compile(r"^part-[0-9a-f]{16}-\d{5}\.")
 
 Shard = tuple[str, int, int]  # (path, rows, id checksum)
 
@@ -58,14 +62,14 @@ def read_success(out_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 def committed_files(folder: str) -> list[str] | None:
     """The data files of a pipeline output folder, as its ``_SUCCESS.json`` names them; None when
-    the folder is not a pipeline output. UserError for an unfinished one (part files, no marker)."""
+    the folder is not a pipeline output. UserError for an unfinished one (our shards, no marker)."""
     info = read_success(folder)
     if info is not None:
         shards = info.get("shards")
         if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("file"), str) for s in shards):
             raise UserError(f"{fs.redact(fs.join(folder, SUCCESS))}: shards: expected a list of {{file, rows}} objects")
         return [fs.join(folder, shard["file"]) for shard in shards]
-    if any(name.startswith(PART_PREFIX) and not is_dir for name, is_dir in fs.listdir(folder)):
+    if any(OUR_SHARD.match(name) and not is_dir for name, is_dir in fs.listdir(folder)):
         raise UserError(f"{fs.redact(folder)}: an unfinished pipeline output (part files but no {SUCCESS}: the job "
                         "was killed, is still running, or failed its checks); re-run the job that writes it")
     return None

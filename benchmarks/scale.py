@@ -1,0 +1,124 @@
+"""MinHash dedup at scale on one machine: wall time, peak RSS of the process tree and spill disk per
+corpus size, on the plain engine (whole-dataset steps in bounded memory).
+
+Corpora are generated here, deterministically: ~200-word documents in 8 gzip JSONL shards, a mix of
+unique documents and near-copies at several edit rates (1, 3, 10 and 40 of 200 words changed).
+Each size runs in a fresh child process (so peak RSS is that run's alone), sampled every 0.2 s
+with psutil over the child and its children.
+
+Claims: peak RSS at the largest size <= 1.2x peak RSS at the smallest (flat memory) and time
+grows at most linearly (largest / smallest <= size ratio x 1.1). ``--quick`` runs 100k and 300k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+WORDS = 200
+EDITS = (1, 3, 10, 40)
+
+
+def make_corpus(folder: Path, n: int, shards: int = 8, seed: int = 0) -> str:
+    """``n`` documents: 60% unique, 40% near-copies of an earlier one with a few words changed."""
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(50_000)]
+    folder.mkdir(parents=True, exist_ok=True)
+    outs = [gzip.open(folder / f"shard-{k:02d}.jsonl.gz", "wt", compresslevel=1) for k in range(shards)]
+    recent: list[list[str]] = []
+    for i in range(n):
+        if recent and rng.random() < 0.4:
+            words = list(rng.choice(recent))
+            for _ in range(rng.choice(EDITS)):
+                words[rng.randrange(WORDS)] = rng.choice(vocab)
+        else:
+            words = rng.choices(vocab, k=WORDS)
+            recent.append(words)
+            if len(recent) > 1000:
+                recent.pop(rng.randrange(len(recent)))
+        outs[i % shards].write(json.dumps({"id": f"d{i:08d}", "text": " ".join(words)}) + "\n")
+    for out in outs:
+        out.close()
+    return str(folder / "*.jsonl.gz")
+
+
+def measure(cmd: list[str], env: dict, spill: Path) -> tuple[float, float, float, str]:
+    """(seconds, peak RSS GB of the process tree, peak spill GB, stdout) of one child run."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak, disk, start = 0, 0, time.perf_counter()
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    parent = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            rss = sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)])
+        except psutil.Error:
+            rss = 0
+        peak = max(peak, rss)
+        disk = max(disk, sum(f.stat().st_size for f in spill.rglob("*") if f.is_file()))
+        time.sleep(0.2)
+    reader.join()
+    return time.perf_counter() - start, peak / 1e9, disk / 1e9, "".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="100k and 300k documents")
+    ap.add_argument("--sizes", default=None, help="comma-separated document counts")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (
+        [100_000, 300_000] if args.quick else [100_000, 300_000, 1_000_000, 3_000_000])
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        print(f"{'docs':>10}{'engine':>8}{'seconds':>10}{'docs/s':>10}{'peak RSS GB':>13}{'spill GB':>10}{'kept':>10}")
+        for n in sizes:
+            inputs = make_corpus(tmp / f"c{n}", n)
+            cfg = {"name": f"scale{n}", "runner": {"engine": "plain"},
+                   "input": {"paths": inputs, "kind": "document"},
+                   "stages": [{"stage": "minhash_dedup"}],
+                   "output": {"path": str(tmp / f"out{n}"), "format": "jsonl.gz", "write_rejected": False}}
+            path = tmp / f"scale{n}.yaml"
+            path.write_text(json.dumps(cfg))
+            spill = tmp / f"spill{n}"
+            spill.mkdir()
+            env = {**os.environ, "DATAFLYWHEEL_SPILL": str(spill)}
+            seconds, rss, disk, out = measure([sys.executable, "-m", "dataflywheel.cli", "run", str(path), "--quiet"],
+                                              env, spill)
+            if not (tmp / f"out{n}" / "_report.json").is_file():
+                print(out[-3000:])
+                return 1
+            report = json.loads((tmp / f"out{n}" / "_report.json").read_text())
+            kept = report["stages"][-1]["kept"]
+            results.append((n, seconds, rss))
+            print(f"{n:>10,}{'plain':>8}{seconds:>10.1f}{n / seconds:>10,.0f}{rss:>13.2f}{disk:>10.2f}{kept:>10,}", flush=True)
+            for f in (tmp / f"c{n}").iterdir():
+                f.unlink()
+    (n0, t0, m0), (n1, t1, m1) = results[0], results[-1]
+    flat = m1 / m0
+    linear = (t1 / t0) / (n1 / n0)
+    status = "PASS" if flat <= 1.2 else "FAIL"
+    if args.quick:
+        status = f"SKIP (quick: {n1 // 1000}k documents; the claim is at 3M)"
+    print(f"BENCH scale_memory_flat ours={m1:.2f} peer={m0:.2f} ratio={flat:.2f} target=<=1.2 {status}")
+    status = "PASS" if linear <= 1.1 else "FAIL"
+    if args.quick:
+        status = f"SKIP (quick: {n1 // 1000}k documents; the claim is at 3M)"
+    print(f"BENCH scale_time_linear ours={t1:.1f} peer={t0:.1f} ratio={linear:.2f} target=<=1.1 {status}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
