@@ -194,7 +194,7 @@ def run_stage(rows: list[dict], threshold: float) -> tuple[dict[str, str], str]:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "rows.jsonl"
         src.write_text("".join(json.dumps({"id": r["id"], "text": r["text"]}) + "\n" for r in rows))
-        cfg = parse_config({"name": "bench", "runner": {"engine": "local"},
+        cfg = parse_config({"name": "bench", "runner": {"engine": "local", "spill": False},  # the distributed plan
                             "input": {"paths": str(src), "kind": "document"},
                             "stages": [{"stage": "minhash_dedup", "threshold": threshold}],
                             "output": {"path": str(Path(tmp) / "out"), "format": "jsonl"}}, "<bench>")

@@ -77,6 +77,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="100k and 300k documents")
     ap.add_argument("--sizes", default=None, help="comma-separated document counts")
+    ap.add_argument("--memory-mb", type=int, default=None, help="runner.memory_budget_mb (default: the runner's)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (
         [100_000, 300_000] if args.quick else [100_000, 300_000, 1_000_000, 3_000_000])
@@ -86,7 +87,8 @@ def main() -> int:
         print(f"{'docs':>10}{'engine':>8}{'seconds':>10}{'docs/s':>10}{'peak RSS GB':>13}{'spill GB':>10}{'kept':>10}")
         for n in sizes:
             inputs = make_corpus(tmp / f"c{n}", n)
-            cfg = {"name": f"scale{n}", "runner": {"engine": "plain"},
+            runner = {"engine": "plain", **({"memory_budget_mb": args.memory_mb} if args.memory_mb else {})}
+            cfg = {"name": f"scale{n}", "runner": runner,
                    "input": {"paths": inputs, "kind": "document"},
                    "stages": [{"stage": "minhash_dedup"}],
                    "output": {"path": str(tmp / f"out{n}"), "format": "jsonl.gz", "write_rejected": False}}

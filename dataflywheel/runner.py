@@ -62,6 +62,9 @@ class RunnerConfig(_Strict):
     # Memory the plain engine's whole-dataset steps (e.g. minhash_dedup) aim to stay under; past it
     # they spill to local disk (DATAFLYWHEEL_SPILL, default the temp folder).
     memory_budget_mb: int = Field(2048, ge=64)
+    # Local engine: run those steps from local disk (true) or with their distributed plans, as on
+    # Dataflow (false: e.g. to test those plans on one machine; memory then grows with the corpus).
+    spill: bool = True
 
     @model_validator(mode="after")
     def _sections(self) -> RunnerConfig:

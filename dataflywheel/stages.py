@@ -127,6 +127,12 @@ class GlobalStep(Stage):
         return None
 
 
+def runs_bounded(stage: Stage) -> bool:
+    """Whether ``stage`` is a whole-dataset step with a bounded-memory execution (``run_bounded``)."""
+    return (isinstance(stage, GlobalStep) and type(stage).key is GlobalStep.key
+            and type(stage).run_bounded is not GlobalStep.run_bounded)
+
+
 @dataclass
 class Outcome:
     """What one batch (or group) of rows became."""

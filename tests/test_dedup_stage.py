@@ -80,13 +80,15 @@ def outputs(out: Path) -> dict[str, tuple]:
     return kept, rejected
 
 
-@pytest.mark.parametrize("components", ["union_find", "beam"])
-def test_beam_plan_equals_in_memory(tmp_path, components):
+@pytest.mark.parametrize("components, spill", [("union_find", False), ("beam", False), ("union_find", True)])
+def test_beam_plan_equals_in_memory(tmp_path, components, spill):
+    """The distributed plan (spill false: as on Dataflow) and the local engine's bounded plan (spill
+    true) decide as the plain engine does."""
     rows = corpus()
     inputs = write_jsonl(tmp_path / "in" / "rows.jsonl", rows)
     stage = {"stage": "minhash_dedup", "threshold": 0.7, "components": components, "max_rounds": 6}
     plain = run(_cfg(inputs, tmp_path / "plain", "plain", stage))
-    beam = run(_cfg(inputs, tmp_path / "beam", "local", stage))
+    beam = run(_cfg(inputs, tmp_path / "beam", "local", stage, spill))
     assert outputs(tmp_path / "plain") == outputs(tmp_path / "beam")
     for report in (plain, beam):
         dedup = report.stages[-1]
@@ -98,8 +100,9 @@ def test_beam_plan_equals_in_memory(tmp_path, components):
         assert dedup.seconds > 0  # busy time is measured inside the Beam plan too (signing, judging, deciding)
 
 
-def _cfg(inputs: str, out: Path, engine: str, stage: dict) -> dict:
-    return {"name": "t", "runner": {"engine": engine}, "input": {"paths": inputs, "kind": "document", "batch_rows": 5},
+def _cfg(inputs: str, out: Path, engine: str, stage: dict, spill: bool = True) -> dict:
+    return {"name": "t", "runner": {"engine": engine, "spill": spill},
+            "input": {"paths": inputs, "kind": "document", "batch_rows": 5},
             "stages": [stage], "output": {"path": str(out), "format": "jsonl"}}
 
 
@@ -110,7 +113,7 @@ def test_neardup_benchmark_slice_matches_library(shared_data, tmp_path):
     rows = sorted(rows, key=lambda r: r["id"])[:3000]
     expected = union_find_components((r["id"] for r in rows), ((a, b) for a, b, _ in near_duplicate_pairs(rows, 0.8)))
     inputs = write_jsonl(tmp_path / "in" / "rows.jsonl", rows)
-    run(_cfg(inputs, tmp_path / "beam", "local", {"stage": "minhash_dedup", "threshold": 0.8}))
+    run(_cfg(inputs, tmp_path / "beam", "local", {"stage": "minhash_dedup", "threshold": 0.8}, spill=False))
     kept, rejected = outputs(tmp_path / "beam")
     assert set(kept) == set(expected.values())
     assert {rid: dup for (rid, _), dup in rejected.items()} == {k: v for k, v in expected.items() if k != v}

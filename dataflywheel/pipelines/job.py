@@ -12,6 +12,7 @@ them as complete. The report is saved to ``<output>/_report.json`` either way.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,7 +22,17 @@ from ..io import DeadLetter, ShardWriter, expand_paths, fs, read, read_file
 from ..io.base import FILE
 from ..io.commit import finalize_shards, read_success, shard_prefix, shards_of, uncommit
 from ..runner import RunnerConfig, make_pipeline
-from ..stages import GlobalStep, Outcome, Stage, batches, group_rows, outcome_of, process_batch, process_group
+from ..stages import (
+    GlobalStep,
+    Outcome,
+    Stage,
+    batches,
+    group_rows,
+    outcome_of,
+    process_batch,
+    process_group,
+    runs_bounded,
+)
 from ..stats import FILE_PROBLEMS, RunReport, StageReport
 from .config import JobConfig
 
@@ -84,6 +95,7 @@ def _run_beam(job: JobConfig, stages: list[Stage], files: list[str], runner: Run
               prog: progress.RunProgress | None = None) -> tuple[list[StageReport], Any]:
     import apache_beam as beam
 
+    from ..filters.dedup.spill import spill_folder
     from .io_transforms import ReadFiles, WriteShards
     from .stage_transform import DEAD, KEPT, REJECTED, ApplyStage, reports_from_beam
     from .watch import finish, spool_for, watch
@@ -97,8 +109,11 @@ def _run_beam(job: JobConfig, stages: list[Stage], files: list[str], runner: Run
                                        job.input.options, READ, progress=prog.token if prog else None,
                                        spool=spool_for(prog, runner))
     current, rejected, dead = read_out[KEPT], [], [read_out[DEAD]]
+    # On the local engine whole-dataset steps spill to local disk instead of a shuffle held in memory.
+    spill = spill_folder() if runner.engine == "local" and runner.spill and any(map(runs_bounded, stages)) else None
     for stage in stages:
-        outs = current | ApplyStage(stage, accelerator=accel if stage.config.gpu else None)
+        bounded = (runner.memory_budget_mb, spill) if spill and runs_bounded(stage) else None
+        outs = current | ApplyStage(stage, accelerator=accel if stage.config.gpu else None, bounded=bounded)
         current = outs[KEPT]
         rejected.append(outs[REJECTED])
         dead.append(outs[DEAD])
@@ -108,9 +123,13 @@ def _run_beam(job: JobConfig, stages: list[Stage], files: list[str], runner: Run
          | "WriteRejected" >> WriteShards(dirs["rejected"], "jsonl", job.output.rows_per_shard))
     (dead | "AllDead" >> beam.Flatten()
      | "WriteDead" >> WriteShards(dirs["dead_letter"], "jsonl", job.output.rows_per_shard))
-    result = p.run()
-    watch(prog, result, READ)
-    result.wait_until_finish()
+    try:
+        result = p.run()
+        watch(prog, result, READ)
+        result.wait_until_finish()
+    finally:
+        if spill:
+            shutil.rmtree(spill, ignore_errors=True)
     if runner.dry_run:
         return [], getattr(getattr(result, "job", None), "proto_pipeline", None)
     finish(prog, result, READ)
@@ -198,9 +217,8 @@ def _run_plain(job: JobConfig, stages: list[Stage], files: list[str], prog: prog
         return out.kept
 
     def apply(stage: Stage, report: StageReport, stream: Iterator[list[dict]]) -> Iterator[list[dict]]:
-        bounded = stage.run_bounded((row for batch in stream for row in batch), memory_mb) \
-            if isinstance(stage, GlobalStep) and type(stage).key is GlobalStep.key else None
-        if bounded is not None:  # a whole-dataset step that spills to disk: flat memory
+        if runs_bounded(stage):  # a whole-dataset step that spills to disk: flat memory
+            bounded = stage.run_bounded((row for batch in stream for row in batch), memory_mb)
             t0 = time.perf_counter()
             for chunk in batches(bounded, job.input.batch_rows):
                 kept = record(report, outcome_of(stage, chunk, time.perf_counter() - t0))

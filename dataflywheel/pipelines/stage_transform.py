@@ -184,11 +184,14 @@ class ApplyStage(beam.PTransform):
 
     ``batched=False`` when the input holds single rows; they are grouped with ``BatchElements``.
     ``accelerator`` (a Dataflow resource hint string) pins a GPU stage to accelerator workers.
+    ``bounded`` (memory budget MB, spill folder) runs a whole-dataset step through ``run_bounded``
+    on local disk (``bounded.py``) instead of its distributed plan.
     """
 
-    def __init__(self, stage: Stage, batched: bool = True, accelerator: str | None = None):
+    def __init__(self, stage: Stage, batched: bool = True, accelerator: str | None = None,
+                 bounded: tuple[int, str] | None = None):
         super().__init__(label=f"Stage[{stage.name}]")
-        self.stage, self.batched, self.accelerator = stage, batched, accelerator
+        self.stage, self.batched, self.accelerator, self.bounded = stage, batched, accelerator, bounded
 
     def expand(self, pcoll):
         from .plans import plan_for
@@ -198,7 +201,11 @@ class ApplyStage(beam.PTransform):
             size = stage.config.batch_size
             pcoll = pcoll | "Batch" >> beam.BatchElements(min_batch_size=min(8, size), max_batch_size=size)
         pcoll = pcoll | "CountIn" >> beam.ParDo(CountRows(stage.name, "in"))
-        if isinstance(stage, GlobalStep):
+        if isinstance(stage, GlobalStep) and self.bounded:  # (memory budget MB, spill folder): local engine
+            from .bounded import BoundedPlan
+
+            outs = pcoll | "Run" >> BoundedPlan(stage, *self.bounded)
+        elif isinstance(stage, GlobalStep):
             outs = pcoll | "Run" >> plan_for(stage)
         else:
             pardo = beam.ParDo(StageDoFn(stage))

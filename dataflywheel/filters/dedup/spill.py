@@ -74,10 +74,15 @@ def share_band(sig_a: np.ndarray, sig_b: np.ndarray, bands: int, rows: int) -> b
     return bool(eq.all(axis=1).any())
 
 
+def spill_folder() -> str:
+    """A new spill folder of this process (named by its pid, so the next run removes it if we are killed)."""
+    _remove_stale()
+    return tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=spill_root())
+
+
 def run_spilled(stage: MinHashDedup, rows: Iterable[dict], memory_limit_mb: int) -> Iterator[tuple[dict, str | None]]:
     """``stage.run`` over a stream of rows, in bounded memory (see the module docstring)."""
-    _remove_stale()
-    work = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=spill_root())
+    work = spill_folder()
     try:
         yield from _Run(stage, work, memory_limit_mb).decisions(rows)
     except OSError as err:
