@@ -73,11 +73,33 @@ def measure(cmd: list[str], env: dict, spill: Path) -> tuple[float, float, float
     return time.perf_counter() - start, peak / 1e9, disk / 1e9, "".join(out)
 
 
+def run_once(tmp: Path, inputs: str, n: int, engine: str, memory_mb: int | None) -> tuple[int, float, float] | None:
+    """One dedup job in a child process; prints its line; (docs, seconds, peak RSS GB)."""
+    runner = {"engine": engine, **({"memory_budget_mb": memory_mb} if memory_mb else {})}
+    out_dir = tmp / f"out{n}-{engine}"
+    cfg = {"name": f"scale{n}", "runner": runner, "input": {"paths": inputs, "kind": "document"},
+           "stages": [{"stage": "minhash_dedup"}],
+           "output": {"path": str(out_dir), "format": "jsonl.gz", "write_rejected": False}}
+    path = tmp / f"scale{n}-{engine}.yaml"
+    path.write_text(json.dumps(cfg))
+    spill = tmp / f"spill{n}-{engine}"
+    spill.mkdir()
+    env = {**os.environ, "DATAFLYWHEEL_SPILL": str(spill)}
+    seconds, rss, disk, out = measure([sys.executable, "-m", "dataflywheel.cli", "run", str(path), "--quiet"], env, spill)
+    if not (out_dir / "_report.json").is_file():
+        print(out[-3000:])
+        return None
+    kept = json.loads((out_dir / "_report.json").read_text())["stages"][-1]["kept"]
+    print(f"{n:>10,}{engine:>8}{seconds:>10.1f}{n / seconds:>10,.0f}{rss:>13.2f}{disk:>10.2f}{kept:>10,}", flush=True)
+    return n, seconds, rss
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="100k and 300k documents")
     ap.add_argument("--sizes", default=None, help="comma-separated document counts")
     ap.add_argument("--memory-mb", type=int, default=None, help="runner.memory_budget_mb (default: the runner's)")
+    ap.add_argument("--engines", default="plain,local", help="engines to run (the claims are on plain)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (
         [100_000, 300_000] if args.quick else [100_000, 300_000, 1_000_000, 3_000_000])
@@ -87,27 +109,17 @@ def main() -> int:
         print(f"{'docs':>10}{'engine':>8}{'seconds':>10}{'docs/s':>10}{'peak RSS GB':>13}{'spill GB':>10}{'kept':>10}")
         for n in sizes:
             inputs = make_corpus(tmp / f"c{n}", n)
-            runner = {"engine": "plain", **({"memory_budget_mb": args.memory_mb} if args.memory_mb else {})}
-            cfg = {"name": f"scale{n}", "runner": runner,
-                   "input": {"paths": inputs, "kind": "document"},
-                   "stages": [{"stage": "minhash_dedup"}],
-                   "output": {"path": str(tmp / f"out{n}"), "format": "jsonl.gz", "write_rejected": False}}
-            path = tmp / f"scale{n}.yaml"
-            path.write_text(json.dumps(cfg))
-            spill = tmp / f"spill{n}"
-            spill.mkdir()
-            env = {**os.environ, "DATAFLYWHEEL_SPILL": str(spill)}
-            seconds, rss, disk, out = measure([sys.executable, "-m", "dataflywheel.cli", "run", str(path), "--quiet"],
-                                              env, spill)
-            if not (tmp / f"out{n}" / "_report.json").is_file():
-                print(out[-3000:])
-                return 1
-            report = json.loads((tmp / f"out{n}" / "_report.json").read_text())
-            kept = report["stages"][-1]["kept"]
-            results.append((n, seconds, rss))
-            print(f"{n:>10,}{'plain':>8}{seconds:>10.1f}{n / seconds:>10,.0f}{rss:>13.2f}{disk:>10.2f}{kept:>10,}", flush=True)
+            for engine in args.engines.split(","):
+                row = run_once(tmp, inputs, n, engine, args.memory_mb)
+                if row is None:
+                    return 1
+                if engine == "plain":
+                    results.append(row)
             for f in (tmp / f"c{n}").iterdir():
                 f.unlink()
+    if len(results) < 2:
+        print("BENCH scale_memory_flat SKIP (the claims need two sizes on the plain engine)")
+        return 0
     (n0, t0, m0), (n1, t1, m1) = results[0], results[-1]
     flat = m1 / m0
     linear = (t1 / t0) / (n1 / n0)
