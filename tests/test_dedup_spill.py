@@ -75,3 +75,10 @@ def test_spill_folder_removed_after_success_failure_and_kill(tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="reader broke"):
         list(spill.run_spilled(stage, broken(), 64))
     assert os.listdir(tmp_path) == []
+
+
+def test_too_small_a_budget_fails_in_one_line():
+    from dataflywheel.errors import UserError
+
+    with pytest.raises(UserError, match=r"MB is too little .* raise runner.memory_budget_mb"):
+        list(spill.run_spilled(MinHashDedup(threshold=0.7), iter(generated(3000)), 1))

@@ -82,11 +82,20 @@ def spill_folder() -> str:
 
 def run_spilled(stage: MinHashDedup, rows: Iterable[dict], memory_limit_mb: int) -> Iterator[tuple[dict, str | None]]:
     """``stage.run`` over a stream of rows, in bounded memory (see the module docstring)."""
+    import duckdb
+
     work = spill_folder()
     try:
         yield from _Run(stage, work, memory_limit_mb).decisions(rows)
     except OSError as err:
         if err.errno == errno.ENOSPC:
+            raise UserError(f"{stage.name}: the disk under {work} is full: free space or set {SPILL_ENV}") from None
+        raise
+    except duckdb.OutOfMemoryException as err:  # an operator that cannot spill needs more than the budget
+        raise UserError(f"{stage.name}: {memory_limit_mb} MB is too little for the out-of-core join "
+                        f"({str(err).splitlines()[0]}); raise runner.memory_budget_mb") from None
+    except duckdb.IOException as err:
+        if "space" in str(err).lower():
             raise UserError(f"{stage.name}: the disk under {work} is full: free space or set {SPILL_ENV}") from None
         raise
     finally:
