@@ -13,6 +13,7 @@ import random
 import pytest
 from test_dedup_stage import corpus
 
+from dataflywheel import spill as spill_store
 from dataflywheel.filters.dedup import spill
 from dataflywheel.filters.dedup.stage import MinHashDedup
 
@@ -61,8 +62,8 @@ def test_neardup_benchmark_slice(shared_data):
 
 
 def test_spill_folder_removed_after_success_failure_and_kill(tmp_path, monkeypatch):
-    monkeypatch.setenv(spill.SPILL_ENV, str(tmp_path))
-    stale = tmp_path / f"{spill.PREFIX}999999999-x"  # a killed run's folder: its pid is gone
+    monkeypatch.setenv(spill_store.SPILL_ENV, str(tmp_path))
+    stale = tmp_path / f"{spill_store.PREFIX}999999999-x"  # a killed run's folder: its pid is gone
     stale.mkdir()
     stage = MinHashDedup(threshold=0.7)
     assert len(list(spill.run_spilled(stage, iter(corpus()), 64))) == len(corpus())

@@ -95,7 +95,7 @@ def _run_beam(job: JobConfig, stages: list[Stage], files: list[str], runner: Run
               prog: progress.RunProgress | None = None) -> tuple[list[StageReport], Any]:
     import apache_beam as beam
 
-    from ..filters.dedup.spill import spill_folder
+    from ..spill import spill_folder
     from .io_transforms import ReadFiles, WriteShards
     from .stage_transform import DEAD, KEPT, REJECTED, ApplyStage, reports_from_beam
     from .watch import finish, spool_for, watch

@@ -16,21 +16,13 @@ document, so a 24 GB machine stops near 2M documents. Here memory stays flat wha
 5. DuckDB names each cluster by its smallest id and counts it; a last sequential pass over the
    spill file joins these decisions back to the rows, in input order.
 
-Why DuckDB: an embedded, well-kept engine whose joins and aggregations honour a memory limit and
-spill to disk, so no sort-merge passes of our own (datatrove's way) are needed. The decisions are
-the in-memory ones: same candidates, same ``judge``, same smallest-id survivor (tested).
-Everything lives in one temporary folder, removed after success and after failure; a killed run's
-folder is never read again (each run makes a new one) and is removed by the next run.
+The spill file, the DuckDB database, the memory limit and the clean-up are ``dataflywheel.spill``'s.
+The decisions are the in-memory ones: same candidates, same ``judge``, same smallest-id survivor
+(tested).
 """
 
 from __future__ import annotations
 
-import errno
-import os
-import pickle
-import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from itertools import groupby
 from typing import TYPE_CHECKING
@@ -38,7 +30,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from ...errors import UserError
+from ...spill import CHUNK, Spill, merge_decisions
+from ...stages import batches
 from ..text import row_text
 from .lsh import member_order
 from .minhash import EMPTY, document_signatures
@@ -46,14 +39,7 @@ from .minhash import EMPTY, document_signatures
 if TYPE_CHECKING:
     from .stage import MinHashDedup
 
-SPILL_ENV = "DATAFLYWHEEL_SPILL"  # where spill folders go (default: the system temp folder)
-PREFIX = "dfw-spill-"
-CHUNK = 4096  # rows signed at once, candidate pairs judged at once: a few MB each
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # 64-bit golden-ratio constant (splitmix64)
-
-
-def spill_root() -> str:
-    return os.environ.get(SPILL_ENV) or tempfile.gettempdir()
 
 
 def band_hashes(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -74,121 +60,56 @@ def share_band(sig_a: np.ndarray, sig_b: np.ndarray, bands: int, rows: int) -> b
     return bool(eq.all(axis=1).any())
 
 
-def spill_folder() -> str:
-    """A new spill folder of this process (named by its pid, so the next run removes it if we are killed)."""
-    _remove_stale()
-    return tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=spill_root())
-
-
 def run_spilled(stage: MinHashDedup, rows: Iterable[dict], memory_limit_mb: int) -> Iterator[tuple[dict, str | None]]:
     """``stage.run`` over a stream of rows, in bounded memory (see the module docstring)."""
-    import duckdb
-
-    work = spill_folder()
-    try:
-        yield from _Run(stage, work, memory_limit_mb).decisions(rows)
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise UserError(f"{stage.name}: the disk under {work} is full: free space or set {SPILL_ENV}") from None
-        raise
-    except duckdb.OutOfMemoryException as err:  # an operator that cannot spill needs more than the budget
-        raise UserError(f"{stage.name}: {memory_limit_mb} MB is too little for the out-of-core join "
-                        f"({str(err).splitlines()[0]}); raise runner.memory_budget_mb") from None
-    except duckdb.IOException as err:
-        if "space" in str(err).lower():
-            raise UserError(f"{stage.name}: the disk under {work} is full: free space or set {SPILL_ENV}") from None
-        raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _remove_stale() -> None:
-    """Spill folders of runs that were killed (their process is gone)."""
-    root = spill_root()
-    for name in os.listdir(root) if os.path.isdir(root) else []:
-        m = re.match(rf"{PREFIX}(\d+)-", name)
-        if m and not _alive(int(m.group(1))):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    with Spill(stage.name, memory_limit_mb) as sp:
+        yield from _Run(stage, sp).decisions(rows)
 
 
 class _Run:
-    def __init__(self, stage: MinHashDedup, work: str, memory_limit_mb: int):
-        import duckdb
-
-        self.stage, self.work = stage, work
+    def __init__(self, stage: MinHashDedup, sp: Spill):
+        self.stage, self.sp, self.db = stage, sp, sp.db
         self.bands, self.rows_per_band = stage.bands, stage.rows_per_band
-        self.db = duckdb.connect(os.path.join(work, "dedup.duckdb"))
-        for setting in (f"memory_limit='{memory_limit_mb}MB'", f"temp_directory='{os.path.join(work, 'tmp')}'",
-                        "preserve_insertion_order=false"):
-            self.db.execute(f"SET {setting}")
-        self.db.execute("CREATE TABLE docs (doc INTEGER, id VARCHAR, off BIGINT, sig BLOB, sh BLOB)")
-        self.db.execute("CREATE TABLE bands (doc INTEGER, key UBIGINT)")
-        self.spill = os.path.join(work, "rows.pickle")
 
     def decisions(self, rows: Iterable[dict]) -> Iterator[tuple[dict, str | None]]:
         from .stage import DUPLICATE_ID, decide, with_meta
 
-        n = self._sign(rows)
+        for batch in batches(rows, CHUNK):
+            self._sign_batch(batch)
         repeats = self._repeated_ids()
-        clusters = self._clusters(n)  # (doc, cluster id, size), by doc: merged with the rows in one pass
-        ahead = next(clusters, None)
-        with open(self.spill, "rb") as fh:
-            for doc in range(n):
-                row = pickle.load(fh)
+        clusters = self._clusters(self.sp.n)  # (doc, cluster id, size), by doc
+
+        def decided() -> Iterator[tuple]:  # repeats and clusters, merged by row number
+            ahead = next(clusters, None)
+            for doc in range(self.sp.n):
                 if doc in repeats:
-                    yield with_meta(row, duplicate_of=repeats[doc]), DUPLICATE_ID
+                    yield doc, "repeat", repeats[doc], 0
                 elif ahead is not None and ahead[0] == doc:
-                    yield decide(row, ahead[1], ahead[2])
+                    yield doc, "cluster", ahead[1], ahead[2]
                     ahead = next(clusters, None)
-                else:
-                    yield row, None
-        self.db.close()
+
+        def decide_row(row: dict, what: str, cluster: str, size: int) -> tuple[dict, str | None]:
+            if what == "repeat":
+                return with_meta(row, duplicate_of=cluster), DUPLICATE_ID
+            return decide(row, cluster, size)
+
+        yield from merge_decisions(self.sp.rows(), decided(), decide_row)
 
     # -- pass 1: spill, sign, band ------------------------------------------------------------------
 
-    def _sign(self, rows: Iterable[dict]) -> int:
+    def _sign_batch(self, batch: list[dict]) -> None:
         c = self.stage.config
-        n = 0
-        with open(self.spill, "wb") as fh:
-            batch: list[dict] = []
-            for row in rows:
-                batch.append(row)
-                if len(batch) >= CHUNK:
-                    n = self._sign_batch(batch, n, fh, c)
-                    batch = []
-            if batch:
-                n = self._sign_batch(batch, n, fh, c)
-        return n
-
-    def _sign_batch(self, batch: list[dict], first: int, fh, c) -> int:
-        offsets = []
-        for row in batch:
-            offsets.append(fh.tell())
-            pickle.dump(row, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        first, offsets = self.sp.add(batch)
         sigs, sets = document_signatures((row_text(r) for r in batch), c.num_perm, c.seed, c.ngram, c.char_ngram)
         docs = np.arange(first, first + len(batch), dtype=np.int32)
-        self.db.register("batch_docs", pa.table({
-            "doc": docs, "id": [str(r["id"]) for r in batch], "off": np.array(offsets, dtype=np.int64),
-            "sig": [s.tobytes() for s in sigs], "sh": [s.tobytes() if c.verify else None for s in sets]}))
-        self.db.execute("INSERT INTO docs SELECT * FROM batch_docs")
+        self.sp.insert("docs", pa.table({
+            "doc": docs, "id": pa.array([str(r["id"]) for r in batch], pa.string()),
+            "off": np.array(offsets, dtype=np.int64), "sig": pa.array([s.tobytes() for s in sigs], pa.binary()),
+            "sh": pa.array([s.tobytes() if c.verify else None for s in sets], pa.binary())}))
         keyed = ~(sigs == EMPTY).all(axis=1)  # an empty document gets no band keys, as in run()
         keys = band_hashes(sigs[keyed], self.bands, self.rows_per_band)
-        self.db.register("batch_bands", pa.table({"doc": np.repeat(docs[keyed], self.bands),
-                                                   "key": keys.reshape(-1)}))
-        self.db.execute("INSERT INTO bands SELECT * FROM batch_bands")
-        self.db.unregister("batch_docs")
-        self.db.unregister("batch_bands")
-        return first + len(batch)
+        self.sp.insert("bands", pa.table({"doc": np.repeat(docs[keyed], self.bands).astype(np.int32),
+                                          "key": keys.reshape(-1)}))
 
     # -- rows sharing an id -------------------------------------------------------------------------
 
@@ -196,23 +117,19 @@ class _Run:
         """doc -> id for every row that does not stand for its id; their bands are dropped."""
         from .stage import _content_order
 
-        rows = self.db.sql(
+        records = self.sp.stream(
             "SELECT id, doc, off, sig, sh FROM docs WHERE id IN (SELECT id FROM docs GROUP BY id HAVING count(*) > 1) "
-            "ORDER BY id, doc").to_arrow_reader(CHUNK)
+            "ORDER BY id, doc")
         repeats: dict[int, str] = {}
-        records = (rec for chunk in rows for rec in zip(*(col.to_pylist() for col in chunk.columns)))
-        with open(self.spill, "rb") as fh:
-            for rid, group in groupby(records, key=lambda rec: rec[0]):
-                members = []
-                for _, doc, off, sig, sh in group:
-                    fh.seek(off)
-                    row = pickle.load(fh)
-                    member = (rid, np.frombuffer(sig, np.uint32), None if sh is None else np.frombuffer(sh, np.uint32))
-                    members.append(((member_order(member), _content_order(row)), doc))
-                members.sort()
-                repeats.update((doc, rid) for _, doc in members[1:])
+        for rid, group in groupby(records, key=lambda rec: rec[0]):
+            members = []
+            for _, doc, off, sig, sh in group:
+                member = (rid, np.frombuffer(sig, np.uint32), None if sh is None else np.frombuffer(sh, np.uint32))
+                members.append(((member_order(member), _content_order(self.sp.row_at(off))), doc))
+            members.sort()
+            repeats.update((doc, rid) for _, doc in members[1:])
         if repeats:
-            self.db.register("repeats", pa.table({"doc": np.fromiter(repeats, dtype=np.int32)}))
+            self.sp.insert("repeats", pa.table({"doc": np.fromiter(repeats, dtype=np.int32)}))
             self.db.execute("DELETE FROM bands WHERE doc IN (SELECT doc FROM repeats)")
         return repeats
 
@@ -224,27 +141,23 @@ class _Run:
         self.db.execute("CREATE TABLE cand AS SELECT DISTINCT a.doc AS x, b.doc AS y "
                         "FROM bands a JOIN bands b ON a.key = b.key AND a.doc < b.doc")
         self.db.execute("DROP TABLE bands")
-        reader = self.db.sql(
-            "SELECT c.x, c.y, da.sig, db.sig, da.sh, db.sh FROM cand c "
-            "JOIN docs da ON da.doc = c.x JOIN docs db ON db.doc = c.y").to_arrow_reader(CHUNK)
         linked = False
-        for chunk in reader:
-            for x, y, sig_a, sig_b, sh_a, sh_b in zip(*(col.to_pylist() for col in chunk.columns)):
-                a = ("", np.frombuffer(sig_a, np.uint32), None if sh_a is None else np.frombuffer(sh_a, np.uint32))
-                b = ("", np.frombuffer(sig_b, np.uint32), None if sh_b is None else np.frombuffer(sh_b, np.uint32))
-                if share_band(a[1], b[1], self.bands, self.rows_per_band) and self.stage.is_edge(a, b):
-                    _union(parent, x, y)
-                    linked = True
+        for x, y, sig_a, sig_b, sh_a, sh_b in self.sp.stream(
+                "SELECT c.x, c.y, da.sig, db.sig, da.sh, db.sh FROM cand c "
+                "JOIN docs da ON da.doc = c.x JOIN docs db ON db.doc = c.y"):
+            a = ("", np.frombuffer(sig_a, np.uint32), None if sh_a is None else np.frombuffer(sh_a, np.uint32))
+            b = ("", np.frombuffer(sig_b, np.uint32), None if sh_b is None else np.frombuffer(sh_b, np.uint32))
+            if share_band(a[1], b[1], self.bands, self.rows_per_band) and self.stage.is_edge(a, b):
+                _union(parent, x, y)
+                linked = True
         if not linked:
             return
         roots = _roots(parent)
         members = np.flatnonzero(np.bincount(roots, minlength=n)[roots] > 1)
-        self.db.register("comp", pa.table({"doc": members.astype(np.int32), "root": roots[members]}))
-        reader = self.db.sql(
+        self.sp.insert("comp", pa.table({"doc": members.astype(np.int32), "root": roots[members]}))
+        yield from self.sp.stream(
             "SELECT comp.doc, min(docs.id) OVER (PARTITION BY root), count(*) OVER (PARTITION BY root) "
-            "FROM comp JOIN docs USING (doc) ORDER BY comp.doc").to_arrow_reader(CHUNK)
-        for chunk in reader:
-            yield from zip(*(col.to_pylist() for col in chunk.columns))
+            "FROM comp JOIN docs USING (doc) ORDER BY comp.doc")
 
 
 def _union(parent: np.ndarray, x: int, y: int) -> None:

@@ -1,0 +1,144 @@
+"""Rows spilled to local disk with an embedded DuckDB database beside them: what the whole-dataset
+steps use to run in bounded memory (``GlobalStep.run_bounded``).
+
+A step writes each row once to a spill file (pickled: a row comes back exactly as it went in) and
+the few facts it decides on (an id, a hash, a score...) to DuckDB tables; DuckDB's joins, sorts and
+window functions honour a memory limit and spill to their temp folder past it; the step streams
+its per-row decisions back, ordered by row number, and merges them with a sequential re-read of
+the rows. Why DuckDB: an embedded, well-kept out-of-core engine, so no external sorts of our own.
+
+Everything lives in one folder under ``DATAFLYWHEEL_SPILL`` (default: the system temp folder),
+named by the process id and removed when the step ends, successfully or not; a folder whose
+process is gone (a killed run) is removed by the next run. A full disk, or a memory budget too
+small for DuckDB, fails with one line.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+from .errors import UserError
+
+SPILL_ENV = "DATAFLYWHEEL_SPILL"
+PREFIX = "dfw-spill-"
+CHUNK = 4096  # rows written at once, decisions streamed back at once: a few MB each
+
+
+def spill_root() -> str:
+    return os.environ.get(SPILL_ENV) or tempfile.gettempdir()
+
+
+def spill_folder() -> str:
+    """A new spill folder of this process (named by its pid, so the next run removes it if we are killed)."""
+    remove_stale()
+    return tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=spill_root())
+
+
+def remove_stale() -> None:
+    """Spill folders of runs that were killed (their process is gone)."""
+    root = spill_root()
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        m = re.match(rf"{PREFIX}(\d+)-", name)
+        if m and not _alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Spill:
+    """``with Spill(name, memory_mb) as sp``: ``add`` rows, ``insert`` facts, ``stream`` SQL results,
+    ``rows`` / ``row_at`` to read the rows back. Removes its folder on exit."""
+
+    def __init__(self, name: str, memory_mb: int):
+        self.name, self.memory_mb = name, memory_mb
+        self.n = 0
+
+    def __enter__(self) -> Spill:
+        import duckdb
+
+        self.work = spill_folder()
+        self.db = duckdb.connect(os.path.join(self.work, "facts.duckdb"))
+        for setting in (f"memory_limit='{self.memory_mb}MB'", f"temp_directory='{os.path.join(self.work, 'tmp')}'",
+                        "preserve_insertion_order=false"):
+            self.db.execute(f"SET {setting}")
+        self.path = os.path.join(self.work, "rows.pickle")
+        self._out = open(self.path, "wb")
+        return self
+
+    def __exit__(self, kind, err, tb) -> None:
+        import duckdb
+
+        self._out.close()
+        self.db.close()
+        shutil.rmtree(self.work, ignore_errors=True)
+        full = f"{self.name}: the disk under {self.work} is full: free space or set {SPILL_ENV}"
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise UserError(full) from None
+        if isinstance(err, duckdb.IOException) and "space" in str(err).lower():
+            raise UserError(full) from None
+        if isinstance(err, duckdb.OutOfMemoryException):  # an operator that cannot spill needs more
+            raise UserError(f"{self.name}: {self.memory_mb} MB is too little for the out-of-core work "
+                            f"({str(err).splitlines()[0]}); raise runner.memory_budget_mb") from None
+
+    def add(self, rows: list[dict]) -> tuple[int, list[int]]:
+        """Write rows to the spill file; (the first one's row number, each one's byte offset)."""
+        first, offsets = self.n, []
+        for row in rows:
+            offsets.append(self._out.tell())
+            pickle.dump(row, self._out, protocol=pickle.HIGHEST_PROTOCOL)
+        self.n += len(rows)
+        return first, offsets
+
+    def insert(self, table: str, data: Any) -> None:
+        """Append a pyarrow table to ``table`` (created from the first one's schema)."""
+        self.db.register("_batch", data)
+        exists = self.db.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
+                                 [table]).fetchone()[0]
+        self.db.execute(f"INSERT INTO {table} SELECT * FROM _batch" if exists else
+                        f"CREATE TABLE {table} AS SELECT * FROM _batch")
+        self.db.unregister("_batch")
+
+    def stream(self, sql: str) -> Iterator[tuple]:
+        """The rows of a query, fetched in chunks (never the whole result in memory)."""
+        for chunk in self.db.sql(sql).to_arrow_reader(CHUNK):
+            yield from zip(*(col.to_pylist() for col in chunk.columns))
+
+    def rows(self) -> Iterator[dict]:
+        """Every spilled row, in the order added."""
+        self._out.flush()
+        with open(self.path, "rb") as fh:
+            for _ in range(self.n):
+                yield pickle.load(fh)
+
+    def row_at(self, offset: int) -> dict:
+        self._out.flush()
+        with open(self.path, "rb") as fh:
+            fh.seek(offset)
+            return pickle.load(fh)
+
+
+def merge_decisions(rows: Iterator[dict], decided: Iterator[tuple], decide) -> Iterator[tuple[dict, str | None]]:
+    """Rows in order, joined with ``decided`` ((row number, ...) sorted by row number, only for the
+    rows a step changes): ``decide(row, *rest)`` for those, ``(row, None)`` (kept as is) for the others."""
+    ahead = next(decided, None)
+    for doc, row in enumerate(rows):
+        if ahead is not None and ahead[0] == doc:
+            yield decide(row, *ahead[1:])
+            ahead = next(decided, None)
+        else:
+            yield row, None
