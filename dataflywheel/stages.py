@@ -111,6 +111,9 @@ class Filter(Stage):
         raise NotImplementedError
 
 
+Decision = tuple[dict, "str | BaseException | None"]  # kept (None), rejected (a reason), dead (an exception)
+
+
 class GlobalStep(Stage):
     def key(self, row: dict) -> str | None:
         """Group key; None puts every row in one group (only for steps that need the whole set)."""
@@ -120,17 +123,17 @@ class GlobalStep(Stage):
         """Yield (row, None) to keep a row or (row, reason) to reject it; every input row once."""
         raise NotImplementedError
 
-    def run_bounded(self, rows: Iterable[dict], memory_mb: int) -> Iterator[tuple[dict, str | None]] | None:
-        """``run`` over a stream of every row in at most about ``memory_mb`` of memory, spilling to
-        disk past it; None when the step has no such execution (the local engines then group in
-        memory). Only for steps whose ``key`` puts every row in one group."""
+    def run_bounded(self, rows: Iterable[dict], memory_mb: int) -> Iterator[Decision] | None:
+        """``run`` over a stream of every row, grouping by ``key`` itself, in about ``memory_mb`` of
+        memory, spilling to disk past it (``dataflywheel.spill``); None when the step has no such
+        execution (the local engines then group in memory). A row whose key raises comes back as
+        ``(row, the exception)``: a dead letter, as when grouping in memory."""
         return None
 
 
 def runs_bounded(stage: Stage) -> bool:
-    """Whether ``stage`` is a whole-dataset step with a bounded-memory execution (``run_bounded``)."""
-    return (isinstance(stage, GlobalStep) and type(stage).key is GlobalStep.key
-            and type(stage).run_bounded is not GlobalStep.run_bounded)
+    """Whether ``stage`` is a global step with a bounded-memory execution (``run_bounded``)."""
+    return isinstance(stage, GlobalStep) and type(stage).run_bounded is not GlobalStep.run_bounded
 
 
 @dataclass
@@ -240,12 +243,16 @@ def process_group(stage: GlobalStep, rows: list[dict]) -> Outcome:
     return out
 
 
-def outcome_of(stage: GlobalStep, decisions: list[tuple[dict, str | None]], seconds: float) -> Outcome:
-    """The Outcome of a GlobalStep's (row, reason) decisions: kept, rejected with the reason, tallied."""
-    out = Outcome(rows_in=len(decisions), stats=_tally(stage, [row for row, _ in decisions]), seconds=seconds)
+def outcome_of(stage: GlobalStep, decisions: list[Decision], seconds: float) -> Outcome:
+    """The Outcome of a GlobalStep's (row, reason) decisions: kept, rejected with the reason (a dead
+    letter for an exception), tallied over the decided rows."""
+    out = Outcome(rows_in=len(decisions), seconds=seconds,
+                  stats=_tally(stage, [row for row, reason in decisions if not isinstance(reason, BaseException)]))
     for row, reason in decisions:
         if reason is None:
             out.kept.append(row)
+        elif isinstance(reason, BaseException):
+            out.dead.append(dead_row(stage, row, reason))
         else:
             out.rejected.append(rejected_row(stage, row, reason))
     return out

@@ -83,3 +83,20 @@ def test_too_small_a_budget_fails_in_one_line():
 
     with pytest.raises(UserError, match=r"MB is too little .* raise runner.memory_budget_mb"):
         list(spill.run_spilled(MinHashDedup(threshold=0.7), iter(generated(3000)), 1))
+
+
+def test_exact_dedup_bounded_equals_grouping_in_memory():
+    from dataflywheel.filters.basic import ExactDedup
+    from dataflywheel.stages import group_rows
+
+    rows = generated(800) + [{"id": "z1", "text": "Same Text"}, {"id": "z0", "text": "same   text"},
+                             {"id": "z0", "text": "SAME TEXT"}, {"id": "bad", "text": 7}]
+    stage = ExactDedup()
+    groups, dead = group_rows(stage, rows)
+    expected = sorted((json.dumps(row, sort_keys=True), reason) for group in groups.values()
+                      for row, reason in stage.run(group))
+    got = list(stage.run_bounded(iter(rows), 64))
+    assert [r["id"] for r, reason in got if isinstance(reason, BaseException)] == ["bad"] and len(dead) == 1
+    assert sorted((json.dumps(r, sort_keys=True), reason) for r, reason in got
+                  if not isinstance(reason, BaseException)) == expected
+    assert sum(reason == "duplicate" for _, reason in expected) >= 2

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from pydantic import Field
 
 from ..registry import register
-from ..stages import Filter, GlobalStep, Scorer, StageConfig
+from ..stages import Decision, Filter, GlobalStep, Scorer, StageConfig, batches
 from .text import normalize_for_hash, row_text, with_scores
 
 
@@ -49,7 +49,44 @@ class ExactDedup(GlobalStep):
     def run(self, rows: list[dict]) -> Iterator[tuple[dict, str | None]]:
         keep = min(rows, key=lambda r: r["id"])
         for row in rows:
-            if row is keep:
-                yield row, None
-            else:
-                yield {**row, "meta": {**(row.get("meta") or {}), "duplicate_of": keep["id"]}}, "duplicate"
+            yield (row, None) if row is keep else _duplicate(row, keep["id"])
+
+    def run_bounded(self, rows: Iterable[dict], memory_mb: int) -> Iterator[Decision]:
+        """``run`` per key over a stream, in bounded memory: (row number, key, id) facts in DuckDB,
+        the smallest id per key (the first such row in input order) found by a window over them."""
+        import pyarrow as pa
+
+        from ..spill import CHUNK, Spill
+
+        with Spill(self.name, memory_mb) as sp:
+            failed: dict[int, BaseException] = {}
+            for batch in batches(rows, CHUNK):
+                first, _ = sp.add(batch)
+                facts: list[tuple[int, str, str]] = []
+                for doc, row in enumerate(batch, first):
+                    try:
+                        facts.append((doc, self.key(row), str(row["id"])))
+                    except Exception as err:  # noqa: BLE001 - a dead letter, as when grouping in memory
+                        failed[doc] = err
+                docs, keys, ids = zip(*facts) if facts else ((), (), ())
+                sp.insert("facts", pa.table({"doc": pa.array(docs, pa.int64()), "key": pa.array(keys, pa.string()),
+                                             "id": pa.array(ids, pa.string())}))
+            if not sp.n:
+                return
+            decided = sp.stream(
+                "SELECT doc, keep, keep_id FROM (SELECT doc, first_value(doc) OVER w AS keep, "
+                "first_value(id) OVER w AS keep_id, count(*) OVER (PARTITION BY key) AS n FROM facts "
+                "WINDOW w AS (PARTITION BY key ORDER BY id, doc)) WHERE n > 1 ORDER BY doc")
+            ahead = next(decided, None)
+            for doc, row in enumerate(sp.rows()):
+                if doc in failed:
+                    yield row, failed[doc]
+                elif ahead is not None and ahead[0] == doc:
+                    yield (row, None) if ahead[1] == doc else _duplicate(row, ahead[2])
+                    ahead = next(decided, None)
+                else:
+                    yield row, None
+
+
+def _duplicate(row: dict, keep_id: str) -> tuple[dict, str]:
+    return {**row, "meta": {**(row.get("meta") or {}), "duplicate_of": keep_id}}, "duplicate"
