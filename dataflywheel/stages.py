@@ -127,7 +127,9 @@ class GlobalStep(Stage):
         """``run`` over a stream of every row, grouping by ``key`` itself, in about ``memory_mb`` of
         memory, spilling to disk past it (``dataflywheel.spill``); None when the step has no such
         execution (the local engines then group in memory). A row whose key raises comes back as
-        ``(row, the exception)``: a dead letter, as when grouping in memory."""
+        ``(row, the exception)``: a dead letter, as when grouping in memory. The engines tally the
+        decisions chunk by chunk, so a step with this execution needs a ``tally`` that adds up over
+        chunks (per-row counts)."""
         return None
 
 
