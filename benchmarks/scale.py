@@ -31,7 +31,7 @@ EDITS = (1, 3, 10, 40)
 def make_corpus(folder: Path, n: int, shards: int = 8, seed: int = 0) -> str:
     """``n`` documents: 60% unique, 40% near-copies of an earlier one with a few words changed."""
     rng = random.Random(seed)
-    vocab = [f"w{i}" for i in range(50_000)]
+    vocab = [_word(i) for i in range(50_000)]  # letters only: datatrove's normalizer maps every digit to 0
     folder.mkdir(parents=True, exist_ok=True)
     outs = [gzip.open(folder / f"shard-{k:02d}.jsonl.gz", "wt", compresslevel=1) for k in range(shards)]
     recent: list[list[str]] = []
@@ -49,6 +49,16 @@ def make_corpus(folder: Path, n: int, shards: int = 8, seed: int = 0) -> str:
     for out in outs:
         out.close()
     return str(folder / "*.jsonl.gz")
+
+
+def _word(i: int) -> str:
+    """The i-th pseudo-word: i in base 26, as letters (0 -> "a", 26 -> "ba")."""
+    letters = ""
+    while True:
+        i, r = divmod(i, 26)
+        letters = chr(97 + r) + letters
+        if not i:
+            return letters
 
 
 def measure(cmd: list[str], env: dict, spill: Path) -> tuple[float, float, float, str]:
@@ -100,10 +110,13 @@ def main() -> int:
     ap.add_argument("--sizes", default=None, help="comma-separated document counts")
     ap.add_argument("--memory-mb", type=int, default=None, help="runner.memory_budget_mb (default: the runner's)")
     ap.add_argument("--engines", default="plain,local", help="engines to run (the claims are on plain)")
+    ap.add_argument("--peer", default=None, help="a Python with datatrove 0.10.1 (its own venv: it needs xxhash<4 "
+                    "and spacy): runs datatrove's 4-stage MinHash at 100k and 1M beside ours")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (
         [100_000, 300_000] if args.quick else [100_000, 300_000, 1_000_000, 3_000_000])
     results = []
+    peers: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         print(f"{'docs':>10}{'engine':>8}{'seconds':>10}{'docs/s':>10}{'peak RSS GB':>13}{'spill GB':>10}{'kept':>10}")
@@ -115,8 +128,25 @@ def main() -> int:
                     return 1
                 if engine == "plain":
                     results.append(row)
+            if args.peer and n in (100_000, 1_000_000):
+                work = tmp / f"datatrove{n}"
+                script = str(Path(__file__).with_name("scale_datatrove.py"))
+                seconds, rss, disk, out = measure([args.peer, script, str(tmp / f"c{n}"), str(work), "2"],
+                                                  dict(os.environ), work)
+                kept = int(out.rsplit("KEPT ", 1)[-1].split()[0]) if "KEPT " in out else -1
+                peers[n] = seconds
+                print(f"{n:>10,}{'dtrove':>8}{seconds:>10.1f}{n / seconds:>10,.0f}{rss:>13.2f}{disk:>10.2f}{kept:>10,}",
+                      flush=True)
             for f in (tmp / f"c{n}").iterdir():
                 f.unlink()
+    for n, seconds in peers.items():
+        ours = next(t for m, t, _ in results if m == n)
+        ratio = seconds / ours  # docs/s ours over docs/s datatrove
+        status = "PASS" if ratio >= 3 else "FAIL"
+        if n < 1_000_000:
+            status = f"SKIP ({n // 1000}k documents; the claim is at 1M)"
+        print(f"BENCH scale_vs_datatrove_{n // 1000}k ours={n / ours:.0f} peer={n / seconds:.0f} ratio={ratio:.2f} "
+              f"target=>=3 {status}")
     if len(results) < 2:
         print("BENCH scale_memory_flat SKIP (the claims need two sizes on the plain engine)")
         return 0
