@@ -137,7 +137,7 @@ def main() -> int:
                     results.append(row)
             if args.peer and n in (100_000, 1_000_000):
                 work = tmp / f"datatrove{n}"
-                script = str(Path(__file__).with_name("scale_datatrove.py"))
+                script = str(Path(__file__).parent / "peers" / "datatrove_minhash.py")
                 seconds, rss, disk, out = measure([args.peer, script, str(tmp / f"c{n}"), str(work), "2"],
                                                   dict(os.environ), work)
                 kept = int(out.rsplit("KEPT ", 1)[-1].split()[0]) if "KEPT " in out else -1

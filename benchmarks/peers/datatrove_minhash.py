@@ -1,6 +1,6 @@
 """datatrove 0.10.1's 4-stage local MinHash over a corpus folder: the peer of ``benchmarks/scale.py``.
 
-Run as a child process (``python benchmarks/scale_datatrove.py INPUT_GLOB_FOLDER WORK TASKS``) so the
+Run as a child process (``python benchmarks/peers/datatrove_minhash.py INPUT_FOLDER WORK TASKS``) so the
 parent measures its wall time and peak RSS the same way as ours. Stages, as datatrove's own example
 (examples/minhash_deduplication.py): signatures -> buckets -> cluster -> filter, each on
 ``LocalPipelineExecutor`` with ``TASKS`` tasks and workers; default MinhashConfig (14 buckets x 8
