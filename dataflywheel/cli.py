@@ -10,6 +10,8 @@ from . import progress
 from .errors import UserError
 from .io import fs
 from .stats import ReconcileError
+from .train import ALGORITHMS
+from .validate import CONFIG_KINDS
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -60,18 +62,14 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-TRAIN_ALGORITHMS = {"sft": "SftConfig", "rm": "RmConfig", "dpo": "DpoConfig", "grpo": "GrpoConfig"}
-
-
 def _train(args: argparse.Namespace) -> int:
-    import importlib
     import json
 
+    from .train import algorithm
     from .train.config import load_train_config
 
-    module = importlib.import_module(f".train.{args.algorithm}", __package__)
-    cfg = load_train_config(args.config, getattr(module, TRAIN_ALGORITHMS[args.algorithm]),
-                            {"output": args.output, "model": args.model, "data": args.data})
+    module, config_class = algorithm(args.algorithm)
+    cfg = load_train_config(args.config, config_class, {"output": args.output, "model": args.model, "data": args.data})
     if args.max_steps:
         cfg.loop.max_steps = args.max_steps
     if args.stop_after:
@@ -185,63 +183,10 @@ def _execute(cfg, args: argparse.Namespace) -> int:
     return 0
 
 
-CONFIG_KINDS = ("run", "curate", "select", "pairs", "synth", "rounds", "train-sft", "train-rm", "train-dpo", "train-grpo")
-
-
-def config_kind(data: object) -> str | None:
-    """Which command a config file is for, from its keys (None: cannot tell)."""
-    if not isinstance(data, dict):
-        return None
-    keys = set(data)
-    if "policy" in keys:
-        return "rounds"
-    if {"method", "seeds"} <= keys:
-        return "synth"
-    if "generate" in keys:
-        return "pairs"
-    if keys & {"select", "mixture"} or set(data.get("steps") or {}) & {"ifd", "deita_score", "instag_tag"}:
-        return "select"
-    if "steps" in keys:
-        return "curate"
-    if keys & {"jobs", "stages"}:
-        return "run"
-    return None
-
-
 def _validate(args: argparse.Namespace) -> int:
-    from .config import read_yaml
+    from .validate import validate
 
-    kind = args.kind or config_kind(read_yaml(args.config))
-    if kind is None:
-        raise UserError(f"{args.config}: cannot tell which command this config is for; pass --as "
-                        f"({', '.join(CONFIG_KINDS)})")
-    if kind.startswith("train-"):
-        import importlib
-
-        from .train.config import load_train_config
-
-        algorithm = kind.split("-", 1)[1]
-        module = importlib.import_module(f".train.{algorithm}", __package__)
-        load_train_config(args.config, getattr(module, TRAIN_ALGORITHMS[algorithm]))
-        print(f"{args.config}: ok: a train {algorithm} config")
-        return 0
-    if kind == "synth":
-        from .pipelines.synth import load_synth_config
-
-        cfg = load_synth_config(args.config)
-        print(f"{args.config}: ok: a synth config ({cfg.method})")
-        return 0
-    if kind == "rounds":
-        from .flywheel.config import load_flywheel_config
-
-        cfg = load_flywheel_config(args.config)
-        print(f"{args.config}: ok: a rounds config ({cfg.rounds} rounds, training {cfg.train.algorithm})")
-        return 0
-    from .pipelines.config import load_config, load_front_end
-
-    cfg = load_config(args.config) if kind == "run" else load_front_end(kind, args.config)
-    names = ", ".join(f"{j.name} ({', '.join(s.stage for s in j.stages) or 'no stages'})" for j in cfg.jobs)
-    print(f"{args.config}: ok: a {kind} config; engine {cfg.runner.engine}; jobs: {names}")
+    print(validate(args.config, args.kind))
     return 0
 
 
@@ -310,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     syn.set_defaults(func=_synth)
 
     train = sub.add_parser("train", help="train a model: sft, rm (reward model), dpo or grpo (configs/train_*.yaml)")
-    train.add_argument("algorithm", choices=list(TRAIN_ALGORITHMS))
+    train.add_argument("algorithm", choices=list(ALGORITHMS))
     train.add_argument("config", help="training YAML config (configs/train_<algorithm>.yaml)")
     train.add_argument("--output", metavar="DIR", help="override output (the run folder)")
     train.add_argument("--model", help="override model (a folder or Hub id)")
