@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections.abc import Iterable, Iterator
 
 from pydantic import Field
@@ -56,7 +57,7 @@ class ExactDedup(GlobalStep):
         the smallest id per key (the first such row in input order) found by a window over them."""
         import pyarrow as pa
 
-        from ..spill import CHUNK, Spill
+        from ..spill import CHUNK, Spill, merge_decisions
 
         with Spill(self.name, memory_mb) as sp:
             failed: dict[int, BaseException] = {}
@@ -73,19 +74,20 @@ class ExactDedup(GlobalStep):
                                              "id": pa.array(ids, pa.string())}))
             if not sp.n:
                 return
-            decided = sp.stream(
-                "SELECT doc, keep, keep_id FROM (SELECT doc, first_value(doc) OVER w AS keep, "
+            grouped = sp.stream(  # (doc, whether it is the one kept, the id kept) for keys shared by rows
+                "SELECT doc, doc = keep, keep_id FROM (SELECT doc, first_value(doc) OVER w AS keep, "
                 "first_value(id) OVER w AS keep_id, count(*) OVER (PARTITION BY key) AS n FROM facts "
                 "WINDOW w AS (PARTITION BY key ORDER BY id, doc)) WHERE n > 1 ORDER BY doc")
-            ahead = next(decided, None)
-            for doc, row in enumerate(sp.rows()):
-                if doc in failed:
-                    yield row, failed[doc]
-                elif ahead is not None and ahead[0] == doc:
-                    yield (row, None) if ahead[1] == doc else _duplicate(row, ahead[2])
-                    ahead = next(decided, None)
-                else:
-                    yield row, None
+            # rows whose key raised have no facts: merged in by row number, as (doc, None, the error)
+            decided = heapq.merge(grouped, ((doc, None, err) for doc, err in sorted(failed.items())),
+                                  key=lambda item: item[0])
+            yield from merge_decisions(sp.rows(), decided, _decide)
+
+
+def _decide(row: dict, kept: bool | None, keep_id_or_error) -> Decision:
+    if kept is None:  # its key raised: a dead letter
+        return row, keep_id_or_error
+    return (row, None) if kept else _duplicate(row, keep_id_or_error)
 
 
 def _duplicate(row: dict, keep_id: str) -> tuple[dict, str]:

@@ -23,6 +23,7 @@ The decisions are the in-memory ones: same candidates, same ``judge``, same smal
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Iterator
 from itertools import groupby
 from typing import TYPE_CHECKING
@@ -77,23 +78,14 @@ class _Run:
         for batch in batches(rows, CHUNK):
             self._sign_batch(batch)
         repeats = self._repeated_ids()
-        clusters = self._clusters(self.sp.n)  # (doc, cluster id, size), by doc
+        # By row number: the repeated ids (size 0 marks them; their bands were dropped, so they are
+        # in no cluster) and the clusters' members.
+        decided = heapq.merge(((doc, rid, 0) for doc, rid in sorted(repeats.items())), self._clusters(self.sp.n))
 
-        def decided() -> Iterator[tuple]:  # repeats and clusters, merged by row number
-            ahead = next(clusters, None)
-            for doc in range(self.sp.n):
-                if doc in repeats:
-                    yield doc, "repeat", repeats[doc], 0
-                elif ahead is not None and ahead[0] == doc:
-                    yield doc, "cluster", ahead[1], ahead[2]
-                    ahead = next(clusters, None)
+        def decide_row(row: dict, cluster: str, size: int) -> tuple[dict, str | None]:
+            return (with_meta(row, duplicate_of=cluster), DUPLICATE_ID) if size == 0 else decide(row, cluster, size)
 
-        def decide_row(row: dict, what: str, cluster: str, size: int) -> tuple[dict, str | None]:
-            if what == "repeat":
-                return with_meta(row, duplicate_of=cluster), DUPLICATE_ID
-            return decide(row, cluster, size)
-
-        yield from merge_decisions(self.sp.rows(), decided(), decide_row)
+        yield from merge_decisions(self.sp.rows(), decided, decide_row)
 
     # -- pass 1: spill, sign, band ------------------------------------------------------------------
 
