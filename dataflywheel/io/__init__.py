@@ -92,11 +92,12 @@ def _hidden(name: str) -> bool:
 def _walk(folder: str) -> list[str]:
     """Data files below ``folder``, sorted. A pipeline output folder stands for the shards its
     ``_SUCCESS.json`` names; an HF dataset folder inside counts as one source."""
-    committed = committed_files(folder)
+    entries = fs.listdir(folder)  # one listing: the marker, our shards and the data files
+    committed = committed_files(folder, entries)
     if committed is not None:
         return committed
     found = []
-    for name, is_dir in fs.listdir(folder):
+    for name, is_dir in entries:
         path = fs.join(folder, name)
         if _hidden(name):
             continue

@@ -60,16 +60,18 @@ def read_success(out_dir: str | os.PathLike) -> dict[str, Any] | None:
         return None
 
 
-def committed_files(folder: str) -> list[str] | None:
+def committed_files(folder: str, entries: list[tuple[str, bool]] | None = None) -> list[str] | None:
     """The data files of a pipeline output folder, as its ``_SUCCESS.json`` names them; None when
-    the folder is not a pipeline output. UserError for an unfinished one (our shards, no marker)."""
-    info = read_success(folder)
+    the folder is not a pipeline output. UserError for an unfinished one (our shards, no marker).
+    ``entries``: the folder's listing (``fs.listdir``) when the caller has it already."""
+    entries = fs.listdir(folder) if entries is None else entries
+    info = read_success(folder) if (SUCCESS, False) in entries else None
     if info is not None:
         shards = info.get("shards")
         if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("file"), str) for s in shards):
             raise UserError(f"{fs.redact(fs.join(folder, SUCCESS))}: shards: expected a list of {{file, rows}} objects")
         return [fs.join(folder, shard["file"]) for shard in shards]
-    if any(OUR_SHARD.match(name) and not is_dir for name, is_dir in fs.listdir(folder)):
+    if any(OUR_SHARD.match(name) and not is_dir for name, is_dir in entries):
         raise UserError(f"{fs.redact(folder)}: an unfinished pipeline output (part files but no {SUCCESS}: the job "
                         "was killed, is still running, or failed its checks); re-run the job that writes it")
     return None
