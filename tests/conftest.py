@@ -33,4 +33,4 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-pytest_plugins = ["object_store", "portable_beam"]  # gs:// and s3:// servers on loopback; Beam job service + worker pool
+pytest_plugins = ["portable_beam", "object_store"]  # Beam job service + worker pool; gs:// and s3:// servers on loopback

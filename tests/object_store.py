@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from portable_beam import free_port
 
 # gcsfs 2026.x probes each bucket's type over gRPC first; the emulator has no gRPC, so each probe
 # would wait 60 s before falling back. Read when gcsfs is imported: set before any test imports it.
@@ -28,12 +29,6 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 # Distinctive values, so the redaction test can look for them in every output.
 S3_KEY_ID = "AKIDLOOPBACKTEST0001"
 S3_SECRET = "loopback-secret-9f3c2e7a1b"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_port(port: int, proc: subprocess.Popen, name: str, timeout: float = 30.0) -> None:
@@ -56,7 +51,7 @@ def gcs_emulator(log_dir: str | os.PathLike) -> Iterator[str]:
 
     # The wrapper's own start() picks the server's filesystem backend, which deadlocked here under a
     # Beam job's mix of uploads and listings (the server stopped answering); the memory backend does not.
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(Path(log_dir) / "fake-gcs-server.log", "wb") as log:
         proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
@@ -74,7 +69,7 @@ def gcs_emulator(log_dir: str | os.PathLike) -> Iterator[str]:
 @contextmanager
 def s3_emulator(log_dir: str | os.PathLike) -> Iterator[str]:
     """moto's S3 server on a free loopback port, AWS_ENDPOINT_URL and test keys set; yields its URL."""
-    port = _free_port()
+    port = free_port()
     with open(Path(log_dir) / "moto.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
