@@ -107,11 +107,14 @@ class Spill:
     def insert(self, table: str, data: Any) -> None:
         """Append a pyarrow table to ``table`` (created from the first one's schema)."""
         self.db.register("_batch", data)
-        exists = self.db.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
-                                 [table]).fetchone()[0]
+        exists = self.value(f"SELECT count(*) FROM information_schema.tables WHERE table_name = '{table}'")
         self.db.execute(f"INSERT INTO {table} SELECT * FROM _batch" if exists else
                         f"CREATE TABLE {table} AS SELECT * FROM _batch")
         self.db.unregister("_batch")
+
+    def value(self, sql: str) -> Any:
+        """The one value of a query (fetched to the end: duckdb 2 refuses other work on an unfinished result)."""
+        return self.db.execute(sql).fetchall()[0][0]
 
     def stream(self, sql: str) -> Iterator[tuple]:
         """The rows of a query, fetched in chunks (never the whole result in memory)."""

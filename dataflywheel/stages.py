@@ -115,6 +115,11 @@ Decision = tuple[dict, "str | BaseException | None"]  # kept (None), rejected (a
 
 
 class GlobalStep(Stage):
+    # True when ``tally`` needs the whole set (a budget, a per-group plan): a bounded run then leaves
+    # the whole run's counts in ``bounded_stats`` and the engines record them once, at the end.
+    whole_tally: ClassVar[bool] = False
+    bounded_stats: dict[str, int] | None = None
+
     def key(self, row: dict) -> str | None:
         """Group key; None puts every row in one group (only for steps that need the whole set)."""
         return None
@@ -129,7 +134,7 @@ class GlobalStep(Stage):
         execution (the local engines then group in memory). A row whose key raises comes back as
         ``(row, the exception)``: a dead letter, as when grouping in memory. The engines tally the
         decisions chunk by chunk, so a step with this execution needs a ``tally`` that adds up over
-        chunks (per-row counts)."""
+        chunks (per-row counts), or sets ``whole_tally`` and ``bounded_stats``."""
         return None
 
 
@@ -245,11 +250,11 @@ def process_group(stage: GlobalStep, rows: list[dict]) -> Outcome:
     return out
 
 
-def outcome_of(stage: GlobalStep, decisions: list[Decision], seconds: float) -> Outcome:
+def outcome_of(stage: GlobalStep, decisions: list[Decision], seconds: float, tally: bool = True) -> Outcome:
     """The Outcome of a GlobalStep's (row, reason) decisions: kept, rejected with the reason (a dead
-    letter for an exception), tallied over the decided rows."""
-    out = Outcome(rows_in=len(decisions), seconds=seconds,
-                  stats=_tally(stage, [row for row, reason in decisions if not isinstance(reason, BaseException)]))
+    letter for an exception), tallied over the decided rows (``tally``)."""
+    decided = [row for row, reason in decisions if not isinstance(reason, BaseException)] if tally else []
+    out = Outcome(rows_in=len(decisions), seconds=seconds, stats=_tally(stage, decided))
     for row, reason in decisions:
         if reason is None:
             out.kept.append(row)

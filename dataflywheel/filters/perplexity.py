@@ -20,14 +20,16 @@ numeric score field.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from ..models.lm_score import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH, CausalLMScorer, LMScoreSettings
 from ..registry import register
-from ..stages import Filter, GlobalStep, Scorer, StageConfig
+from ..spill import CHUNK, Spill
+from ..stages import Filter, GlobalStep, Scorer, StageConfig, batches
 from .text import row_text, with_scores
 
 
@@ -129,7 +131,8 @@ class ScoreBand(GlobalStep):
     ``missing_score`` and do not shift the cut. Bounds are inclusive, so every row tied with a
     bound is kept and the kept share can exceed upper - lower; the cut depends only on the
     multiset of values, never on row order. Needs the whole distribution (key None): on Beam the
-    single group is gathered on one worker, so it must fit in that worker's memory.
+    single group is gathered on one worker, so it must fit in that worker's memory; the local
+    engines spill the rows to disk and keep only the values (8 bytes a row, ``run_bounded``).
     """
 
     Config = ScoreBandConfig
@@ -137,15 +140,15 @@ class ScoreBand(GlobalStep):
     def key(self, row: dict) -> None:
         return None
 
-    def bounds(self, values: list[float]) -> tuple[float, float]:
+    def bounds(self, values: Sequence[float]) -> tuple[float, float]:
         """(low, high) for these values: the tighter of the percentile and absolute bounds."""
         import numpy as np
 
         c = self.config
         low, high = -math.inf, math.inf
-        if values and c.lower_pct is not None:
+        if len(values) and c.lower_pct is not None:
             low = float(np.percentile(values, c.lower_pct))
-        if values and c.upper_pct is not None:
+        if len(values) and c.upper_pct is not None:
             high = float(np.percentile(values, c.upper_pct))
         if c.min_value is not None:
             low = max(low, c.min_value)
@@ -154,14 +157,28 @@ class ScoreBand(GlobalStep):
         return low, high
 
     def run(self, rows: list[dict]) -> Iterator[tuple[dict, str | None]]:
-        values = [_value(r, self.config.field) for r in rows]
-        low, high = self.bounds([v for v in values if v is not None])
-        for row, value in zip(rows, values):
-            if value is None:
-                yield row, "missing_score"
-            elif value < low:
-                yield row, "below_band"
-            elif value > high:
-                yield row, "above_band"
-            else:
-                yield row, None
+        low, high = self.bounds([v for r in rows if (v := _value(r, self.config.field)) is not None])
+        for row in rows:
+            yield row, _band(_value(row, self.config.field), low, high)
+
+    def run_bounded(self, rows: Iterable[dict], memory_mb: int) -> Iterator[tuple[dict, str | None]]:
+        import numpy as np
+
+        with Spill(self.name, memory_mb) as sp:
+            values = array("d")  # what numpy's exact percentile needs: every value, not every row
+            for batch in batches(rows, CHUNK):
+                sp.add(batch)
+                values.extend(v for r in batch if (v := _value(r, self.config.field)) is not None)
+            low, high = self.bounds(np.frombuffer(values, dtype=np.float64))
+            for row in sp.rows():
+                yield row, _band(_value(row, self.config.field), low, high)
+
+
+def _band(value: float | None, low: float, high: float) -> str | None:
+    if value is None:
+        return "missing_score"
+    if value < low:
+        return "below_band"
+    if value > high:
+        return "above_band"
+    return None

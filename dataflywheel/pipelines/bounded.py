@@ -25,7 +25,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from ..stages import GlobalStep, batches, outcome_of
+from ..stages import GlobalStep, Outcome, batches, outcome_of
 from .stage_transform import DEAD, KEPT, REJECTED, StageFn, emit
 
 
@@ -73,9 +73,11 @@ class _RunBounded(StageFn):
         decisions = self.stage.run_bounded(_rows(paths), self.memory_mb)
         for chunk in batches(decisions, self.stage.config.batch_size):
             with self.busy():
-                out = outcome_of(self.stage, chunk, 0.0)
+                out = outcome_of(self.stage, chunk, 0.0, not self.stage.whole_tally)
                 self.counters.record(out)
             yield from emit(out)
+        if self.stage.whole_tally:
+            self.counters.record(Outcome(stats=self.stage.bounded_stats or {}))
 
 
 class BoundedPlan(beam.PTransform):

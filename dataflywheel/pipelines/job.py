@@ -221,10 +221,12 @@ def _run_plain(job: JobConfig, stages: list[Stage], files: list[str], prog: prog
             bounded = stage.run_bounded((row for batch in stream for row in batch), memory_mb)
             t0 = time.perf_counter()
             for chunk in batches(bounded, job.input.batch_rows):
-                kept = record(report, outcome_of(stage, chunk, time.perf_counter() - t0))
+                kept = record(report, outcome_of(stage, chunk, time.perf_counter() - t0, not stage.whole_tally))
                 t0 = time.perf_counter()
                 if kept:
                     yield kept
+            if stage.whole_tally:
+                record(report, Outcome(stats=stage.bounded_stats or {}))
             return
         if isinstance(stage, GlobalStep):  # needs all rows: the plain loop groups in memory
             groups, dead = group_rows(stage, (row for batch in stream for row in batch))

@@ -31,14 +31,15 @@ the first row that does not fit, so priority is kept; the gap is under one row).
 whitespace words x 4/3 (OpenAI's rule of thumb, 1 token ~ 3/4 of an English word) unless a
 ``tokenizer`` is named. Integer shares are rounded by largest remainder, ties by group name.
 
-Needs the whole set (key None): on Beam the one group is gathered on one worker.
+Needs the whole set (key None): on Beam the one group is gathered on one worker. The local engines
+spill the rows to disk and plan with DuckDB instead (``mixture_spill.py``), in bounded memory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -165,6 +166,7 @@ class MixturePlan:
     budget: int
     groups: dict[str, GroupPlan] = field(default_factory=dict)
     decisions: list[str | None] = field(default_factory=list)  # per input row: None kept, else reason
+    excluded: set[str] = field(default_factory=set)  # groups given no weight: rejected excluded_group
 
     def stats(self) -> dict[str, int]:
         """Counters for the run report (``Stage.tally``); ``describe_mixture`` renders them."""
@@ -206,6 +208,7 @@ class Mixture(GlobalStep):
 
     Config = MixtureConfig
     resources = ("_tokenizer",)  # None when sizes are counted in words
+    whole_tally = True
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -244,24 +247,16 @@ class Mixture(GlobalStep):
             return {g: float(n) ** (1.0 / c.temperature) if n > 0 else 0.0 for g, n in sizes.items()}
         return {g: float(n) for g, n in sizes.items()}  # proportional, capped
 
-    def plan(self, rows: list[dict]) -> MixturePlan:
-        """Every decision for these rows, with the per-group accounting."""
+    def targets(self, budget: int, pools: dict[str, tuple[int, int, int]]) -> MixturePlan:
+        """The plan's per-group targets from each group's pool: (rows, tokens, units) available."""
         c = self.config
-        groups = [self.group(r) for r in rows]
-        tokens = self.token_counts(rows)
-        units = tokens if c.unit == "tokens" else [1] * len(rows)
-        budget = c.budget if c.budget is not None else math.floor(sum(units) * c.fraction + _ROUNDING_SLACK)
-        plan = MixturePlan(c.unit, budget, decisions=["missing_group" if g is None else None for g in groups])
-        members: dict[str, list[int]] = {}
-        for i, g in enumerate(groups):
-            if g is not None:
-                members.setdefault(g, []).append(i)
-                p = plan.groups.setdefault(g, GroupPlan())
-                p.rows, p.tokens = p.rows + 1, p.tokens + tokens[i]
-        names = set(members) | set(c.weights or {}) | ({c.replay_group} if c.replay_group else set())
+        plan = MixturePlan(c.unit, budget)
+        extra = (set(c.weights or {}) | ({c.replay_group} if c.replay_group else set())) - set(pools)
+        names = [*pools, *sorted(extra)]  # pools in order of first appearance, as the report lists them
         for g in names:
-            plan.groups.setdefault(g, GroupPlan())
-        size = {g: sum(units[i] for i in members.get(g, [])) for g in names}
+            rows, tokens, _ = pools.get(g, (0, 0, 0))
+            plan.groups[g] = GroupPlan(rows=rows, tokens=tokens)
+        size = {g: pools.get(g, (0, 0, 0))[2] for g in names}
         domain = sorted(g for g in names if g != c.replay_group)
         domain_budget = budget
         if c.replay_group is not None:
@@ -276,9 +271,28 @@ class Mixture(GlobalStep):
         requested = largest_remainder(budget - (plan.groups[c.replay_group].requested if c.replay_group else 0), weights)
         for g, n in allocate(domain_budget, weights, limits, c.redistribute).items():
             plan.groups[g].requested, plan.groups[g].target = requested[g], n
+        plan.excluded = {g for g in names if c.strategy == "weights" and g != c.replay_group and weights.get(g, 0) <= 0}
+        return plan
+
+    def budget_of(self, units: int) -> int:
+        c = self.config
+        return c.budget if c.budget is not None else math.floor(units * c.fraction + _ROUNDING_SLACK)
+
+    def plan(self, rows: list[dict]) -> MixturePlan:
+        """Every decision for these rows, with the per-group accounting."""
+        groups = [self.group(r) for r in rows]
+        tokens = self.token_counts(rows)
+        units = tokens if self.config.unit == "tokens" else [1] * len(rows)
+        members: dict[str, list[int]] = {}
+        for i, g in enumerate(groups):
+            if g is not None:
+                members.setdefault(g, []).append(i)
+        pools = {g: (len(idx), sum(tokens[i] for i in idx), sum(units[i] for i in idx)) for g, idx in members.items()}
+        plan = self.targets(self.budget_of(sum(units)), pools)
+        plan.decisions = ["missing_group" if g is None else None for g in groups]
         for g, idx in members.items():
             p = plan.groups[g]
-            if g != c.replay_group and weights.get(g, 0) <= 0 and c.strategy == "weights":
+            if g in plan.excluded:
                 for i in idx:
                     plan.decisions[i] = "excluded_group"
                 continue
@@ -293,14 +307,20 @@ class Mixture(GlobalStep):
                 plan.decisions[i] = "over_budget"
         return plan
 
+    def with_group(self, row: dict, g: str | None) -> dict:
+        return row if g is None else {**row, "meta": {**(row.get("meta") or {}), "mixture_group": g}}
+
     def run(self, rows: list[dict]) -> Iterator[tuple[dict, str | None]]:
         plan = self.plan(rows)
         self.last_plan = plan  # for tally() and describe() right after, on the same worker
-        groups = [self.group(r) for r in rows]
-        for row, g, reason in zip(rows, groups, plan.decisions):
-            if g is not None:
-                row = {**row, "meta": {**(row.get("meta") or {}), "mixture_group": g}}
-            yield row, reason
+        for row, reason in zip(rows, plan.decisions):
+            yield self.with_group(row, self.group(row)), reason
+
+    def run_bounded(self, rows: Iterable[dict], memory_mb: int) -> Iterator[tuple[dict, str | None]]:
+        """``run`` with the rows on disk and the plan in DuckDB (``mixture_spill.py``)."""
+        from .mixture_spill import run_spilled
+
+        return run_spilled(self, rows, memory_mb)
 
     def tally(self, rows: list[dict]) -> dict[str, int]:
         plan = self.last_plan

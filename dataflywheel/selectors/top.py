@@ -11,19 +11,23 @@ their order (Beam gives a group's rows in no fixed order). Rows without the fiel
 non-numeric or non-finite value, are rejected ``missing_score`` and do not count against the
 budget; the others not chosen are rejected ``not_selected``. It reads stored scores only: change
 the budget and run it again, no model is needed. Needs the whole set (key None): on Beam the one
-group is gathered on one worker, so it must fit in that worker's memory.
+group is gathered on one worker, so it must fit in that worker's memory. The local engines spill
+the rows to disk and rank (score, id, row number) with DuckDB instead (``run_bounded``): the same
+order as Python's sort (UTF-8 byte order is code point order), in bounded memory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
+import pyarrow as pa
 from pydantic import Field, model_validator
 
 from ..registry import register
-from ..stages import GlobalStep, StageConfig
+from ..spill import CHUNK, Spill
+from ..stages import GlobalStep, StageConfig, batches
 
 _ROUNDING_SLACK = 1e-9  # fraction * n in floats: 0.29 * 100 = 28.999999999999996 must still give 29
 
@@ -54,6 +58,7 @@ class SelectTop(GlobalStep):
     """Keeps the top ``budget`` rows (or ``fraction`` of the input) by ``scores.<field>``; ties by id."""
 
     Config = SelectTopConfig
+    whole_tally = True
 
     def key(self, row: dict) -> None:
         return None
@@ -73,19 +78,48 @@ class SelectTop(GlobalStep):
         ranked.sort()
         return {i for _, _, i in ranked[: self.target(len(rows))]}
 
+    def not_chosen(self, row: dict) -> str:
+        return "missing_score" if score_value(row, self.config.field) is None else "not_selected"
+
     def run(self, rows: list[dict]) -> Iterator[tuple[dict, str | None]]:
         chosen = self.selected(rows)
         for i, row in enumerate(rows):
-            if i in chosen:
-                yield row, None
-            elif score_value(row, self.config.field) is None:
-                yield row, "missing_score"
-            else:
-                yield row, "not_selected"
+            yield row, (None if i in chosen else self.not_chosen(row))
 
     def tally(self, rows: list[dict]) -> dict[str, int]:
         # the budget beside what was met: fewer rows with the score than asked for shows here
         return {"selected": len(self.selected(rows)), "budget": self.target(len(rows))}
+
+    # -- bounded memory: rows on disk, the ranking in DuckDB ------------------------------------------
+
+    ORDER = "v, id, doc"  # the columns of ``ranking`` in ``selected``'s order: (sign * score, id, position)
+
+    def ranking(self, rows: list[dict], first: int) -> pa.Table:
+        """The sort key of each ranked row (row number ``doc``), as ``selected`` sorts them."""
+        sign = 1.0 if self.config.ascending else -1.0
+        ranked = [(first + i, sign * v + 0.0, str(row.get("id", ""))) for i, row in enumerate(rows)
+                  if (v := score_value(row, self.config.field)) is not None]  # + 0.0: -0.0 sorts as 0.0
+        doc, v, rid = zip(*ranked) if ranked else ((), (), ())
+        return pa.table({"doc": pa.array(doc, pa.int64()), "v": pa.array(v, pa.float64()),
+                         "id": pa.array(rid, pa.string())})
+
+    def run_bounded(self, rows: Iterable[dict], memory_mb: int) -> Iterator[tuple[dict, str | None]]:
+        with Spill(self.name, memory_mb) as sp:
+            sp.insert("ranked", self.ranking([], 0))  # the table exists when no row comes
+            for batch in batches(rows, CHUNK):
+                first, _ = sp.add(batch)
+                sp.insert("ranked", self.ranking(batch, first))
+            budget = self.target(sp.n)
+            chosen = sp.stream(f"SELECT doc FROM (SELECT doc FROM ranked ORDER BY {self.ORDER} LIMIT {budget}) "
+                               "ORDER BY doc")
+            self.bounded_stats = {"selected": min(budget, sp.value("SELECT count(*) FROM ranked")), "budget": budget}
+            ahead = next(chosen, None)
+            for doc, row in enumerate(sp.rows()):
+                if ahead is not None and ahead[0] == doc:
+                    yield row, None
+                    ahead = next(chosen, None)
+                else:
+                    yield row, self.not_chosen(row)
 
 
 class SelectRandomConfig(StageConfig):
@@ -108,13 +142,18 @@ class SelectRandom(SelectTop):
 
     Config = SelectRandomConfig
 
+    ORDER = "h, doc"
+
+    def _hash(self, row: dict) -> bytes:
+        return hashlib.sha256(f"{self.config.seed}:{row.get('id', '')}".encode()).digest()
+
     def selected(self, rows: list[dict]) -> set[int]:
-        seed = self.config.seed
-        ranked = sorted((hashlib.sha256(f"{seed}:{row.get('id', '')}".encode()).digest(), i)
-                        for i, row in enumerate(rows))
+        ranked = sorted((self._hash(row), i) for i, row in enumerate(rows))
         return {i for _, i in ranked[: self.target(len(rows))]}
 
-    def run(self, rows: list[dict]) -> Iterator[tuple[dict, str | None]]:
-        chosen = self.selected(rows)
-        for i, row in enumerate(rows):
-            yield row, (None if i in chosen else "not_selected")
+    def not_chosen(self, row: dict) -> str:
+        return "not_selected"
+
+    def ranking(self, rows: list[dict], first: int) -> pa.Table:
+        return pa.table({"doc": pa.array(range(first, first + len(rows)), pa.int64()),
+                         "h": pa.array([self._hash(row) for row in rows], pa.binary())})

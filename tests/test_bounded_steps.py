@@ -1,0 +1,92 @@
+"""The whole-dataset selection steps in bounded memory (rows spilled to disk, the ranking or plan in
+DuckDB) decide exactly as in memory: same rows, same reasons, same counts, on rows with ties,
+missing and odd scores, repeated ids and rows without a group."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from dataflywheel.filters.perplexity import ScoreBand
+from dataflywheel.selectors.mixture import Mixture
+from dataflywheel.selectors.top import SelectRandom, SelectTop
+from dataflywheel.spill import spill_root
+
+
+def _rows(n: int = 700, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    odd = [None, float("nan"), math.inf, True, "high", -0.0, 0.0]
+    rows = []
+    for i in range(n):
+        score = rng.choice(odd) if rng.random() < 0.1 else rng.choice([rng.random(), round(rng.random(), 1), 3])
+        row = {"id": f"r{rng.randrange(n // 2) if rng.random() < 0.05 else i:05d}",
+               "text": " ".join("w" * rng.randint(1, 5) for _ in range(rng.randint(0, 40))),
+               "scores": {} if score is None else {"s": score}}
+        if rng.random() < 0.9:
+            row["source"] = rng.choice(["web", "code", "math", "chat", "é-ü"])
+        rows.append(row)
+    return rows
+
+
+def _check(stage, rows: list[dict]) -> None:
+    memory = list(stage.run(rows))
+    whole = stage.tally(rows)
+    bounded = list(stage.run_bounded(iter(rows), 64))
+    assert repr(bounded) == repr(memory)  # repr: a NaN score is equal to itself only by identity
+    if stage.whole_tally:
+        assert stage.bounded_stats == whole
+
+
+@pytest.mark.parametrize("options", [
+    {"field": "s", "lower_pct": 10, "upper_pct": 90},
+    {"field": "s", "upper_pct": 50, "min_value": 0.2},
+    {"field": "s", "lower_pct": 33.3},
+    {"field": "absent", "upper_pct": 50},
+])
+def test_score_band(options):
+    _check(ScoreBand(**options), _rows())
+
+
+@pytest.mark.parametrize("options", [
+    {"field": "s", "budget": 37},
+    {"field": "s", "fraction": 0.3, "ascending": True},
+    {"field": "s", "budget": 10_000},
+    {"field": "s", "budget": 0},
+    {"field": "absent", "budget": 5},
+])
+def test_select_top(options):
+    _check(SelectTop(**options), _rows())
+
+
+@pytest.mark.parametrize("options", [{"budget": 40, "seed": 3}, {"fraction": 0.5}])
+def test_select_random(options):
+    _check(SelectRandom(**options), _rows())
+
+
+@pytest.mark.parametrize("options", [
+    {"group_by": "source", "budget": 120},
+    {"group_by": "source", "strategy": "weights", "weights": {"web": 2, "code": 1, "math": 0, "absent": 1},
+     "budget": 200, "order_by": "s"},
+    {"group_by": "source", "strategy": "temperature", "fraction": 0.4, "unit": "tokens", "missing_group": "none"},
+    {"group_by": "source", "strategy": "capped", "cap": 20, "caps": {"chat": 5}, "budget": 300,
+     "replay_group": "web", "replay_share": 0.1, "order_by": "s", "ascending": True},
+    {"group_by": "source", "budget": 90, "redistribute": False, "unit": "tokens", "seed": 7},
+])
+def test_mixture(options):
+    _check(Mixture(**options), _rows())
+
+
+def test_empty_input_and_no_spill_left():
+    before = set(_listing())
+    for stage in (ScoreBand(field="s", upper_pct=50), SelectTop(field="s", budget=3), SelectRandom(budget=3),
+                  Mixture(group_by="source", budget=3)):
+        assert list(stage.run_bounded(iter([]), 64)) == []
+    assert set(_listing()) == before
+
+
+def _listing() -> list[str]:
+    import os
+
+    return [n for n in os.listdir(spill_root()) if n.startswith("dfw-spill-")]
