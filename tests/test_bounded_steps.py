@@ -90,3 +90,40 @@ def _listing() -> list[str]:
     import os
 
     return [n for n in os.listdir(spill_root()) if n.startswith("dfw-spill-")]
+
+
+@pytest.mark.parametrize("method", ["repr_filter", "kcenter", "kmeans", "facility_location"])
+def test_diversity_on_real_embeddings(method, tmp_path, monkeypatch):
+    """Same vectors (the cache the in-memory run filled), same decisions; chunks of 5 so the walk spans several."""
+    from test_diversity import pool
+
+    from dataflywheel.selectors import diversity_spill
+    from dataflywheel.selectors.diversity_stage import Diversity
+
+    monkeypatch.setattr(diversity_spill, "REPR_CHUNK", 5)
+    options = {"method": method, "budget": 5, "cache": str(tmp_path / "vectors.sqlite"),
+               **({} if method == "kcenter" else {"order_by": "quality"})}
+    rows = pool()
+    memory, bounded = Diversity(**options), Diversity(**options)
+    for stage in (memory, bounded):
+        stage.setup()
+    expected, whole = list(memory.run(rows)), memory.tally(rows)
+    got = list(bounded.run_bounded(iter(rows), 64))
+    for stage in (memory, bounded):
+        stage.teardown()
+    assert sorted(map(repr, got)) == sorted(map(repr, expected))  # run() yields candidates in walk order
+    assert bounded.bounded_stats["selected"] == whole["selected"] == 5
+    assert bounded.bounded_stats["too_similar"] == whole["too_similar"]
+
+
+def test_diversity_repr_filter_embeds_only_what_its_walk_reaches(monkeypatch):
+    from test_diversity import pool
+
+    from dataflywheel.selectors import diversity_spill
+    from dataflywheel.selectors.diversity_stage import Diversity
+
+    monkeypatch.setattr(diversity_spill, "REPR_CHUNK", 4)
+    stage = Diversity(method="repr_filter", order_by="quality", budget=2)
+    stage.setup()
+    kept = [row["id"] for row, why in stage.run_bounded(iter(pool()), 64) if why is None]
+    assert len(kept) == 2 and stage.bounded_stats["embedded"] == 4  # one chunk of the 16 scored rows

@@ -15,7 +15,7 @@ The ``diversity`` stage that runs them on rows lives in ``selectors/diversity_st
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -161,13 +161,25 @@ def repr_filter(vectors: np.ndarray, order: Sequence[int], budget: int | None = 
     v = _as_matrix(vectors)
     order = np.asarray(order, dtype=np.int64)
     cap = len(order) if budget is None else min(budget, len(order))
+    picks = repr_filter_chunks((v[order[i:i + chunk]] for i in range(0, len(order), chunk)), cap, threshold)
+    return [int(order[p]) for p in picks]
+
+
+def repr_filter_chunks(chunks: Iterable[np.ndarray], cap: int, threshold: float = REPR_THRESHOLD) -> list[int]:
+    """``repr_filter`` over the candidates' vectors arriving in chunks, in walk order: the positions
+    (in that order) of the rows accepted. Chunks are pulled only until ``cap`` rows are accepted,
+    so a caller that embeds chunk by chunk embeds only what the walk reaches."""
     if cap <= 0:
         return []
-    accepted = np.empty((min(cap, REPR_CHUNK), v.shape[1]), dtype=np.float32)  # doubled as it fills
+    accepted: np.ndarray | None = None  # doubled as it fills
     selected: list[int] = []
-    for start in range(0, len(order), chunk):
-        cand = order[start:start + chunk]
-        block = v[cand]
+    offset = 0
+    for block in chunks:
+        block = _as_matrix(block)
+        cand = np.arange(offset, offset + len(block))
+        offset += len(block)
+        if accepted is None:
+            accepted = np.empty((min(cap, REPR_CHUNK), block.shape[1]), dtype=np.float32)
         m = len(selected)
         if m:
             free = (block @ accepted[:m].T).max(axis=1) <= threshold

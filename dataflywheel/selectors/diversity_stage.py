@@ -19,7 +19,7 @@ the threshold), ``not_selected`` (the budget ran out first). Kept rows get
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Literal
 
 import numpy as np
@@ -78,6 +78,7 @@ class Diversity(GlobalStep):
 
     Config = DiversityConfig
     resources = ("cache",)
+    whole_tally = True
 
     def __init__(self, config: DiversityConfig | None = None, **kwargs):
         super().__init__(config, **kwargs)
@@ -113,21 +114,27 @@ class Diversity(GlobalStep):
             return kmeans_sample(vectors, budget, c.n_clusters, c.seed, c.kmeans_mode, order)
         return facility_location(vectors, budget, c.kernel)
 
+    def candidate(self, row: dict) -> tuple[float, str, str] | str:
+        """(score, id, text) of a row that can be selected, else why not (``missing_score``, ``no_text``)."""
+        score = _score(row, self.config.order_by) if self.config.order_by else 0.0
+        if score is None:
+            return "missing_score"
+        try:
+            return score, str(row.get("id", "")), row_texts([row], self.config.part)[0]
+        except ValueError:
+            return "no_text"
+
     def run(self, rows: list[dict]) -> Iterator[tuple[dict, str | None]]:
         c = self.config
         budget = self.budget_for(len(rows))
         candidates = []  # (sort key, row, text)
         for row in rows:
-            score = _score(row, c.order_by) if c.order_by else 0.0
-            if score is None:
-                yield row, "missing_score"
+            key = self.candidate(row)
+            if isinstance(key, str):
+                yield row, key
                 continue
-            try:
-                text = row_texts([row], c.part)[0]
-            except ValueError:
-                yield row, "no_text"
-                continue
-            candidates.append(((-score, str(row.get("id", "")), text), row, text))
+            score, rid, text = key
+            candidates.append(((-score, rid, text), row, text))
         candidates.sort(key=lambda item: item[0])
         stats: dict[str, int] = {}
         texts = [text for _, _, text in candidates]
@@ -150,3 +157,9 @@ class Diversity(GlobalStep):
     def tally(self, rows: list[dict]) -> dict[str, int]:
         # counted by run() on the group just decided (key None: one group per run)
         return dict(self._counts)
+
+    def run_bounded(self, rows: Iterable[dict], memory_mb: int) -> Iterator[tuple[dict, str | None]]:
+        """``run`` with the rows on local disk (``diversity_spill.py``)."""
+        from .diversity_spill import run_spilled
+
+        return run_spilled(self, rows, memory_mb)
