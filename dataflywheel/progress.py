@@ -73,6 +73,16 @@ def scope(label: str) -> Iterator[None]:
         _scopes.pop()
 
 
+def enabled() -> bool:
+    return _settings.enabled
+
+
+def note(line: str | None) -> None:
+    """Print one line beside the progress lines (when they are on)."""
+    if line and _settings.enabled:
+        print(_prefixed(line), file=_settings.stream or sys.stderr, flush=True)
+
+
 def _prefixed(label: str) -> str:
     return ": ".join([*_scopes, label] if label else _scopes)
 

@@ -145,3 +145,72 @@ def merge_decisions(rows: Iterator[dict], decided: Iterator[tuple], decide) -> I
             ahead = next(decided, None)
         else:
             yield row, None
+
+
+# -- the disk a run will need, said before it starts ---------------------------------------------------
+
+SAMPLE_BYTES = 1 << 20  # compressed bytes read from the first input to measure its compression ratio
+SAMPLE_CAP = 64 << 20  # most bytes inflated from that sample
+
+
+def disk_note(steps: list[tuple[str, float]], files: list[str], extra: float = 0.0) -> str | None:
+    """One line: about how much local disk the bounded ``steps`` ((name, bytes spilled per input
+    byte)) will take under the spill root, and how much is free; None when the input's size cannot
+    be estimated. ``extra``: more copies of the input on disk (the local engine's bundle files).
+    Every step's spill is counted at the full input (an upper bound: a later step sees fewer rows)."""
+    from .progress import human_bytes, input_size
+
+    if not steps or not files:
+        return None
+    raw = [input_size(f) for f in files]
+    ratio = _expansion(files[0])
+    if ratio is None or not sum(raw):
+        return None
+    data = sum(raw) * ratio
+    need = data * (sum(factor for _, factor in steps) + extra)
+    root = spill_root()
+    free = shutil.disk_usage(root).free
+    names = ", ".join(name for name, _ in steps)
+    line = (f"spill: {names} will need about {human_bytes(need)} of disk under {root} "
+            f"(input about {human_bytes(data)} uncompressed); {human_bytes(free)} free")
+    if free < need:
+        line += f": too little, set {SPILL_ENV} to a folder on a larger disk"
+    return line
+
+
+def _expansion(path: str) -> float | None:
+    """Uncompressed bytes per stored byte of one input file (a sample of its head), None when unknown."""
+    import zlib
+
+    import zstandard
+
+    from .io import fs
+
+    try:
+        if path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            with fs.open_file(path) as fh:  # the footer's uncompressed sizes over the file's size
+                meta = pq.ParquetFile(fh).metadata
+            stored = fs.size(path)
+            return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)) / stored if stored else None
+        with fs.open_file(path) as fh:
+            head = fh.read(SAMPLE_BYTES)
+    except (OSError, ValueError):  # an estimate must never fail a run
+        return None
+    if not head:
+        return None
+    out, used = 0, 0
+    if head.startswith(b"\x1f\x8b"):
+        inflate = zlib.decompressobj(wbits=47)
+        out = len(inflate.decompress(head, SAMPLE_CAP))
+        used = len(head) - len(inflate.unconsumed_tail)
+    elif head.startswith(b"\x28\xb5\x2f\xfd"):
+        unzstd = zstandard.ZstdDecompressor().decompressobj()
+        while used < len(head) and out < SAMPLE_CAP:  # small slices: a hostile frame cannot blow up
+            out += len(unzstd.decompress(head[used:used + 1024]))
+            used += 1024
+    else:
+        return 1.0
+    return out / used if used else None
+

@@ -119,6 +119,9 @@ class GlobalStep(Stage):
     # the whole run's counts in ``bounded_stats`` and the engines record them once, at the end.
     whole_tally: ClassVar[bool] = False
     bounded_stats: dict[str, int] | None = None
+    # Bytes a bounded run writes to local disk per uncompressed input byte: the rows, pickled (about
+    # their JSON size), and the step's facts. For the estimate printed before a run.
+    spill_factor: ClassVar[float] = 1.3
 
     def key(self, row: dict) -> str | None:
         """Group key; None puts every row in one group (only for steps that need the whole set)."""

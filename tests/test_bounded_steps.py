@@ -127,3 +127,30 @@ def test_diversity_repr_filter_embeds_only_what_its_walk_reaches(monkeypatch):
     stage.setup()
     kept = [row["id"] for row, why in stage.run_bounded(iter(pool()), 64) if why is None]
     assert len(kept) == 2 and stage.bounded_stats["embedded"] == 4  # one chunk of the 16 scored rows
+
+
+def test_disk_note_estimates_uncompressed_input_and_warns_when_short(tmp_path, monkeypatch):
+    import gzip
+    import json
+    import shutil
+    from collections import namedtuple
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dataflywheel import spill
+    from dataflywheel.progress import human_bytes
+
+    rows = [{"id": str(i), "text": "the same words again " * 20} for i in range(2000)]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "a.jsonl").write_text(text)
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
+    for name in ("a.jsonl", "a.jsonl.gz"):
+        line = spill.disk_note([("minhash_dedup", 3.5)], [str(tmp_path / name)])
+        assert f"about {human_bytes(len(text))} uncompressed" in line and "too little" not in line, line
+    assert "uncompressed" in spill.disk_note([("select_top", 1.3)], [str(tmp_path / "a.parquet")])
+    assert spill.disk_note([], [str(tmp_path / "a.jsonl")]) is None
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda root: usage(1, 1, 1000))
+    assert "too little, set DATAFLYWHEEL_SPILL" in spill.disk_note([("x", 1.3)], [str(tmp_path / "a.jsonl")])

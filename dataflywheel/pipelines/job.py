@@ -59,6 +59,13 @@ def run_job(job: JobConfig, runner: RunnerConfig) -> RunReport:
     if not runner.dry_run:
         for folder in output_dirs(job).values():  # incomplete from here: a killed run leaves no complete output
             uncommit(folder)
+    if progress.enabled() and not runner.dry_run and (runner.engine == "plain" or
+                                                      (runner.engine == "local" and runner.spill)):
+        from ..spill import disk_note
+
+        bounded = [(s.name, s.spill_factor) for s in stages if runs_bounded(s)]
+        # the local engine first writes each bundle's rows to a file, removed as they are read
+        progress.note(disk_note(bounded, files, extra=1.0 if runner.engine == "local" else 0.0))
     start = time.perf_counter()
     graph = None
     with progress.run(files, job.name, enabled=not runner.dry_run) as prog:

@@ -79,6 +79,7 @@ class Diversity(GlobalStep):
     Config = DiversityConfig
     resources = ("cache",)
     whole_tally = True
+    spill_factor = 2.3  # the rows, and each candidate's text again in DuckDB (its sort key)
 
     def __init__(self, config: DiversityConfig | None = None, **kwargs):
         super().__init__(config, **kwargs)

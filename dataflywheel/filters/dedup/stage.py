@@ -69,6 +69,9 @@ class MinHashDedup(GlobalStep):
     """Near-duplicate removal: keeps the smallest id of each cluster of rows with Jaccard >= threshold."""
 
     Config = MinHashDedupConfig
+    # rows + signatures, shingle sets, band keys and the join's temp files: 3.5 bytes a byte of input
+    # (measured by benchmarks/scale.py on ~1 KB documents)
+    spill_factor = 3.5
 
     def __init__(self, config: MinHashDedupConfig | None = None, **kwargs):
         super().__init__(config, **kwargs)
