@@ -19,13 +19,14 @@ import os
 import pickle
 import uuid
 from collections.abc import Iterator
+from itertools import islice
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from ..stages import GlobalStep, Outcome, batches, outcome_of
+from ..stages import GlobalStep, Outcome, outcome_of
 from .stage_transform import DEAD, KEPT, REJECTED, StageFn, emit
 
 
@@ -70,11 +71,14 @@ class _RunBounded(StageFn):
         self.memory_mb = memory_mb
 
     def process(self, paths: list[str]):
-        decisions = self.stage.run_bounded(_rows(paths), self.memory_mb)
-        for chunk in batches(decisions, self.stage.config.batch_size):
-            with self.busy():
+        decisions = iter(self.stage.run_bounded(_rows(paths), self.memory_mb))
+        while True:
+            with self.busy():  # the step's work happens while its decisions are pulled
+                chunk = list(islice(decisions, self.stage.config.batch_size))
                 out = outcome_of(self.stage, chunk, 0.0, not self.stage.whole_tally)
                 self.counters.record(out)
+            if not chunk:
+                break
             yield from emit(out)
         if self.stage.whole_tally:
             self.counters.record(Outcome(stats=self.stage.bounded_stats or {}))

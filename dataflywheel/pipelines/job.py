@@ -177,6 +177,27 @@ class _Sinks:
                 finalize_shards(folder, output_format(self.job, which), shards)
 
 
+class _Timed:
+    """An iterator that adds up the time spent getting its items (``take`` returns and resets it)."""
+
+    def __init__(self, items: Iterator):
+        self.items, self.seconds = items, 0.0
+
+    def __iter__(self) -> _Timed:
+        return self
+
+    def __next__(self):
+        t0 = time.perf_counter()
+        try:
+            return next(self.items)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
 def _counted(stream: Iterator[list[dict]], report: StageReport, which: str) -> Iterator[list[dict]]:
     """Pass batches through, counting them into ``report`` (rows in, or a reader's kept rows)."""
     for batch in stream:
@@ -225,10 +246,12 @@ def _run_plain(job: JobConfig, stages: list[Stage], files: list[str], prog: prog
 
     def apply(stage: Stage, report: StageReport, stream: Iterator[list[dict]]) -> Iterator[list[dict]]:
         if runs_bounded(stage):  # a whole-dataset step that spills to disk: flat memory
-            bounded = stage.run_bounded((row for batch in stream for row in batch), memory_mb)
+            upstream = _Timed(row for batch in stream for row in batch)
+            bounded = stage.run_bounded(upstream, memory_mb)
             t0 = time.perf_counter()
             for chunk in batches(bounded, job.input.batch_rows):
-                kept = record(report, outcome_of(stage, chunk, time.perf_counter() - t0, not stage.whole_tally))
+                busy = time.perf_counter() - t0 - upstream.take()  # not the stages it pulls its rows through
+                kept = record(report, outcome_of(stage, chunk, busy, not stage.whole_tally))
                 t0 = time.perf_counter()
                 if kept:
                     yield kept
