@@ -28,6 +28,7 @@ from .errors import UserError
 
 SPILL_ENV = "DATAFLYWHEEL_SPILL"
 PREFIX = "dfw-spill-"
+ROWS_FILE = "rows.pickle"
 CHUNK = 4096  # rows written at once, decisions streamed back at once: a few MB each
 
 
@@ -60,6 +61,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def is_full(err: BaseException | None) -> bool:
+    return isinstance(err, OSError) and err.errno == errno.ENOSPC
+
+
+def disk_full(name: str, folder: str) -> UserError:
+    return UserError(f"{name}: the disk under {folder} is full: free space or set {SPILL_ENV}")
+
+
 class Spill:
     """``with Spill(name, memory_mb) as sp``: ``add`` rows, ``insert`` facts, ``stream`` SQL results,
     ``rows`` / ``row_at`` to read the rows back. Removes its folder on exit."""
@@ -76,24 +85,27 @@ class Spill:
         for setting in (f"memory_limit='{self.memory_mb}MB'", f"temp_directory='{os.path.join(self.work, 'tmp')}'",
                         "preserve_insertion_order=false"):
             self.db.execute(f"SET {setting}")
-        self.path = os.path.join(self.work, "rows.pickle")
+        self.path = os.path.join(self.work, ROWS_FILE)
         self._out = open(self.path, "wb")
         return self
 
     def __exit__(self, kind, err, tb) -> None:
         import duckdb
 
-        self._out.close()
-        self.db.close()
-        shutil.rmtree(self.work, ignore_errors=True)
-        full = f"{self.name}: the disk under {self.work} is full: free space or set {SPILL_ENV}"
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            raise UserError(full) from None
-        if isinstance(err, duckdb.IOException) and "space" in str(err).lower():
-            raise UserError(full) from None
+        try:
+            self._out.close()  # flushes: on a full disk this fails too
+        except OSError as closing:
+            err = err or closing
+        finally:
+            self.db.close()
+            shutil.rmtree(self.work, ignore_errors=True)
+        if is_full(err) or (isinstance(err, duckdb.IOException) and "space" in str(err).lower()):
+            raise disk_full(self.name, self.work) from None
         if isinstance(err, duckdb.OutOfMemoryException):  # an operator that cannot spill needs more
             raise UserError(f"{self.name}: {self.memory_mb} MB is too little for the out-of-core work "
                             f"({str(err).splitlines()[0]}); raise runner.memory_budget_mb") from None
+        if err is not None and kind is None:  # only the close failed
+            raise err
 
     def add(self, rows: list[dict]) -> tuple[int, list[int]]:
         """Write rows to the spill file; (the first one's row number, each one's byte offset)."""

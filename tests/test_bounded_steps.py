@@ -154,3 +154,15 @@ def test_disk_note_estimates_uncompressed_input_and_warns_when_short(tmp_path, m
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda root: usage(1, 1, 1000))
     assert "too little, set DATAFLYWHEEL_SPILL" in spill.disk_note([("x", 1.3)], [str(tmp_path / "a.jsonl")])
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="no /dev/full (a device that is always full)")
+def test_a_full_disk_fails_in_one_line(monkeypatch):
+    """The kernel's ENOSPC, from /dev/full, while spilling rows: one line naming the step and the way out."""
+    from dataflywheel import spill
+    from dataflywheel.errors import UserError
+
+    monkeypatch.setattr(spill, "ROWS_FILE", "/dev/full")  # an absolute name: os.path.join gives it as is
+    with pytest.raises(UserError, match=r"^select_top: the disk under .* is full: free space or set DATAFLYWHEEL_SPILL$"):
+        list(SelectTop(field="s", budget=3).run_bounded(iter(_rows(20_000)), 64))
+    assert set(_listing()) == set()

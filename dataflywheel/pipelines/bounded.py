@@ -19,6 +19,7 @@ import os
 import pickle
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import islice
 
 import apache_beam as beam
@@ -26,6 +27,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
+from ..spill import disk_full, is_full
 from ..stages import GlobalStep, Outcome, outcome_of
 from .stage_transform import DEAD, KEPT, REJECTED, StageFn, emit
 
@@ -33,24 +35,35 @@ from .stage_transform import DEAD, KEPT, REJECTED, StageFn, emit
 class _SpillBundles(beam.DoFn):
     """Each bundle's rows into one pickle file of the spill folder; emits the file's path."""
 
-    def __init__(self, folder: str):
-        self.folder = folder
+    def __init__(self, folder: str, name: str):
+        self.folder, self.name = folder, name
 
     def start_bundle(self) -> None:
         self.fh = None
 
     def process(self, batch: list[dict]):
-        if self.fh is None:
-            self.path = os.path.join(self.folder, f"bundle-{uuid.uuid4().hex}.pickle")
-            self.fh = open(self.path, "wb")
-        for row in batch:
-            pickle.dump(row, self.fh, protocol=pickle.HIGHEST_PROTOCOL)
+        with self.full_disk():
+            if self.fh is None:
+                self.path = os.path.join(self.folder, f"bundle-{uuid.uuid4().hex}.pickle")
+                self.fh = open(self.path, "wb")
+            for row in batch:
+                pickle.dump(row, self.fh, protocol=pickle.HIGHEST_PROTOCOL)
         return []
 
     def finish_bundle(self):
         if self.fh is not None:
-            self.fh.close()
+            with self.full_disk():
+                self.fh.close()
             yield WindowedValue(self.path, MIN_TIMESTAMP, [GlobalWindow()])
+
+    @contextmanager
+    def full_disk(self):
+        try:
+            yield
+        except OSError as err:
+            if is_full(err):
+                raise disk_full(self.name, self.folder) from None
+            raise
 
 
 def _rows(paths: list[str]) -> Iterator[dict]:
@@ -93,7 +106,7 @@ class BoundedPlan(beam.PTransform):
 
     def expand(self, pcoll):
         outs = (pcoll
-                | "Spill" >> beam.ParDo(_SpillBundles(self.folder))
+                | "Spill" >> beam.ParDo(_SpillBundles(self.folder, self.stage.name))
                 | "Files" >> beam.combiners.ToList()
                 | "RunBounded" >> beam.ParDo(_RunBounded(self.stage, self.memory_mb)).with_outputs(
                     REJECTED, DEAD, main=KEPT))
