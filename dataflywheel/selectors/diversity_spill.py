@@ -82,7 +82,7 @@ class _Walk:
 
     def chunks(self) -> Iterator[np.ndarray]:
         c, pos = self.stage.config, 0
-        ordered = self.sp.db.cursor()  # its own connection: the walk table is written while it is read
+        ordered = self.sp.cursor()  # its own connection, while the walk's facts are written
         try:
             ordered.execute("SELECT doc, text FROM cand ORDER BY k, id, text, doc")
             while batch := ordered.fetchmany(REPR_CHUNK):

@@ -40,8 +40,8 @@ def run_spilled(stage: Mixture, rows: Iterable[dict], memory_mb: int) -> Iterato
             "grp": pa.array(list(plan.groups), pa.string()),
             "target": pa.array([p.target for p in plan.groups.values()], pa.int64()),
             "excluded": pa.array([g in plan.excluded for g in plan.groups], pa.bool_())}))
-        sp.db.execute(
-            "CREATE TABLE decided AS SELECT doc, grp, tokens, CASE WHEN grp IS NULL THEN 'missing_group' "
+        sp.materialize(
+            "decided", "SELECT doc, grp, tokens, CASE WHEN grp IS NULL THEN 'missing_group' "
             "WHEN excluded THEN 'excluded_group' WHEN cum <= target THEN NULL ELSE 'over_budget' END AS reason "
             "FROM (SELECT doc, grp, tokens, sum(units) OVER (PARTITION BY grp ORDER BY p0, p1, p2, doc "
             "ROWS UNBOUNDED PRECEDING) AS cum FROM facts) LEFT JOIN targets USING (grp)")

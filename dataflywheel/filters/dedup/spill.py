@@ -4,12 +4,12 @@ The in-memory ``MinHashDedup.run`` holds every row, shingle set and bucket: abou
 document, so a 24 GB machine stops near 2M documents. Here memory stays flat whatever the corpus:
 
 1. One streaming pass writes each row to a spill file (pickled: a row comes back exactly as it
-   went in) and its id, signature and shingle set to DuckDB, and its band keys (64-bit hashes of
-   each band's values) to a second table.
+   went in), its id, signature and shingle set to one Parquet table and its band keys (64-bit
+   hashes of each band's values) to a second, which DuckDB queries.
 2. Rows sharing an id (rare) are resolved as ``run`` does: the first in ``member_order``, then
    content order, stands for the id; the others are ``duplicate_id``.
 3. DuckDB self-joins the band table on the key (an out-of-core hash join: past ``memory_limit`` it
-   spills to its temp directory) into distinct candidate pairs.
+   spills to its temp directory) into distinct candidate pairs, written as Parquet.
 4. Candidates stream back in chunks with both ends' signatures and shingle sets, and are judged by
    the same ``judge`` as ``run`` after checking that they really share a band (a 64-bit key
    collision is thereby never a candidate). Edges go to a union-find over a numpy parent array.
@@ -69,7 +69,8 @@ def run_spilled(stage: MinHashDedup, rows: Iterable[dict], memory_limit_mb: int)
 
 class _Run:
     def __init__(self, stage: MinHashDedup, sp: Spill):
-        self.stage, self.sp, self.db = stage, sp, sp.db
+        self.stage, self.sp = stage, sp
+        self.band_rows = "bands"  # less the bands of rows that do not stand for their id (_repeated_ids)
         self.bands, self.rows_per_band = stage.bands, stage.rows_per_band
 
     def decisions(self, rows: Iterable[dict]) -> Iterator[tuple[dict, str | None]]:
@@ -122,7 +123,7 @@ class _Run:
             repeats.update((doc, rid) for _, doc in members[1:])
         if repeats:
             self.sp.insert("repeats", pa.table({"doc": np.fromiter(repeats, dtype=np.int32)}))
-            self.db.execute("DELETE FROM bands WHERE doc IN (SELECT doc FROM repeats)")
+            self.band_rows = "(SELECT * FROM bands WHERE doc NOT IN (SELECT doc FROM repeats))"
         return repeats
 
     # -- candidates, edges, clusters ----------------------------------------------------------------
@@ -130,9 +131,8 @@ class _Run:
     def _clusters(self, n: int) -> Iterator[tuple[int, str, int]]:
         """(doc, cluster id, cluster size) of every document in a cluster of two or more, by doc."""
         parent = np.arange(n, dtype=np.int32)  # 4 bytes a row: the one array that grows with the corpus
-        self.db.execute("CREATE TABLE cand AS SELECT DISTINCT a.doc AS x, b.doc AS y "
-                        "FROM bands a JOIN bands b ON a.key = b.key AND a.doc < b.doc")
-        self.db.execute("DROP TABLE bands")
+        self.sp.materialize("cand", f"SELECT DISTINCT a.doc AS x, b.doc AS y FROM {self.band_rows} a "
+                                    f"JOIN {self.band_rows} b ON a.key = b.key AND a.doc < b.doc")
         linked = False
         for x, y, sig_a, sig_b, sh_a, sh_b in self.sp.stream(
                 "SELECT c.x, c.y, da.sig, db.sig, da.sh, db.sh FROM cand c "
