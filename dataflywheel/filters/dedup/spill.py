@@ -4,14 +4,15 @@ The in-memory ``MinHashDedup.run`` holds every row, shingle set and bucket: abou
 document, so a 24 GB machine stops near 2M documents. Here memory stays flat whatever the corpus:
 
 1. One streaming pass writes each row to a spill file (pickled: a row comes back exactly as it
-   went in), its id, signature and shingle set to one Parquet table and its band keys (64-bit
-   hashes of each band's values) to a second, which DuckDB queries.
+   went in), its signature and shingle set to two flat files (read back by position), its id to a
+   Parquet table and its band keys (64-bit hashes of each band's values) to a second, which
+   DuckDB queries.
 2. Rows sharing an id (rare) are resolved as ``run`` does: the first in ``member_order``, then
    content order, stands for the id; the others are ``duplicate_id``.
 3. DuckDB self-joins the band table on the key (an out-of-core hash join: past ``memory_limit`` it
    spills to its temp directory) into distinct candidate pairs, written as Parquet.
-4. Candidates stream back in chunks with both ends' signatures and shingle sets, and are judged by
-   the same ``judge`` as ``run`` after checking that they really share a band (a 64-bit key
+4. Candidates stream back in chunks, both ends' signatures and shingle sets are read from the flat
+   files, and they are judged by the same ``judge`` as ``run`` after checking that they really share a band (a 64-bit key
    collision is thereby never a candidate). Edges go to a union-find over a numpy parent array.
 5. DuckDB names each cluster by its smallest id and counts it; a last sequential pass over the
    spill file joins these decisions back to the rows, in input order.
@@ -24,6 +25,7 @@ The decisions are the in-memory ones: same candidates, same ``judge``, same smal
 from __future__ import annotations
 
 import heapq
+import os
 from collections.abc import Iterable, Iterator
 from itertools import groupby
 from typing import TYPE_CHECKING
@@ -63,13 +65,55 @@ def share_band(sig_a: np.ndarray, sig_b: np.ndarray, bands: int, rows: int) -> b
 
 def run_spilled(stage: MinHashDedup, rows: Iterable[dict], memory_limit_mb: int) -> Iterator[tuple[dict, str | None]]:
     """``stage.run`` over a stream of rows, in bounded memory (see the module docstring)."""
-    with Spill(stage.name, memory_limit_mb) as sp:
-        yield from _Run(stage, sp).decisions(rows)
+    with Spill(stage.name, memory_limit_mb) as sp, _Sketches(sp.work, stage.config.num_perm) as sketches:
+        yield from _Run(stage, sp, sketches).decisions(rows)
+
+
+class _Sketches:
+    """Signatures (fixed size, by row number) and shingle sets (by offset) in two flat files, read
+    back with ``pread``: kept out of DuckDB, whose joins would otherwise carry ~1.3 KB a row."""
+
+    def __init__(self, folder: str, num_perm: int):
+        self.sig_bytes = num_perm * 4
+        self.sigs = open(os.path.join(folder, "signatures.bin"), "w+b")
+        self.sets = open(os.path.join(folder, "shingles.bin"), "w+b")
+        self.end = 0
+
+    def __enter__(self) -> _Sketches:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.sigs.close()
+        self.sets.close()
+
+    def add(self, sigs: np.ndarray, sets: list[np.ndarray] | None) -> tuple[list[int], list[int]]:
+        """Append a batch; (offset, length) of each shingle set (length -1: not kept)."""
+        self.sigs.write(np.ascontiguousarray(sigs, dtype=np.uint32).tobytes())
+        if sets is None:
+            return [0] * len(sigs), [-1] * len(sigs)
+        offsets, lengths = [], []
+        for shingles in sets:
+            data = np.ascontiguousarray(shingles, dtype=np.uint32).tobytes()
+            offsets.append(self.end)
+            lengths.append(len(shingles))
+            self.sets.write(data)
+            self.end += len(data)
+        return offsets, lengths
+
+    def ready(self) -> None:
+        self.sigs.flush()
+        self.sets.flush()
+
+    def member(self, doc: int, offset: int, length: int) -> tuple[str, np.ndarray, np.ndarray | None]:
+        """("", signature, shingle set) as ``judge`` takes them."""
+        sig = np.frombuffer(os.pread(self.sigs.fileno(), self.sig_bytes, doc * self.sig_bytes), np.uint32)
+        shingles = None if length < 0 else np.frombuffer(os.pread(self.sets.fileno(), length * 4, offset), np.uint32)
+        return "", sig, shingles
 
 
 class _Run:
-    def __init__(self, stage: MinHashDedup, sp: Spill):
-        self.stage, self.sp = stage, sp
+    def __init__(self, stage: MinHashDedup, sp: Spill, sketches: _Sketches):
+        self.stage, self.sp, self.sketches = stage, sp, sketches
         self.band_rows = "bands"  # less the bands of rows that do not stand for their id (_repeated_ids)
         self.bands, self.rows_per_band = stage.bands, stage.rows_per_band
 
@@ -78,6 +122,7 @@ class _Run:
 
         for batch in batches(rows, CHUNK):
             self._sign_batch(batch)
+        self.sketches.ready()
         repeats = self._repeated_ids()
         # By row number: the repeated ids (size 0 marks them; their bands were dropped, so they are
         # in no cluster) and the clusters' members.
@@ -95,10 +140,11 @@ class _Run:
         first, offsets = self.sp.add(batch)
         sigs, sets = document_signatures((row_text(r) for r in batch), c.num_perm, c.seed, c.ngram, c.char_ngram)
         docs = np.arange(first, first + len(batch), dtype=np.int32)
+        sh_off, sh_len = self.sketches.add(sigs, sets if c.verify else None)
         self.sp.insert("docs", pa.table({
             "doc": docs, "id": pa.array([str(r["id"]) for r in batch], pa.string()),
-            "off": np.array(offsets, dtype=np.int64), "sig": pa.array([s.tobytes() for s in sigs], pa.binary()),
-            "sh": pa.array([s.tobytes() if c.verify else None for s in sets], pa.binary())}))
+            "off": np.array(offsets, dtype=np.int64), "sh_off": np.array(sh_off, dtype=np.int64),
+            "sh_len": np.array(sh_len, dtype=np.int64)}))
         keyed = ~(sigs == EMPTY).all(axis=1)  # an empty document gets no band keys, as in run()
         keys = band_hashes(sigs[keyed], self.bands, self.rows_per_band)
         self.sp.insert("bands", pa.table({"doc": np.repeat(docs[keyed], self.bands).astype(np.int32),
@@ -111,13 +157,13 @@ class _Run:
         from .stage import _content_order
 
         records = self.sp.stream(
-            "SELECT id, doc, off, sig, sh FROM docs WHERE id IN (SELECT id FROM docs GROUP BY id HAVING count(*) > 1) "
-            "ORDER BY id, doc")
+            "SELECT id, doc, off, sh_off, sh_len FROM docs WHERE id IN (SELECT id FROM docs GROUP BY id "
+            "HAVING count(*) > 1) ORDER BY id, doc")
         repeats: dict[int, str] = {}
         for rid, group in groupby(records, key=lambda rec: rec[0]):
             members = []
-            for _, doc, off, sig, sh in group:
-                member = (rid, np.frombuffer(sig, np.uint32), None if sh is None else np.frombuffer(sh, np.uint32))
+            for _, doc, off, sh_off, sh_len in group:
+                member = (rid, *self.sketches.member(doc, sh_off, sh_len)[1:])
                 members.append(((member_order(member), _content_order(self.sp.row_at(off))), doc))
             members.sort()
             repeats.update((doc, rid) for _, doc in members[1:])
@@ -134,11 +180,10 @@ class _Run:
         self.sp.materialize("cand", f"SELECT DISTINCT a.doc AS x, b.doc AS y FROM {self.band_rows} a "
                                     f"JOIN {self.band_rows} b ON a.key = b.key AND a.doc < b.doc")
         linked = False
-        for x, y, sig_a, sig_b, sh_a, sh_b in self.sp.stream(
-                "SELECT c.x, c.y, da.sig, db.sig, da.sh, db.sh FROM cand c "
+        for x, y, off_a, len_a, off_b, len_b in self.sp.stream(
+                "SELECT c.x, c.y, da.sh_off, da.sh_len, db.sh_off, db.sh_len FROM cand c "
                 "JOIN docs da ON da.doc = c.x JOIN docs db ON db.doc = c.y"):
-            a = ("", np.frombuffer(sig_a, np.uint32), None if sh_a is None else np.frombuffer(sh_a, np.uint32))
-            b = ("", np.frombuffer(sig_b, np.uint32), None if sh_b is None else np.frombuffer(sh_b, np.uint32))
+            a, b = self.sketches.member(x, off_a, len_a), self.sketches.member(y, off_b, len_b)
             if share_band(a[1], b[1], self.bands, self.rows_per_band) and self.stage.is_edge(a, b):
                 _union(parent, x, y)
                 linked = True
