@@ -59,7 +59,7 @@ class RunnerConfig(_Strict):
     dataflow: DataflowConfig | None = None
     portable: PortableConfig | None = None
     beam_args: list[str] = []  # extra raw Beam pipeline flags, passed through
-    # Memory the plain engine's whole-dataset steps (e.g. minhash_dedup) aim to stay under; past it
+    # Memory the local engines' whole-dataset steps (e.g. minhash_dedup) aim to stay under; past it
     # they spill to local disk (DATAFLYWHEEL_SPILL, default the temp folder).
     memory_budget_mb: int = Field(2048, ge=64)
     # Local engine: run those steps from local disk (true) or with their distributed plans, as on
@@ -73,6 +73,12 @@ class RunnerConfig(_Strict):
         if self.engine == "portable" and self.portable is None:
             raise ValueError("engine portable needs a 'portable:' section (job_endpoint, ...)")
         return self
+
+    @property
+    def spills(self) -> bool:
+        """Whether whole-dataset steps run from local disk in bounded memory (the plain engine always;
+        the local one unless ``spill: false``), rather than as distributed plans."""
+        return self.engine == "plain" or (self.engine == "local" and self.spill)
 
     @property
     def dry_run(self) -> bool:

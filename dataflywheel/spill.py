@@ -77,6 +77,7 @@ class Spill:
     def __init__(self, name: str, memory_mb: int):
         self.name, self.memory_mb = name, memory_mb
         self.n = 0
+        self.query = ""  # the last query started: named when DuckDB runs out of memory
         self._parts: dict[str, list[str]] = {}  # table -> its Parquet files
         self._writers: dict[str, Any] = {}  # table -> the ParquetWriter of its open part
 
@@ -110,7 +111,7 @@ class Spill:
             raise disk_full(self.name, self.work) from None
         if isinstance(err, duckdb.OutOfMemoryException):  # an operator that cannot spill needs more
             raise UserError(f"{self.name}: {self.memory_mb} MB is too little for the out-of-core work "
-                            f"({str(err).splitlines()[0]}); raise runner.memory_budget_mb") from None
+                            f"({str(err).splitlines()[0]}, in: {self.query[:120]}); raise runner.memory_budget_mb") from None
         if err is not None and kind is None:  # only the close failed
             raise err
 
@@ -136,6 +137,7 @@ class Spill:
     def materialize(self, table: str, sql: str) -> None:
         """``table`` := the result of a query, written as Parquet (out of core, like the facts)."""
         self._seal()
+        self.query = sql
         path = os.path.join(self.work, f"{table}.parquet")
         self.db.execute(f"COPY ({sql}) TO '{path}' (FORMAT parquet)")
         self._parts[table] = [path]
@@ -155,11 +157,13 @@ class Spill:
     def value(self, sql: str) -> Any:
         """The one value of a query (fetched to the end: duckdb 2 refuses other work on an unfinished result)."""
         self._seal()
+        self.query = sql
         return self.db.execute(sql).fetchall()[0][0]
 
     def stream(self, sql: str) -> Iterator[tuple]:
         """The rows of a query, fetched in chunks (never the whole result in memory)."""
         self._seal()
+        self.query = sql
         for chunk in self.db.sql(sql).to_arrow_reader(CHUNK):
             yield from zip(*(col.to_pylist() for col in chunk.columns))
 
@@ -182,16 +186,21 @@ class Spill:
             return pickle.load(fh)
 
 
-def merge_decisions(rows: Iterator[dict], decided: Iterator[tuple], decide) -> Iterator[tuple[dict, str | None]]:
+def keep_as_is(row: dict) -> tuple[dict, None]:
+    return row, None
+
+
+def merge_decisions(rows: Iterator[dict], decided: Iterator[tuple], decide,
+                    default=keep_as_is) -> Iterator[tuple[dict, str | None]]:
     """Rows in order, joined with ``decided`` ((row number, ...) sorted by row number, only for the
-    rows a step changes): ``decide(row, *rest)`` for those, ``(row, None)`` (kept as is) for the others."""
+    rows it names): ``decide(row, *rest)`` for those, ``default(row)`` (kept as is) for the others."""
     ahead = next(decided, None)
     for doc, row in enumerate(rows):
         if ahead is not None and ahead[0] == doc:
             yield decide(row, *ahead[1:])
             ahead = next(decided, None)
         else:
-            yield row, None
+            yield default(row)
 
 
 # -- the disk a run will need, said before it starts ---------------------------------------------------

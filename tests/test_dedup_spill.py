@@ -100,3 +100,36 @@ def test_exact_dedup_bounded_equals_grouping_in_memory():
     assert sorted((json.dumps(r, sort_keys=True), reason) for r, reason in got
                   if not isinstance(reason, BaseException)) == expected
     assert sum(reason == "duplicate" for _, reason in expected) >= 2
+
+
+def test_many_partitions_in_several_sweeps_decide_the_same(monkeypatch):
+    """A budget that gives ~50 partitions, partitioned 8 at a time: the same decisions."""
+    from dataflywheel.filters.dedup import band_join
+
+    monkeypatch.setattr(band_join, "FANOUT", 8)
+    monkeypatch.setattr(spill, "PART_BYTES", 64 * 2**20 // 500)  # 500 band keys a partition
+    monkeypatch.setattr(band_join, "PAIRS", 7)
+    rows = generated(1500)
+    stage = MinHashDedup(threshold=0.7)
+    assert spilled(stage, rows) == in_memory(stage, rows)
+
+
+def test_bucket_pairs_are_every_pair_of_each_run_once(monkeypatch):
+    from itertools import combinations
+
+    import numpy as np
+
+    from dataflywheel.filters.dedup import band_join
+
+    monkeypatch.setattr(band_join, "PAIRS", 5)
+    rng = np.random.default_rng(0)
+    part = np.zeros(400, band_join.RECORD)
+    part["key"] = np.r_[np.full(100, 2), np.full(3, 2**63 + 5), rng.choice(np.arange(10, 300), size=297)]
+    part["doc"] = rng.permutation(400)
+    part["band"] = part["key"] % 7
+    got = [(int(x), int(y), int(b)) for xs, ys, bs in band_join._bucket_pairs(part) for x, y, b in zip(xs, ys, bs)]
+    by_key: dict = {}
+    for rec in part:
+        by_key.setdefault(int(rec["key"]), []).append(int(rec["doc"]))
+    expected = [(x, y, key % 7) for key, docs in by_key.items() for x, y in combinations(sorted(docs), 2)]
+    assert sorted(got) == sorted(expected) and len(got) == len(set(got)) and len(got) > 4000

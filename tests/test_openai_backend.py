@@ -7,13 +7,8 @@ healthy server will not do on demand: 429 with Retry-After, 5xx, hangs, empty or
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import pickle
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,18 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from serving import free_port, transformers_serve
 
 from dataflywheel.synth.backends import Request, Sampling, sample_seed
 from dataflywheel.synth.backends.openai_http import OpenAIBackend
 
-SERVE_START_TIMEOUT_S = 90  # docs/sources.md#transformers-serve: healthy after ~9 s alone; the suite shares 2 cores
 CHAT = ({"role": "user", "content": "What is the capital of France?"},)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _reply(body: dict, text: str = "hello", finish: str | None = "stop", tokens: int | None = 2,
@@ -275,7 +264,7 @@ def test_timeout_is_retried_then_error(fake):
 
 
 def test_connection_refused_is_an_error_not_a_crash():
-    backend = OpenAIBackend("m", f"http://127.0.0.1:{_free_port()}/v1", max_retries=1, backoff_s=0.01)
+    backend = OpenAIBackend("m", f"http://127.0.0.1:{free_port()}/v1", max_retries=1, backoff_s=0.01)
     sample = backend.generate([Request("p", prompt="x")])[0].samples[0]
     assert sample.finish_reason == "error" and "connection error" in sample.error
 
@@ -310,42 +299,13 @@ def test_in_flight_bound_and_concurrency(fake):
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory) -> Iterator[tuple[str, Path]]:
-    """(base_url, model folder) of ``transformers serve`` on a free loopback port, for the session."""
-    missing = [m for m in ("fastapi", "uvicorn", "openai") if importlib.util.find_spec(m) is None]
-    if missing:
-        pytest.skip(f"transformers serve needs the serving extra (missing {', '.join(missing)}): "
-                    "pip install 'transformers[serving]'")
-    httpx = pytest.importorskip("httpx2")
+    """(base_url, model folder) of ``transformers serve`` serving a tiny model, for the session."""
     from dataflywheel.models.tiny_lm import build_tiny_causal_lm
 
     root = tmp_path_factory.mktemp("serve")
     folder = build_tiny_causal_lm(root / "tiny")
-    port, log = _free_port(), open(root / "serve.log", "wb")  # closed in the finally below
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(root / "hf")}
-    cmd = [sys.executable, "-c", "from transformers.cli.transformers import main; main()", "serve",
-           str(folder), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + SERVE_START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = (root / "serve.log").read_text(errors="replace")[-2000:]
-                pytest.fail(f"transformers serve did not become healthy (exit {proc.poll()}):\n{tail}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        yield f"http://127.0.0.1:{port}/v1", folder
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with transformers_serve(folder, root) as url:
+        yield url, folder
 
 
 def _greedy(folder: Path, request: Request) -> str:

@@ -30,7 +30,7 @@ from ..models.lm_score import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH, CausalLMSc
 from ..registry import register
 from ..spill import CHUNK, Spill
 from ..stages import Filter, GlobalStep, Scorer, StageConfig, batches
-from .text import row_text, with_scores
+from .text import row_text, score_value, with_scores
 
 
 class PerplexityConfig(StageConfig):
@@ -115,13 +115,6 @@ class ScoreBandConfig(StageConfig):
         return self
 
 
-def _value(row: dict, field: str) -> float | None:
-    value = (row.get("scores") or {}).get(field)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
 @register("score_band")
 class ScoreBand(GlobalStep):
     """Keeps rows whose scores.<field> lies between percentiles of the whole run and/or absolute bounds.
@@ -157,9 +150,9 @@ class ScoreBand(GlobalStep):
         return low, high
 
     def run(self, rows: list[dict]) -> Iterator[tuple[dict, str | None]]:
-        low, high = self.bounds([v for r in rows if (v := _value(r, self.config.field)) is not None])
+        low, high = self.bounds([v for r in rows if (v := score_value(r, self.config.field)) is not None])
         for row in rows:
-            yield row, _band(_value(row, self.config.field), low, high)
+            yield row, _band(score_value(row, self.config.field), low, high)
 
     def run_bounded(self, rows: Iterable[dict], memory_mb: int) -> Iterator[tuple[dict, str | None]]:
         import numpy as np
@@ -168,10 +161,10 @@ class ScoreBand(GlobalStep):
             values = array("d")  # what numpy's exact percentile needs: every value, not every row
             for batch in batches(rows, CHUNK):
                 sp.add(batch)
-                values.extend(v for r in batch if (v := _value(r, self.config.field)) is not None)
+                values.extend(v for r in batch if (v := score_value(r, self.config.field)) is not None)
             low, high = self.bounds(np.frombuffer(values, dtype=np.float64))
             for row in sp.rows():
-                yield row, _band(_value(row, self.config.field), low, high)
+                yield row, _band(score_value(row, self.config.field), low, high)
 
 
 def _band(value: float | None, low: float, high: float) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 
@@ -25,6 +26,14 @@ def row_text(row: dict) -> str:
 def normalize_for_hash(text: str) -> str:
     """NFKC, lowercase, whitespace collapsed: copies that differ only in case or spacing collide."""
     return _SPACE.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip()
+
+
+def score_value(row: dict, field: str) -> float | None:
+    """``scores.<field>`` as a finite float, else None (missing, bool, text, NaN, inf)."""
+    value = (row.get("scores") or {}).get(field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def with_scores(row: dict, scores: dict, text: str | None = None) -> dict:

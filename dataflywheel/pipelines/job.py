@@ -59,8 +59,7 @@ def run_job(job: JobConfig, runner: RunnerConfig) -> RunReport:
     if not runner.dry_run:
         for folder in output_dirs(job).values():  # incomplete from here: a killed run leaves no complete output
             uncommit(folder)
-    if progress.enabled() and not runner.dry_run and (runner.engine == "plain" or
-                                                      (runner.engine == "local" and runner.spill)):
+    if progress.enabled() and runner.spills:
         from ..spill import disk_note
 
         bounded = [(s.name, s.spill_factor) for s in stages if runs_bounded(s)]
@@ -117,7 +116,7 @@ def _run_beam(job: JobConfig, stages: list[Stage], files: list[str], runner: Run
                                        spool=spool_for(prog, runner))
     current, rejected, dead = read_out[KEPT], [], [read_out[DEAD]]
     # On the local engine whole-dataset steps spill to local disk instead of a shuffle held in memory.
-    spill = spill_folder() if runner.engine == "local" and runner.spill and any(map(runs_bounded, stages)) else None
+    spill = spill_folder() if runner.spills and any(map(runs_bounded, stages)) else None
     for stage in stages:
         bounded = (runner.memory_budget_mb, spill) if spill and runs_bounded(stage) else None
         outs = current | ApplyStage(stage, accelerator=accel if stage.config.gpu else None, bounded=bounded)

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..filters.text import with_scores
-from ..spill import CHUNK, Spill
+from ..spill import CHUNK, Spill, merge_decisions
 from ..stages import batches
 from .diversity import REPR_CHUNK, repr_filter_chunks
 from .embed import text_vectors
@@ -55,20 +55,17 @@ def run_spilled(stage: Diversity, rows: Iterable[dict], memory_mb: int) -> Itera
         decided = sp.stream("SELECT doc, pos, rank FROM cand LEFT JOIN walk USING (doc) LEFT JOIN picks USING (pos) "
                             "ORDER BY doc")
         too_similar = 0
-        ahead = next(decided, None)
-        for doc, row in enumerate(sp.rows()):
-            if ahead is None or ahead[0] != doc:
-                yield row, stage.candidate(row)
-                continue
-            _, pos, rank = ahead
-            ahead = next(decided, None)
+
+        def decide(row: dict, pos: int | None, rank: int | None) -> tuple[dict, str | None]:
+            nonlocal too_similar
             if rank is not None:
-                yield with_scores(row, {"diversity_rank": rank}), None
-            elif c.method == "repr_filter" and pos is not None and pos < seen:
+                return with_scores(row, {"diversity_rank": rank}), None
+            if c.method == "repr_filter" and pos is not None and pos < seen:
                 too_similar += 1
-                yield row, "too_similar"
-            else:
-                yield row, "not_selected"
+                return row, "too_similar"
+            return row, "not_selected"
+
+        yield from merge_decisions(sp.rows(), decided, decide, lambda row: (row, stage.candidate(row)))
         stage.bounded_stats = {"selected": len(picks), "too_similar": too_similar, **stats}
 
 

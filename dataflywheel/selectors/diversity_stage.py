@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from ..filters.text import with_scores
+from ..filters.text import score_value, with_scores
 from ..models.score_cache import ScoreCache
 from ..registry import register
 from ..stages import GlobalStep, StageConfig
@@ -63,13 +63,6 @@ class DiversityConfig(StageConfig):
             if option in self.model_fields_set and self.method != method:
                 raise ValueError(f"{option} applies to method {method}, not {self.method}")
         return self
-
-
-def _score(row: dict, field: str) -> float | None:
-    value = (row.get("scores") or {}).get(field)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 @register("diversity")
@@ -117,7 +110,7 @@ class Diversity(GlobalStep):
 
     def candidate(self, row: dict) -> tuple[float, str, str] | str:
         """(score, id, text) of a row that can be selected, else why not (``missing_score``, ``no_text``)."""
-        score = _score(row, self.config.order_by) if self.config.order_by else 0.0
+        score = score_value(row, self.config.order_by) if self.config.order_by else 0.0
         if score is None:
             return "missing_score"
         try:

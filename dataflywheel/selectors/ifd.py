@@ -223,8 +223,11 @@ class IFD(Scorer, Filter):
             if not getattr(tok, "chat_template", None):
                 raise UserError(f"template 'chat' needs a tokenizer with a chat template; {c.model} has none "
                                 "(use template 'plain' or 'alpaca')")
-            self.nll_args = {"prompt_format": "chat", "alone_context": chat_header(tok),
-                             "alone_prefix": "bos" if tok.bos_token_id is not None else "none"}
+            header = chat_header(tok)
+            # a template whose header opens with the BOS token (SmolLM2's BOS is <|im_start|>) must
+            # not get a second one in front of the alone pass
+            starts = tok.bos_token_id is not None and not header.startswith(str(tok.bos_token))
+            self.nll_args = {"prompt_format": "chat", "alone_context": header, "alone_prefix": "bos" if starts else "none"}
         elif c.template == "alpaca":
             self.nll_args = {"prompt_format": "plain", "separator": "", "prefix": "bos", "alone_prefix": "bos",
                              "alone_context": ALPACA_RESPONSE_HEADER}

@@ -25,8 +25,9 @@ from collections.abc import Iterable, Iterator
 import pyarrow as pa
 from pydantic import Field, model_validator
 
+from ..filters.text import score_value
 from ..registry import register
-from ..spill import CHUNK, Spill
+from ..spill import CHUNK, Spill, keep_as_is, merge_decisions
 from ..stages import GlobalStep, StageConfig, batches
 
 _ROUNDING_SLACK = 1e-9  # fraction * n in floats: 0.29 * 100 = 28.999999999999996 must still give 29
@@ -43,14 +44,6 @@ class SelectTopConfig(StageConfig):
         if (self.budget is None) == (self.fraction is None):
             raise ValueError("give exactly one of budget (rows) or fraction (of the input rows)")
         return self
-
-
-def score_value(row: dict, field: str) -> float | None:
-    """``scores.<field>`` as a finite float, else None (missing, bool, text, NaN, inf)."""
-    value = (row.get("scores") or {}).get(field)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 @register("select_top")
@@ -113,13 +106,7 @@ class SelectTop(GlobalStep):
             chosen = sp.stream(f"SELECT doc FROM (SELECT doc FROM ranked ORDER BY {self.ORDER} LIMIT {budget}) "
                                "ORDER BY doc")
             self.bounded_stats = {"selected": min(budget, sp.value("SELECT count(*) FROM ranked")), "budget": budget}
-            ahead = next(chosen, None)
-            for doc, row in enumerate(sp.rows()):
-                if ahead is not None and ahead[0] == doc:
-                    yield row, None
-                    ahead = next(chosen, None)
-                else:
-                    yield row, self.not_chosen(row)
+            yield from merge_decisions(sp.rows(), chosen, keep_as_is, lambda row: (row, self.not_chosen(row)))
 
 
 class SelectRandomConfig(StageConfig):
