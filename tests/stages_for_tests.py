@@ -20,3 +20,8 @@ class SlowForTests(Scorer):
     def score(self, rows: list[dict]) -> list[dict]:
         time.sleep(self.config.delay)
         return rows
+
+
+def short_reply(rows: list[dict], completions: list[str]) -> list[float]:
+    """A GRPO reward for tests: 1 for a reply of at most three words, else 0."""
+    return [float(len(c.split()) <= 3) for c in completions]

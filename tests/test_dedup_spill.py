@@ -78,11 +78,15 @@ def test_spill_folder_removed_after_success_failure_and_kill(tmp_path, monkeypat
     assert os.listdir(tmp_path) == []
 
 
-def test_too_small_a_budget_fails_in_one_line():
+def test_minhash_needs_no_database_memory_and_a_too_small_budget_elsewhere_fails_in_one_line():
     from dataflywheel.errors import UserError
+    from dataflywheel.filters.basic import ExactDedup
 
-    with pytest.raises(UserError, match=r"MB is too little .* raise runner.memory_budget_mb"):
-        list(spill.run_spilled(MinHashDedup(threshold=0.7), iter(generated(3000)), 1))
+    rows = generated(3000)
+    stage = MinHashDedup(threshold=0.7)  # partitions of 8,192 keys at 1 MB: slower, the same decisions
+    assert spilled(stage, rows, memory_mb=1) == in_memory(stage, rows)
+    with pytest.raises(UserError, match=r"MB is too little .*, in: SELECT .* raise runner.memory_budget_mb"):
+        list(ExactDedup().run_bounded(iter(rows), 1))
 
 
 def test_exact_dedup_bounded_equals_grouping_in_memory():

@@ -25,16 +25,16 @@ import numpy as np
 RECORD = np.dtype([("key", "<u8"), ("doc", "<i4"), ("band", "u1")])  # 13 bytes, packed
 PAIRS = 1 << 13  # candidate pairs handed out at once (the caller reads two signatures per pair)
 FANOUT = 256  # partition files open at once while partitioning
-READ = 1 << 20  # records read at once from the flat file while partitioning
+READ = 1 << 18  # records read at once from the flat file while partitioning
 
 
 class BandKeys:
     """``add`` each batch's band keys; then ``pairs`` gives every (x, y, band) with x < y sharing
     the key of that band, partition by partition."""
 
-    def __init__(self, folder: str):
-        self.folder = folder
-        self.path = os.path.join(folder, "bands.bin")
+    def __init__(self, folder: str, name: str):
+        self.folder, self.name = folder, name
+        self.path = os.path.join(folder, f"{name}.bin")
         self.out = open(self.path, "wb")
         self.n = 0
 
@@ -66,13 +66,13 @@ class BandKeys:
 
     def _partition(self, parts: int, first: int, last: int, drop: np.ndarray) -> list[str]:
         """Write the records of partitions [first, last) (key modulo ``parts``) to one file each."""
-        paths = [os.path.join(self.folder, f"part-{p}.bin") for p in range(first, last)]
+        paths = [os.path.join(self.folder, f"{self.name}-{p}.bin") for p in range(first, last)]
         outs = [open(path, "wb") for path in paths]
         try:
             with open(self.path, "rb") as fh:
                 while len(chunk := np.fromfile(fh, RECORD, READ)):
                     which = (chunk["key"] % np.uint64(parts)).astype(np.int64)
-                    keep = (which >= first) & (which < last) & ~_member(chunk["doc"], drop)
+                    keep = (which >= first) & (which < last) & ~member(chunk["doc"], drop)
                     chunk, which = chunk[keep], which[keep]
                     order = np.argsort(which, kind="stable")
                     bounds = np.searchsorted(which[order], np.arange(first, last + 1))
@@ -84,7 +84,7 @@ class BandKeys:
         return paths
 
 
-def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+def member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     if not len(sorted_set):
         return np.zeros(len(values), bool)
     at = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)

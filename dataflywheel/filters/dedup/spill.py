@@ -25,19 +25,22 @@ The decisions are the in-memory ones: same candidates, same ``judge``, same smal
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import os
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from itertools import groupby
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from ...spill import CHUNK, Spill, merge_decisions
 from ...stages import batches
 from ..text import row_text
-from .band_join import BandKeys
+from .band_join import READ, BandKeys, member
 from .lsh import member_order
 from .minhash import EMPTY, document_signatures
 
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # 64-bit golden-ratio constant (splitmix64)
 PART_BYTES = 128  # budget bytes per band key of a partition: ~66 are used while it is sorted and paired
+NAME_BYTES = 1024  # budget bytes per clustered document while its cluster is named (its id is a string)
 
 
 def band_hashes(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -70,16 +74,16 @@ def first_shared_band(sig_a: np.ndarray, sig_b: np.ndarray, bands: int, rows: in
 def run_spilled(stage: MinHashDedup, rows: Iterable[dict], memory_limit_mb: int) -> Iterator[tuple[dict, str | None]]:
     """``stage.run`` over a stream of rows, in bounded memory (see the module docstring)."""
     with (Spill(stage.name, memory_limit_mb) as sp, _Sketches(sp.work, stage.config.num_perm) as sketches,
-          BandKeys(sp.work) as keys):
-        yield from _Run(stage, sp, sketches, keys).decisions(rows)
+          BandKeys(sp.work, "bands") as keys, BandKeys(sp.work, "ids") as ids):
+        yield from _Run(stage, sp, sketches, keys, ids).decisions(rows)
 
 
 class _Sketches:
-    """Per document, by row number: its signature and where its shingle set is, in a file of
-    fixed-size records; the shingle sets in a second file. Read back with ``pread``."""
+    """Per document, by row number: its signature, where its shingle set is and where the row is,
+    in a file of fixed-size records; the shingle sets in a second file. Read back with ``pread``."""
 
     def __init__(self, folder: str, num_perm: int):
-        self.record = np.dtype([("sig", "<u4", (num_perm,)), ("off", "<i8"), ("len", "<i8")])
+        self.record = np.dtype([("sig", "<u4", (num_perm,)), ("off", "<i8"), ("len", "<i8"), ("row", "<i8")])
         self.sigs = open(os.path.join(folder, "signatures.bin"), "w+b")
         self.sets = open(os.path.join(folder, "shingles.bin"), "w+b")
         self.end = 0
@@ -91,10 +95,10 @@ class _Sketches:
         self.sigs.close()
         self.sets.close()
 
-    def add(self, sigs: np.ndarray, sets: list[np.ndarray] | None) -> None:
-        """Append a batch (``sets`` None: not kept; length -1)."""
+    def add(self, sigs: np.ndarray, sets: list[np.ndarray] | None, rows: list[int]) -> None:
+        """Append a batch (``sets`` None: not kept; length -1); ``rows``: their offsets in the spill file."""
         rec = np.zeros(len(sigs), self.record)
-        rec["sig"] = sigs
+        rec["sig"], rec["row"] = sigs, rows
         rec["len"] = -1
         for i, shingles in enumerate(sets or []):
             data = np.ascontiguousarray(shingles, dtype=np.uint32).tobytes()
@@ -120,9 +124,10 @@ class _Sketches:
 
 
 class _Run:
-    def __init__(self, stage: MinHashDedup, sp: Spill, sketches: _Sketches, keys: BandKeys):
-        self.stage, self.sp, self.sketches, self.keys = stage, sp, sketches, keys
+    def __init__(self, stage: MinHashDedup, sp: Spill, sketches: _Sketches, keys: BandKeys, ids: BandKeys):
+        self.stage, self.sp, self.sketches, self.keys, self.ids = stage, sp, sketches, keys, ids
         self.bands, self.rows_per_band = stage.bands, stage.rows_per_band
+        self.budget = sp.memory_mb * 2**20
 
     def decisions(self, rows: Iterable[dict]) -> Iterator[tuple[dict, str | None]]:
         from .stage import DUPLICATE_ID, decide, with_meta
@@ -148,52 +153,116 @@ class _Run:
         first, offsets = self.sp.add(batch)
         sigs, sets = document_signatures((row_text(r) for r in batch), c.num_perm, c.seed, c.ngram, c.char_ngram)
         docs = np.arange(first, first + len(batch), dtype=np.int32)
-        self.sketches.add(sigs, sets if c.verify else None)
-        self.sp.insert("docs", pa.table({"doc": docs, "id": pa.array([str(r["id"]) for r in batch], pa.string()),
-                                         "off": np.array(offsets, dtype=np.int64)}))
+        ids = [str(r["id"]) for r in batch]
+        self.sketches.add(sigs, sets if c.verify else None, offsets)
+        self.sp.insert("docs", pa.table({"doc": docs, "id": pa.array(ids, pa.string())}))
+        self.ids.add(docs, np.array([_hash64(rid) for rid in ids], dtype=np.uint64)[:, None])
         keyed = ~(sigs == EMPTY).all(axis=1)  # an empty document gets no band keys, as in run()
         self.keys.add(docs[keyed], band_hashes(sigs[keyed], self.bands, self.rows_per_band))
 
     # -- rows sharing an id -------------------------------------------------------------------------
 
     def _repeated_ids(self) -> dict[int, str]:
-        """doc -> id for every row that does not stand for its id."""
+        """doc -> id for every row that does not stand for its id. Rows whose 64-bit id hashes meet
+        (paired as the band keys are) are compared by their real ids."""
         from .stage import _content_order
 
-        records = self.sp.stream("SELECT id, doc, off FROM docs WHERE id IN (SELECT id FROM docs GROUP BY id "
-                                 "HAVING count(*) > 1) ORDER BY id, doc")
+        groups: dict[str, set[int]] = defaultdict(set)
+        for xs, ys, _ in self.ids.pairs(self.budget // PART_BYTES, np.empty(0, np.int32)):
+            for x, y in zip(xs.tolist(), ys.tolist()):
+                a, b = self._row(x), self._row(y)
+                if str(a["id"]) == str(b["id"]):
+                    groups[str(a["id"])].update((x, y))
         repeats: dict[int, str] = {}
-        for rid, group in groupby(records, key=lambda rec: rec[0]):
+        for rid, docs in groups.items():
             members = []
-            for _, doc, off in group:
+            for doc in docs:
                 member = (rid, *self.sketches.member(self.sketches.records([doc])[0])[1:])
-                members.append(((member_order(member), _content_order(self.sp.row_at(off))), doc))
+                members.append(((member_order(member), _content_order(self._row(doc))), doc))
             members.sort()
             repeats.update((doc, rid) for _, doc in members[1:])
         return repeats
+
+    def _row(self, doc: int) -> dict:
+        return self.sp.row_at(int(self.sketches.records([doc])[0]["row"]))
 
     # -- candidates, edges, clusters ----------------------------------------------------------------
 
     def _clusters(self, n: int, ignored: np.ndarray) -> Iterator[tuple[int, str, int]]:
         """(doc, cluster id, cluster size) of every document in a cluster of two or more, by doc."""
         parent = np.arange(n, dtype=np.int32)  # 4 bytes a row: the one array that grows with the corpus
-        rows_per_part = max(1, self.sp.memory_mb * 2**20 // PART_BYTES)
         linked = False
-        for x, y, band in self.keys.pairs(rows_per_part, ignored):
+        for x, y, band in self.keys.pairs(self.budget // PART_BYTES, ignored):
             ra, rb = self.sketches.records(x), self.sketches.records(y)
             judged = first_shared_band(ra["sig"], rb["sig"], self.bands, self.rows_per_band) == band
             for i in np.flatnonzero(judged):
                 if self.stage.is_edge(self.sketches.member(ra[i]), self.sketches.member(rb[i])):
                     _union(parent, int(x[i]), int(y[i]))
                     linked = True
-        if not linked:
-            return
-        roots = _roots(parent)
-        members = np.flatnonzero(np.bincount(roots, minlength=n)[roots] > 1).astype(np.int32)
-        self.sp.insert("comp", pa.table({"doc": members, "root": roots[members]}))
-        yield from self.sp.stream(
-            "SELECT comp.doc, min(docs.id) OVER (PARTITION BY root), count(*) OVER (PARTITION BY root) "
-            "FROM comp JOIN docs USING (doc) ORDER BY comp.doc")
+        if linked:
+            yield from self._names(_roots(parent))
+
+    def _names(self, roots: np.ndarray) -> Iterator[tuple[int, str, int]]:
+        """Each cluster named by its smallest id and counted, in partitions of clusters (hashed
+        roots) small enough for the budget, each written sorted by doc; merged by doc."""
+        members, part = _members(roots)
+        parts = max(1, -(-len(members) * NAME_BYTES // self.budget))
+        part %= np.uint32(parts)
+        paths = []
+        for i in range(parts):
+            docs, ids = self._ids_of(members[part == i])
+            of = roots[docs]
+            # sorted by (root, id), the first of each root's run is the cluster's smallest id
+            order = pc.sort_indices(pa.table({"root": of, "id": ids}), [("root", "ascending"), ("id", "ascending")])
+            order = order.to_numpy()
+            starts = np.flatnonzero(np.r_[True, of[order][1:] != of[order][:-1]])
+            run = np.cumsum(np.isin(np.arange(len(order)), starts)) - 1
+            first, size = np.empty(len(order), np.int64), np.empty(len(order), np.int64)
+            first[order], size[order] = order[starts][run], np.diff(np.r_[starts, len(order)])[run]
+            paths.append(os.path.join(self.sp.work, f"names-{i}.parquet"))
+            pq.write_table(pa.table({"doc": docs, "name": ids.take(pa.array(first)), "size": size}), paths[-1])
+        yield from heapq.merge(*map(_read, paths))
+
+    def _ids_of(self, docs: np.ndarray) -> tuple[np.ndarray, pa.Array]:
+        """The given sorted docs (as the docs table has them, in order), with their ids."""
+        found, ids = [], []
+        for path in self.sp.files("docs"):
+            for chunk in _parquet(path).iter_batches(CHUNK * 16, columns=["doc", "id"], use_threads=False):
+                at = chunk["doc"].to_numpy()
+                keep = member(at, docs)
+                found.append(at[keep])
+                ids.append(chunk["id"].filter(pa.array(keep)))
+        return np.concatenate(found), pa.concat_arrays(ids)
+
+
+def _members(roots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The docs in a cluster of two or more, and a hash of each one's root (for partitions), in chunks
+    of the root array so that no temporary grows with the corpus beyond a bit a row."""
+    shared = np.zeros(len(roots), bool)  # by root
+    for lo in range(0, len(roots), READ):
+        r = roots[lo:lo + READ]
+        shared[r[r != np.arange(lo, lo + len(r), dtype=np.int32)]] = True
+    members = np.concatenate([lo + np.flatnonzero(shared[roots[lo:lo + READ]]).astype(np.int32)
+                              for lo in range(0, len(roots), READ)] or [np.empty(0, np.int32)])
+    del shared
+    with np.errstate(over="ignore"):  # Knuth's multiplicative hash: even parts whatever the roots
+        part = roots[members].astype(np.uint32) * np.uint32(2654435761) >> np.uint32(8)
+    return members, part
+
+
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def _parquet(path: str, buffer: int = 1 << 20) -> pq.ParquetFile:
+    # read in small pieces: by default pyarrow buffers whole column chunks ahead (+106 MB RSS for
+    # reading 3M documents' ids, against +25 MB this way)
+    return pq.ParquetFile(path, pre_buffer=False, buffer_size=buffer)
+
+
+def _read(path: str) -> Iterator[tuple[int, str, int]]:
+    for chunk in _parquet(path, 1 << 16).iter_batches(CHUNK, use_threads=False):  # many are read at once
+        yield from zip(*(col.to_pylist() for col in chunk.columns))
 
 
 def _union(parent: np.ndarray, x: int, y: int) -> None:
@@ -210,10 +279,11 @@ def _find(parent: np.ndarray, x: int) -> int:
 
 
 def _roots(parent: np.ndarray) -> np.ndarray:
-    """Every node's root, vectorized: follow parents until nothing moves."""
-    roots = parent.copy()
+    """Every node's root, vectorized and in place (one temporary array): follow parents until
+    nothing moves."""
+    step = np.empty_like(parent)
     while True:
-        nxt = roots[roots]
-        if np.array_equal(nxt, roots):
-            return roots
-        roots = nxt
+        np.take(parent, parent, out=step)
+        if np.array_equal(step, parent):
+            return parent
+        parent, step = step, parent
