@@ -134,11 +134,6 @@ class Spill:
             self._writers[table] = pq.ParquetWriter(parts[-1], data.schema, compression="none")
         self._writers[table].write_table(data)
 
-    def files(self, table: str) -> list[str]:
-        """The Parquet files of ``table`` (closed: complete), for readers other than DuckDB."""
-        self._seal()
-        return list(self._parts.get(table, []))
-
     def materialize(self, table: str, sql: str) -> None:
         """``table`` := the result of a query, written as Parquet (out of core, like the facts)."""
         self._seal()

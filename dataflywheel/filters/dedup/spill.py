@@ -28,19 +28,17 @@ from __future__ import annotations
 import hashlib
 import heapq
 import os
+import pickle
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ...spill import CHUNK, Spill, merge_decisions
 from ...stages import batches
 from ..text import row_text
-from .band_join import READ, BandKeys, member
+from .band_join import READ, BandKeys
 from .lsh import member_order
 from .minhash import EMPTY, document_signatures
 
@@ -79,14 +77,17 @@ def run_spilled(stage: MinHashDedup, rows: Iterable[dict], memory_limit_mb: int)
 
 
 class _Sketches:
-    """Per document, by row number: its signature, where its shingle set is and where the row is,
-    in a file of fixed-size records; the shingle sets in a second file. Read back with ``pread``."""
+    """Per document, by row number: its signature and where its shingle set, its id and its row
+    are, in a file of fixed-size records; the shingle sets and the ids (UTF-8) in two more files.
+    Read back with ``pread``."""
 
     def __init__(self, folder: str, num_perm: int):
-        self.record = np.dtype([("sig", "<u4", (num_perm,)), ("off", "<i8"), ("len", "<i8"), ("row", "<i8")])
+        self.record = np.dtype([("sig", "<u4", (num_perm,)), ("off", "<i8"), ("len", "<i8"), ("row", "<i8"),
+                                ("id_off", "<i8"), ("id_len", "<i8")])
         self.sigs = open(os.path.join(folder, "signatures.bin"), "w+b")
         self.sets = open(os.path.join(folder, "shingles.bin"), "w+b")
-        self.end = 0
+        self.id_file = open(os.path.join(folder, "ids.txt"), "w+b")
+        self.end = self.id_end = 0
 
     def __enter__(self) -> _Sketches:
         return self
@@ -94,12 +95,18 @@ class _Sketches:
     def __exit__(self, *exc) -> None:
         self.sigs.close()
         self.sets.close()
+        self.id_file.close()
 
-    def add(self, sigs: np.ndarray, sets: list[np.ndarray] | None, rows: list[int]) -> None:
+    def add(self, sigs: np.ndarray, sets: list[np.ndarray] | None, rows: list[int], ids: list[str]) -> None:
         """Append a batch (``sets`` None: not kept; length -1); ``rows``: their offsets in the spill file."""
         rec = np.zeros(len(sigs), self.record)
         rec["sig"], rec["row"] = sigs, rows
         rec["len"] = -1
+        encoded = [rid.encode() for rid in ids]
+        rec["id_len"] = [len(b) for b in encoded]
+        rec["id_off"] = self.id_end + np.cumsum(rec["id_len"]) - rec["id_len"]
+        self.id_file.write(b"".join(encoded))
+        self.id_end += int(rec["id_len"].sum())
         for i, shingles in enumerate(sets or []):
             data = np.ascontiguousarray(shingles, dtype=np.uint32).tobytes()
             rec["off"][i], rec["len"][i] = self.end, len(shingles)
@@ -110,6 +117,12 @@ class _Sketches:
     def ready(self) -> None:
         self.sigs.flush()
         self.sets.flush()
+        self.id_file.flush()
+
+    def ids(self, docs: np.ndarray) -> list[str]:
+        recs = self.records(docs)
+        fd = self.id_file.fileno()
+        return [os.pread(fd, int(n), int(at)).decode() for at, n in zip(recs["id_off"], recs["id_len"])]
 
     def records(self, docs: np.ndarray) -> np.ndarray:
         size = self.record.itemsize
@@ -154,8 +167,7 @@ class _Run:
         sigs, sets = document_signatures((row_text(r) for r in batch), c.num_perm, c.seed, c.ngram, c.char_ngram)
         docs = np.arange(first, first + len(batch), dtype=np.int32)
         ids = [str(r["id"]) for r in batch]
-        self.sketches.add(sigs, sets if c.verify else None, offsets)
-        self.sp.insert("docs", pa.table({"doc": docs, "id": pa.array(ids, pa.string())}))
+        self.sketches.add(sigs, sets if c.verify else None, offsets, ids)
         self.ids.add(docs, np.array([_hash64(rid) for rid in ids], dtype=np.uint64)[:, None])
         keyed = ~(sigs == EMPTY).all(axis=1)  # an empty document gets no band keys, as in run()
         self.keys.add(docs[keyed], band_hashes(sigs[keyed], self.bands, self.rows_per_band))
@@ -169,10 +181,9 @@ class _Run:
 
         groups: dict[str, set[int]] = defaultdict(set)
         for xs, ys, _ in self.ids.pairs(self.budget // PART_BYTES, np.empty(0, np.int32)):
-            for x, y in zip(xs.tolist(), ys.tolist()):
-                a, b = self._row(x), self._row(y)
-                if str(a["id"]) == str(b["id"]):
-                    groups[str(a["id"])].update((x, y))
+            for x, y, a, b in zip(xs.tolist(), ys.tolist(), self.sketches.ids(xs), self.sketches.ids(ys)):
+                if a == b:
+                    groups[a].update((x, y))
         repeats: dict[int, str] = {}
         for rid, docs in groups.items():
             members = []
@@ -210,29 +221,24 @@ class _Run:
         part %= np.uint32(parts)
         paths = []
         for i in range(parts):
-            docs, ids = self._ids_of(members[part == i])
-            of = roots[docs]
-            # sorted by (root, id), the first of each root's run is the cluster's smallest id
-            order = pc.sort_indices(pa.table({"root": of, "id": ids}), [("root", "ascending"), ("id", "ascending")])
-            order = order.to_numpy()
-            starts = np.flatnonzero(np.r_[True, of[order][1:] != of[order][:-1]])
-            run = np.cumsum(np.isin(np.arange(len(order)), starts)) - 1
-            first, size = np.empty(len(order), np.int64), np.empty(len(order), np.int64)
-            first[order], size[order] = order[starts][run], np.diff(np.r_[starts, len(order)])[run]
-            paths.append(os.path.join(self.sp.work, f"names-{i}.parquet"))
-            pq.write_table(pa.table({"doc": docs, "name": ids.take(pa.array(first)), "size": size}), paths[-1])
+            docs = members[part == i]
+            ids, of = self.sketches.ids(docs), roots[docs]
+            order = np.argsort(of, kind="stable")
+            bounds = np.flatnonzero(np.r_[True, of[order][1:] != of[order][:-1], True]).tolist()
+            names, size = [""] * len(docs), np.empty(len(docs), np.int64)
+            for lo, hi in zip(bounds[:-1], bounds[1:]):  # one cluster: its smallest id
+                group = order[lo:hi].tolist()
+                name = min(ids[j] for j in group)
+                for j in group:
+                    names[j] = name
+                size[order[lo:hi]] = hi - lo
+            paths.append(os.path.join(self.sp.work, f"names-{i}.pickle"))
+            with open(paths[-1], "wb") as fh:  # docs are sorted, so this is too
+                for at in range(0, len(docs), CHUNK):
+                    chunk = list(zip(docs[at:at + CHUNK].tolist(), names[at:at + CHUNK], size[at:at + CHUNK].tolist()))
+                    pickle.dump(chunk, fh, protocol=pickle.HIGHEST_PROTOCOL)
+            del ids, names, size
         yield from heapq.merge(*map(_read, paths))
-
-    def _ids_of(self, docs: np.ndarray) -> tuple[np.ndarray, pa.Array]:
-        """The given sorted docs (as the docs table has them, in order), with their ids."""
-        found, ids = [], []
-        for path in self.sp.files("docs"):
-            for chunk in _parquet(path).iter_batches(CHUNK * 16, columns=["doc", "id"], use_threads=False):
-                at = chunk["doc"].to_numpy()
-                keep = member(at, docs)
-                found.append(at[keep])
-                ids.append(chunk["id"].filter(pa.array(keep)))
-        return np.concatenate(found), pa.concat_arrays(ids)
 
 
 def _members(roots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -254,15 +260,13 @@ def _hash64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
-def _parquet(path: str, buffer: int = 1 << 20) -> pq.ParquetFile:
-    # read in small pieces: by default pyarrow buffers whole column chunks ahead (+106 MB RSS for
-    # reading 3M documents' ids, against +25 MB this way)
-    return pq.ParquetFile(path, pre_buffer=False, buffer_size=buffer)
-
-
 def _read(path: str) -> Iterator[tuple[int, str, int]]:
-    for chunk in _parquet(path, 1 << 16).iter_batches(CHUNK, use_threads=False):  # many are read at once
-        yield from zip(*(col.to_pylist() for col in chunk.columns))
+    with open(path, "rb") as fh:
+        while True:
+            try:
+                yield from pickle.load(fh)
+            except EOFError:
+                return
 
 
 def _union(parent: np.ndarray, x: int, y: int) -> None:
