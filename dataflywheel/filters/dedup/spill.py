@@ -5,20 +5,21 @@ The in-memory ``MinHashDedup.run`` holds every row, shingle set and bucket: abou
 document, so a 24 GB machine stops near 2M documents. Here memory stays flat whatever the corpus:
 
 1. One streaming pass writes each row to a spill file (pickled: a row comes back exactly as it
-   went in), its signature and the place of its shingle set to a file of fixed-size records and
-   the shingle set to a second file (both read back by position), its id to a Parquet table that
-   DuckDB queries, and its band keys (64-bit hashes of each band's values) to a flat file.
-2. Rows sharing an id (rare) are resolved as ``run`` does: the first in ``member_order``, then
-   content order, stands for the id; the others are ``duplicate_id`` and their keys are ignored.
+   went in); its signature and where its shingle set, id and row are to a file of fixed-size
+   records; the shingle set and the id to two more files (all read back by position); its band
+   keys (64-bit hashes of each band's values) and a 64-bit hash of its id to two flat files.
+2. Rows sharing an id (rare) are found by pairing the id hashes as the band keys are, compared by
+   their real ids, and resolved as ``run`` does: the first in ``member_order``, then content
+   order, stands for the id; the others are ``duplicate_id`` and their keys are ignored.
 3. The band keys are hash-partitioned into files of a fixed number of keys and each partition is
-   sorted in numpy into buckets, whose pairs stream out (``band_join``; why not a DuckDB join: there).
+   sorted in numpy into buckets, whose pairs stream out (``band_join``; why not DuckDB: there).
 4. Each pair is judged by the same ``judge`` as ``run``, once: at the first band the two signatures
    share (so a pair sharing many bands, or a 64-bit key collision, is judged once or never). Edges
-   go to a union-find over a numpy parent array.
-5. DuckDB names each cluster by its smallest id and counts it; a last sequential pass over the
-   spill file joins these decisions back to the rows, in input order.
+   go to a union-find over a numpy parent array (4 bytes a row: what grows with the corpus).
+5. Clusters are named by their smallest id and counted, partition by partition of hashed roots; a
+   last sequential pass over the spill file joins these decisions back to the rows, in input order.
 
-The spill file, the DuckDB database, the memory limit and the clean-up are ``dataflywheel.spill``'s.
+The spill folder and its clean-up are ``dataflywheel.spill``'s; the step uses no DuckDB query.
 The decisions are the in-memory ones: same candidates, same ``judge``, same smallest-id survivor
 (tested).
 """
