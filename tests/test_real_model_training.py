@@ -82,8 +82,7 @@ def test_grpo_raises_the_reward(smollm2, tmp_path):
     data = _write(tmp_path / "prompts.jsonl", prompts)
     cfg = grpo.GrpoConfig(model=smollm2, data=[data], output=str(tmp_path / "out"), max_length=96,
                           verifier=f"{VERIFIER}:short_reply", num_generations=6, max_completion_length=12,
-                          prompts_per_step=2, loop={"lr": 2e-5, "batch_size": 12, "max_steps": 6, "progress": False,
-                                                    })
+                          prompts_per_step=2, loop={"lr": 2e-5, "batch_size": 12, "max_steps": 6, "progress": False})
     grpo.run(cfg)
     rewards = [m["reward"] for m in _metrics(tmp_path / "out")]
     assert sum(rewards[-2:]) > sum(rewards[:2]), rewards
