@@ -109,11 +109,13 @@ def part_gen(tmp: Path, folder: str, size: dict) -> list[str]:
     for batch in (1, 8, 32):
         backend = TransformersBackend(folder, device="cpu", batch_size=batch)
         backend.load()
-        reqs = [Request(p["id"], messages=tuple(p["prompt"]), sampling=sampling) for p in prompts(size["gen_prompts"])]
+        reqs = [Request(p["id"], messages=({"role": "user", "content": p["prompt"]},), sampling=sampling)
+                for p in prompts(size["gen_prompts"])]
         start = time.perf_counter()
         res = backend.generate(reqs)
         seconds = time.perf_counter() - start
         tokens = sum(s.tokens for r in res for s in r.samples)
+        assert backend.counts["errors"] == 0, backend.counts
         print(f"gen: batch {batch:>2}: {len(reqs)} prompts, {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.1f} tokens/s")
     rows = [{"id": r["id"], "messages": r["messages"]} for r in alpaca(size["sft_rows"])]
     start = time.perf_counter()
