@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_train_data import _trained_text as trained_text
 
 from dataflywheel.train.data import Lint, pair_examples, sft_examples, tokenize_chat
 from dataflywheel.train.losses import IGNORE, token_logps
@@ -32,21 +33,10 @@ def model(smollm2):
     return AutoModelForCausalLM.from_pretrained(smollm2, torch_dtype=torch.float32).eval()
 
 
-def _runs(tok, ex) -> list[str]:
-    """Decoded runs of consecutive target tokens (special tokens kept)."""
-    runs, cur = [], []
-    for i, lab in zip(ex.input_ids, ex.labels):
-        if lab != IGNORE:
-            cur.append(i)
-        elif cur:
-            runs.append(tok.decode(cur)), cur.clear()
-    return runs + ([tok.decode(cur)] if cur else [])
-
-
 @pytest.mark.parametrize("chat,answers", [(SINGLE, ["Blue."]), (MULTI, ["Paris.", "Rome, of course."])])
 def test_labels_are_exactly_the_assistant_turns_and_end_of_turn(tok, chat, answers):
     ex, before = tokenize_chat(tok, chat, 1024)
-    assert _runs(tok, ex) == [f"{a}<|im_end|>" for a in answers]
+    assert trained_text(tok, ex) == [f"{a}<|im_end|>" for a in answers]
     assert before == ex.targets and not ex.truncated
     text = tok.decode(ex.input_ids)
     if chat[0]["role"] != "system":  # the template's default system prompt is rendered, never trained
