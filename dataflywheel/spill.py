@@ -40,7 +40,12 @@ def spill_root() -> str:
 def spill_folder() -> str:
     """A new spill folder of this process (named by its pid, so the next run removes it if we are killed)."""
     remove_stale()
-    return tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=spill_root())
+    root = spill_root()
+    try:
+        os.makedirs(root, exist_ok=True)
+        return tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root)
+    except OSError as err:
+        raise UserError(f"spill folder {root} ({SPILL_ENV}): cannot create a folder there: {err.strerror}") from None
 
 
 def remove_stale() -> None:

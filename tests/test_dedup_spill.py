@@ -14,6 +14,7 @@ import pytest
 from test_dedup_stage import corpus
 
 from dataflywheel import spill as spill_store
+from dataflywheel.errors import UserError
 from dataflywheel.filters.dedup import spill
 from dataflywheel.filters.dedup.stage import MinHashDedup
 
@@ -79,7 +80,6 @@ def test_spill_folder_removed_after_success_failure_and_kill(tmp_path, monkeypat
 
 
 def test_minhash_needs_no_database_memory_and_a_too_small_budget_elsewhere_fails_in_one_line():
-    from dataflywheel.errors import UserError
     from dataflywheel.filters.basic import ExactDedup
 
     rows = generated(3000)
@@ -107,12 +107,17 @@ def test_exact_dedup_bounded_equals_grouping_in_memory():
 
 
 def test_many_partitions_in_several_sweeps_decide_the_same(monkeypatch):
-    """A budget that gives ~50 partitions, partitioned 8 at a time: the same decisions."""
+    """A budget that gives ~50 partitions, partitioned 8 at a time, clusters named in ~20 partitions
+    read back 64 at a time, arrays walked 97 docs at a time: the same decisions."""
     from dataflywheel.filters.dedup import band_join
 
     monkeypatch.setattr(band_join, "FANOUT", 8)
     monkeypatch.setattr(spill, "PART_BYTES", 64 * 2**20 // 500)  # 500 band keys a partition
     monkeypatch.setattr(band_join, "PAIRS", 7)
+    monkeypatch.setattr(spill, "NAME_BYTES", 64 * 2**20 // 50)  # 50 clustered documents a partition
+    monkeypatch.setattr(spill, "MERGE_BYTES", 64 * 2**20)
+    monkeypatch.setattr(spill, "READ", 97)
+    monkeypatch.setattr(band_join, "READ", 97)
     rows = generated(1500)
     stage = MinHashDedup(threshold=0.7)
     assert spilled(stage, rows) == in_memory(stage, rows)
@@ -137,3 +142,27 @@ def test_bucket_pairs_are_every_pair_of_each_run_once(monkeypatch):
         by_key.setdefault(int(rec["key"]), []).append(int(rec["doc"]))
     expected = [(x, y, key % 7) for key, docs in by_key.items() for x, y in combinations(sorted(docs), 2)]
     assert sorted(got) == sorted(expected) and len(got) == len(set(got)) and len(got) > 4000
+
+
+def test_spill_root_created_or_named_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv(spill_store.SPILL_ENV, str(tmp_path / "new" / "spill"))
+    stage = MinHashDedup(threshold=0.7)
+    assert len(list(spill.run_spilled(stage, iter(corpus()), 64))) == len(corpus())
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(spill_store.SPILL_ENV, str(blocker / "spill"))
+    with pytest.raises(UserError, match=r"spill folder .*a-file/spill \(DATAFLYWHEEL_SPILL\): cannot create"):
+        list(spill.run_spilled(stage, iter(corpus()), 64))
+
+
+def test_roots_in_chunks_equal_find(monkeypatch):
+    import numpy as np
+
+    monkeypatch.setattr(spill, "READ", 97)
+    rng = np.random.default_rng(1)
+    parent = np.arange(5000, dtype=np.int32)
+    for x, y in rng.integers(0, 5000, size=(3000, 2)):
+        spill._union(parent, int(x), int(y))
+    expected = [spill._find(parent.copy(), i) for i in range(5000)]
+    assert spill._roots(parent).tolist() == expected
+    assert len(set(expected)) < 3000  # long chains: many unions merged

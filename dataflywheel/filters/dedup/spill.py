@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # 64-bit golden-ratio constant (splitmix64)
 PART_BYTES = 128  # budget bytes per band key of a partition: ~66 are used while it is sorted and paired
 NAME_BYTES = 1024  # budget bytes per clustered document while its cluster is named (its id is a string)
+MERGE_BYTES = 1024  # budget bytes per (doc, name, size) read back while the named partitions are merged
 
 
 def band_hashes(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -121,9 +122,11 @@ class _Sketches:
         self.id_file.flush()
 
     def ids(self, docs: np.ndarray) -> list[str]:
-        recs = self.records(docs)
-        fd = self.id_file.fileno()
-        return [os.pread(fd, int(n), int(at)).decode() for at, n in zip(recs["id_off"], recs["id_len"])]
+        fd, ids = self.id_file.fileno(), []
+        for at in range(0, len(docs), CHUNK):  # a record is ~0.5 KB (its signature): never all at once
+            recs = self.records(docs[at:at + CHUNK])
+            ids += [os.pread(fd, int(n), int(off)).decode() for off, n in zip(recs["id_off"], recs["id_len"])]
+        return ids
 
     def records(self, docs: np.ndarray) -> np.ndarray:
         size = self.record.itemsize
@@ -211,18 +214,30 @@ class _Run:
                 if self.stage.is_edge(self.sketches.member(ra[i]), self.sketches.member(rb[i])):
                     _union(parent, int(x[i]), int(y[i]))
                     linked = True
-        if linked:
-            yield from self._names(_roots(parent))
+        if not linked:
+            return
+        paths = self._names(_roots(parent))
+        del parent  # the merge below holds one small chunk per partition file, nothing per row
+        yield from heapq.merge(*map(_read, paths))
 
-    def _names(self, roots: np.ndarray) -> Iterator[tuple[int, str, int]]:
+    def _names(self, roots: np.ndarray) -> list[str]:
         """Each cluster named by its smallest id and counted, in partitions of clusters (hashed
-        roots) small enough for the budget, each written sorted by doc; merged by doc."""
-        members, part = _members(roots)
-        parts = max(1, -(-len(members) * NAME_BYTES // self.budget))
-        part %= np.uint32(parts)
+        roots) small enough for the budget; each partition's (doc, name, size) written sorted by
+        doc to a file, returned for the caller to merge."""
+        shared = np.zeros(len(roots), bool)  # by root: a cluster of two or more
+        members = 0
+        for lo in range(0, len(roots), READ):
+            r = roots[lo:lo + READ]
+            moved = r != np.arange(lo, lo + len(r), dtype=np.int32)
+            shared[r[moved]] = True
+            members += int(moved.sum())
+        members += int(shared.sum())  # the roots themselves
+        parts = max(1, -(-members * NAME_BYTES // self.budget))
+        chunk = max(64, self.budget // (parts * MERGE_BYTES))  # decisions read back at once per file
         paths = []
         for i in range(parts):
-            docs = members[part == i]
+            docs = np.concatenate([lo + np.flatnonzero(_in_part(roots[lo:lo + READ], shared, parts, i))
+                                   for lo in range(0, len(roots), READ)]).astype(np.int32)
             ids, of = self.sketches.ids(docs), roots[docs]
             order = np.argsort(of, kind="stable")
             bounds = np.flatnonzero(np.r_[True, of[order][1:] != of[order][:-1], True]).tolist()
@@ -235,26 +250,17 @@ class _Run:
                 size[order[lo:hi]] = hi - lo
             paths.append(os.path.join(self.sp.work, f"names-{i}.pickle"))
             with open(paths[-1], "wb") as fh:  # docs are sorted, so this is too
-                for at in range(0, len(docs), CHUNK):
-                    chunk = list(zip(docs[at:at + CHUNK].tolist(), names[at:at + CHUNK], size[at:at + CHUNK].tolist()))
-                    pickle.dump(chunk, fh, protocol=pickle.HIGHEST_PROTOCOL)
-            del ids, names, size
-        yield from heapq.merge(*map(_read, paths))
+                for at in range(0, len(docs), chunk):
+                    rows = list(zip(docs[at:at + chunk].tolist(), names[at:at + chunk], size[at:at + chunk].tolist()))
+                    pickle.dump(rows, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        return paths
 
 
-def _members(roots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The docs in a cluster of two or more, and a hash of each one's root (for partitions), in chunks
-    of the root array so that no temporary grows with the corpus beyond a bit a row."""
-    shared = np.zeros(len(roots), bool)  # by root
-    for lo in range(0, len(roots), READ):
-        r = roots[lo:lo + READ]
-        shared[r[r != np.arange(lo, lo + len(r), dtype=np.int32)]] = True
-    members = np.concatenate([lo + np.flatnonzero(shared[roots[lo:lo + READ]]).astype(np.int32)
-                              for lo in range(0, len(roots), READ)] or [np.empty(0, np.int32)])
-    del shared
+def _in_part(roots: np.ndarray, shared: np.ndarray, parts: int, i: int) -> np.ndarray:
+    """Which of these docs are in a cluster of two or more whose hashed root falls in partition i."""
     with np.errstate(over="ignore"):  # Knuth's multiplicative hash: even parts whatever the roots
-        part = roots[members].astype(np.uint32) * np.uint32(2654435761) >> np.uint32(8)
-    return members, part
+        part = (roots.astype(np.uint32) * np.uint32(2654435761) >> np.uint32(8)) % np.uint32(parts)
+    return shared[roots] & (part == i)
 
 
 def _hash64(text: str) -> int:
@@ -284,11 +290,16 @@ def _find(parent: np.ndarray, x: int) -> int:
 
 
 def _roots(parent: np.ndarray) -> np.ndarray:
-    """Every node's root, vectorized and in place (one temporary array): follow parents until
-    nothing moves."""
-    step = np.empty_like(parent)
-    while True:
-        np.take(parent, parent, out=step)
-        if np.array_equal(step, parent):
-            return parent
-        parent, step = step, parent
+    """Every node's root, in place and in chunks (no second array as long as the corpus). Union
+    links the larger root under the smaller and path halving only shortens paths, so a parent is
+    never after its child: by the time a chunk is reached every earlier node already holds its root,
+    and the chunk's own links are followed until nothing moves."""
+    for lo in range(0, len(parent), READ):
+        r = parent[lo:lo + READ]
+        while True:
+            up = parent[r]
+            if np.array_equal(up, r):
+                break
+            r = up
+        parent[lo:lo + READ] = r
+    return parent
