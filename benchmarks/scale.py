@@ -163,7 +163,7 @@ def run_once(tmp: Path, inputs: str, n: int, engine: str, memory_mb: int, job: s
 
 
 def _line(n: int, job: str, engine: str, seconds: float, rss: float, disk: float, kept: int) -> None:
-    print(f"{n:>10,}{job:>6}{engine:>9}{seconds:>10.1f}{n / seconds:>10,.0f}{rss:>13.2f}{disk:>10.2f}{kept:>10,}",
+    print(f"{n:>10,}{job:>6}{engine:>10}{seconds:>10.1f}{n / seconds:>10,.0f}{rss:>13.2f}{disk:>10.2f}{kept:>10,}",
           flush=True)
 
 
@@ -185,7 +185,7 @@ def main() -> int:
     peers: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        print(f"{'docs':>10}{'job':>6}{'engine':>9}{'seconds':>10}{'docs/s':>10}{'peak RSS GB':>13}{'spill GB':>10}"
+        print(f"{'docs':>10}{'job':>6}{'engine':>10}{'seconds':>10}{'docs/s':>10}{'peak RSS GB':>13}{'spill GB':>10}"
               f"{'kept':>10}")
         for n in sizes:
             inputs = make_corpus(tmp / f"c{n}", n)

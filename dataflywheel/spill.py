@@ -21,6 +21,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -87,34 +88,39 @@ class Spill:
         self._writers: dict[str, Any] = {}  # table -> the ParquetWriter of its open part
 
     def __enter__(self) -> Spill:
-        import duckdb
-
         self.work = spill_folder()
-        # Facts are written as Parquet files that DuckDB reads as views, never inserted: inserts into
-        # a DuckDB table slow down once it passes memory_limit (52 s for the docs and bands of 1M
-        # documents, against 3.8 s as Parquet), which made the step slower per row as the corpus grew.
-        self.db = duckdb.connect(":memory:")
-        for setting in (f"memory_limit='{self.memory_mb}MB'", f"temp_directory='{os.path.join(self.work, 'tmp')}'",
-                        "preserve_insertion_order=false"):
-            self.db.execute(f"SET {setting}")
+        self._db = None  # connected on the first query: MinHash's spill never makes one
         self.path = os.path.join(self.work, ROWS_FILE)
         self._out = open(self.path, "wb")
         return self
 
-    def __exit__(self, kind, err, tb) -> None:
-        import duckdb
+    @property
+    def db(self) -> Any:
+        if self._db is None:
+            import duckdb
 
+            # Facts are written as Parquet files that DuckDB reads as views, never inserted: inserts into
+            # a DuckDB table slow down once it passes memory_limit (52 s for the docs and bands of 1M
+            # documents, against 3.8 s as Parquet), which made the step slower per row as the corpus grew.
+            self._db = duckdb.connect(":memory:")
+            for setting in (f"memory_limit='{self.memory_mb}MB'",
+                            f"temp_directory='{os.path.join(self.work, 'tmp')}'", "preserve_insertion_order=false"):
+                self._db.execute(f"SET {setting}")
+        return self._db
+
+    def __exit__(self, kind, err, tb) -> None:
         try:
             self._out.close()  # flushes: on a full disk this fails too
             self._seal()
         except OSError as closing:
             err = err or closing
         finally:
-            self.db.close()
+            if self._db is not None:
+                self._db.close()
             shutil.rmtree(self.work, ignore_errors=True)
-        if is_full(err) or (isinstance(err, duckdb.IOException) and "space" in str(err).lower()):
+        if is_full(err) or (_is_duckdb(err, "IOException") and "space" in str(err).lower()):
             raise disk_full(self.name, self.work) from None
-        if isinstance(err, duckdb.OutOfMemoryException):  # an operator that cannot spill needs more
+        if _is_duckdb(err, "OutOfMemoryException"):  # an operator that cannot spill needs more
             raise UserError(f"{self.name}: {self.memory_mb} MB is too little for the out-of-core work "
                             f"({str(err).splitlines()[0]}, in: {self.query[:120]}); raise runner.memory_budget_mb") from None
         if err is not None and kind is None:  # only the close failed
@@ -189,6 +195,12 @@ class Spill:
         with open(self.path, "rb") as fh:
             fh.seek(offset)
             return pickle.load(fh)
+
+
+def _is_duckdb(err: BaseException | None, kind: str) -> bool:
+    """``err`` is DuckDB's exception ``kind`` (checked without importing DuckDB when no query ran)."""
+    duckdb = sys.modules.get("duckdb")
+    return err is not None and duckdb is not None and isinstance(err, getattr(duckdb, kind))
 
 
 def keep_as_is(row: dict) -> tuple[dict, None]:

@@ -75,6 +75,7 @@ def test_run_writes_every_stage_and_a_manifest(reference):
         assert (run / f"round-{k:03d}" / "manifest.json").is_file()
         assert 0.0 <= manifest["rounds"][k]["accuracy"] <= 1.0
     assert manifest["exports"]["sft_pool"] == "round-002/pool/rows"
+    assert not list(run.rglob("checkpoints"))  # a finished training stage needs no resume state
 
 
 def test_rerun_skips_every_stage(reference, tmp_path):

@@ -27,7 +27,7 @@ class TaskConfig(Strict):
     prompts and the held-out set, all disjoint by construction (different seeds, id prefixes)."""
 
     kind: Literal["arithmetic"] = "arithmetic"
-    width: int = Field(3, ge=1)  # operands zero-padded to this many digits (fixed positions)
+    width: int = Field(3, ge=0)  # operands zero-padded to this many digits (fixed positions); 0: as written
     reverse: bool = True  # digits least-significant first: the carry flows left to right (Lee et al. 2023)
     ops: tuple[str, ...] = ("+",)
     seed_rows: int = Field(500, ge=1)  # the seed SFT set of round 0
@@ -84,13 +84,15 @@ class RmRefreshConfig(Strict):
 class SeedPolicyConfig(Strict):
     model: str | None = None  # a folder or Hub id to start from ...
     tiny: TinyInit | None = None  # ... or a tiny model built here and trained on the seed set
-    steps: int = Field(400, ge=1)  # round 0's SFT steps on the seed set
+    steps: int = Field(400, ge=0)  # round 0's SFT steps on the seed set; 0: round 0 is the model as given
     loop: LoopConfig = LoopConfig(lr=1e-3, batch_size=8, warmup_ratio=0.05, progress=False)
 
     @model_validator(mode="after")
     def _one(self) -> SeedPolicyConfig:
         if (self.model is None) == (self.tiny is None):
             raise ValueError("policy: give exactly one of model or tiny")
+        if self.tiny is not None and self.steps == 0:
+            raise ValueError("policy.steps: a tiny model is built untrained; give it steps >= 1")
         return self
 
 

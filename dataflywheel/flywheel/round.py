@@ -253,13 +253,16 @@ def stage_train(cfg: FlywheelConfig, k: int, policy: str | None, seed_dir: str, 
     """Train the next policy from ``policy`` (None: round 0, from ``policy.model`` or a tiny model):
     SFT on seed + pool (``sft``), then DPO on the round's pairs (``sft+dpo``), DPO alone with the
     current policy as reference (``dpo``, RLHFlow), or GRPO on the round's prompts (``grpo``). Round 0
-    and the control always run SFT (the control on the seed set alone)."""
+    and the control always run SFT (the control on the seed set alone), except that round 0 with
+    ``policy.steps: 0`` takes ``policy.model`` as it is."""
     algorithm = "sft" if k == 0 or cfg.control else cfg.train.algorithm
     seed_rows = read_rows(seed_dir)
     pool_rows = read_rows(curated) if curated is not None and not cfg.control else []
     counts: dict[str, Any] = {"seed": len(seed_rows), "pool": len(pool_rows)}
     metrics: dict[str, Any] = {}
     current = policy
+    if k == 0 and cfg.policy.steps == 0:  # a pretrained model, evaluated and sampled as it is
+        return _as_given(cfg.policy.model, seed_rows)
     if algorithm in ("sft", "sft+dpo"):
         mix = training_mix(seed_rows, pool_rows, cfg.pool.weight)
         counts["mix"] = len(mix)
@@ -275,6 +278,18 @@ def stage_train(cfg: FlywheelConfig, k: int, policy: str | None, seed_dir: str, 
     # run-relative: a run folder can be moved or copied (the ablations copy round 0)
     return {"counts": counts, "metrics": {**metrics, "policy": run_relative(current, cfg.output)},
             "hash": tree_hash(current)}
+
+
+def _as_given(model: str, seed_rows: list[dict]) -> dict:
+    """Round 0's policy when it is ``policy.model`` untrained: a local folder by its absolute path,
+    a bucket URL as it is, a Hub id by its downloaded snapshot (the hash is always of the weights)."""
+    if not fs.is_remote(model) and not os.path.isdir(model):
+        from huggingface_hub import snapshot_download
+
+        model = snapshot_download(model)
+    policy = model if fs.is_remote(model) else os.path.abspath(model)
+    return {"counts": {"seed": len(seed_rows), "trained_steps": 0}, "metrics": {"policy": policy},
+            "hash": tree_hash(policy)}
 
 
 def run_relative(path: str, run: str) -> str:

@@ -80,7 +80,8 @@ def run_stage(round_dir: str, stage: str, inputs: dict, fn: Callable[[str], dict
               resumable: bool = False, skip_dirs: tuple[str, ...] = (), log: Callable[[str], None] = print) -> dict:
     """Run ``fn(out_dir) -> {"counts", "metrics", "hash"}`` unless a marker with the same input hash exists.
 
-    ``round_dir`` is a local folder or a bucket URL. Returns the marker: ``stage``, ``inputs``
+    ``round_dir`` is a local folder or a bucket URL. ``skip_dirs`` name resume state (training
+    checkpoints): left out of the output hash, and removed once the stage is done. Returns the marker: ``stage``, ``inputs``
     (hash), ``output`` (the stage's own content ``hash`` when it gives one, e.g. order-independent
     over rows; else the content hash of ``round_dir/stage``), ``counts``, ``metrics``, ``seconds``,
     ``skipped`` (True when the marker was reused)."""
@@ -106,7 +107,20 @@ def run_stage(round_dir: str, stage: str, inputs: dict, fn: Callable[[str], dict
               "seconds": round(time.perf_counter() - t0, 2), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json(fs.join(round_dir, f"{stage}.done.json"), marker)
     fs.remove(started)
+    for folder in _resume_state(out, skip_dirs):  # a real model's checkpoint is ~3x its weights: GBs a round
+        fs.remove_tree(folder)
     return {**marker, "skipped": False}
+
+
+def _resume_state(out: str, skip_dirs: tuple[str, ...]) -> set[str]:
+    """The ``skip_dirs`` folders anywhere below ``out`` (only a stage still running needs them)."""
+    found = set()
+    for rel in _files_below(out) if skip_dirs else []:
+        parts = rel.split("/")
+        at = next((i for i, p in enumerate(parts[:-1]) if p in skip_dirs), None)
+        if at is not None:
+            found.add(fs.join(out, *parts[:at + 1]))
+    return found
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
