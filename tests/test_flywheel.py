@@ -183,6 +183,12 @@ def test_config_errors_name_the_key(tmp_path):
     path.write_text(yaml.safe_dump({**TINY, "output": "x", "train": {"steps": 0}}))
     with pytest.raises(UserError, match=r"bad.yaml: train.steps"):
         load_flywheel_config(path)
+    path.write_text(yaml.safe_dump({**TINY, "output": "x", "task": {**TINY["task"], "template": "{a} {x} {b}"}}))
+    with pytest.raises(UserError, match=r"bad.yaml: task: .*only \{a\}, \{op\} and \{b\}"):
+        load_flywheel_config(path)
+    path.write_text(yaml.safe_dump({**TINY, "output": "x", "policy": {**TINY["policy"], "steps": 0}}))
+    with pytest.raises(UserError, match=r"bad.yaml: policy: .*give it steps >= 1"):
+        load_flywheel_config(path)
 
 
 def test_dataflow_dry_run_builds_the_rounds_pipelines(tmp_path):

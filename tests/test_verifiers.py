@@ -150,6 +150,10 @@ def test_arithmetic_prompts_are_deterministic_and_correct():
     assert widths == {1, 2}
     three = arithmetic.make_prompts(20, digits=(3, 3))
     assert all(re.fullmatch(r"\d{3}\+\d{3}=", r["messages"][0]["content"]) for r in three)
+    worded = arithmetic.make_prompts(20, digits=(3, 3), template="What is {a} {op} {b}? Reply with the number only.")
+    assert [r["answer"] for r in worded] == [r["answer"] for r in three]
+    assert all(re.fullmatch(r"What is \d{3} \+ \d{3}\? Reply with the number only\.", r["messages"][0]["content"])
+               for r in worded)
     with pytest.raises(ValueError):
         arithmetic.make_prompts(1, digits=(2, 1))
     with pytest.raises(ValueError):

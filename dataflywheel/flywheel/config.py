@@ -34,6 +34,15 @@ class TaskConfig(Strict):
     seed_digits: tuple[int, int] = (1, 3)
     eval_rows: int = Field(300, ge=1)
     eval_digits: tuple[int, int] = (3, 3)
+    template: str = "{a}{op}{b}="  # the question from the operands {a}, {b} and the operator {op}
+
+    @model_validator(mode="after")
+    def _template(self) -> TaskConfig:
+        try:
+            self.template.format(a="1", op="+", b="2")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"template {self.template!r}: only {{a}}, {{op}} and {{b}} can be filled ({err})") from None
+        return self
 
 
 class PromptsConfig(Strict):

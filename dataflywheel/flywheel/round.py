@@ -95,7 +95,7 @@ def task_rows(cfg: FlywheelConfig, which: str, k: int = 0) -> list[dict]:
     from .tasks.arithmetic import make_prompts
 
     t = cfg.task
-    common = {"ops": t.ops, "width": t.width, "reverse": t.reverse}
+    common = {"ops": t.ops, "width": t.width, "reverse": t.reverse, "template": t.template}
     if which == "seed":
         return make_prompts(t.seed_rows, t.seed_digits, cfg.seed, prefix="seed", **common)
     if which == "eval":

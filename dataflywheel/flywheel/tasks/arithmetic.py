@@ -30,7 +30,7 @@ def render(value: int, width: int, reverse: bool) -> str:
 
 def make_prompts(n: int, digits: tuple[int, int] = (1, 2), seed: int = 0,
                  ops: tuple[str, ...] = ("+",), width: int = 0, reverse: bool = False,
-                 prefix: str = "arith") -> list[dict]:
+                 prefix: str = "arith", template: str = "{a}{op}{b}=") -> list[dict]:
     """``n`` prompt rows ``{"id", "messages": [user: "12+7="], "answer": "19"}``. Each operand has a
     digit count drawn from ``digits`` (min, max); "-" puts the larger operand first, so answers are
     never negative.
@@ -39,7 +39,9 @@ def make_prompts(n: int, digits: tuple[int, int] = (1, 2), seed: int = 0,
     a fixed position); ``reverse`` writes every number least-significant digit first, so each answer
     digit depends only on digits already seen plus a carry: Lee et al. 2023 ("Teaching arithmetic to
     small transformers") show small models learn addition far faster in this format. Ids are
-    ``{prefix}-{seed}-{i}``: seed sets, round prompts and held-out sets use different prefixes."""
+    ``{prefix}-{seed}-{i}``: seed sets, round prompts and held-out sets use different prefixes.
+    ``template`` words the question from the rendered operands ``{a}``, ``{b}`` and ``{op}`` (a chat
+    model answers "What is 47 + 38? Reply with the number only." more often than "47+38=")."""
     lo, hi = digits
     if not 1 <= lo <= hi:
         raise ValueError(f"digits must be (min, max) with 1 <= min <= max, got {digits}")
@@ -55,7 +57,7 @@ def make_prompts(n: int, digits: tuple[int, int] = (1, 2), seed: int = 0,
             a, b = b, a
         if width and max(a, b) >= 10**width:
             raise ValueError(f"digits {digits} do not fit width {width}")
-        q = f"{render(a, width, reverse)}{op}{render(b, width, reverse)}="
+        q = template.format(a=render(a, width, reverse), op=op, b=render(b, width, reverse))
         ans = render(OPS[op](a, b), width + 1 if width else 0, reverse)
         rows.append({"id": f"{prefix}-{seed}-{i}", "messages": [{"role": "user", "content": q}], "answer": ans})
     return rows
