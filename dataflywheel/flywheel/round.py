@@ -41,7 +41,7 @@ from ..synth.backends.config import BackendConfig
 from ..synth.generate import GenerateConfig
 from ..synth.pairs import BestOfNConfig, PairsConfig
 from .config import FlywheelConfig
-from .state import tree_hash
+from .state import run_relative, tree_hash
 
 VOLATILE = ("cached",)  # sample fields that differ between a fresh and a cache-served (re-)run
 
@@ -255,14 +255,14 @@ def stage_train(cfg: FlywheelConfig, k: int, policy: str | None, seed_dir: str, 
     current policy as reference (``dpo``, RLHFlow), or GRPO on the round's prompts (``grpo``). Round 0
     and the control always run SFT (the control on the seed set alone), except that round 0 with
     ``policy.steps: 0`` takes ``policy.model`` as it is."""
+    if k == 0 and cfg.policy.steps == 0:  # a pretrained model, evaluated and sampled as it is
+        return _as_given(cfg.policy.model, row_count(seed_dir))
     algorithm = "sft" if k == 0 or cfg.control else cfg.train.algorithm
     seed_rows = read_rows(seed_dir)
     pool_rows = read_rows(curated) if curated is not None and not cfg.control else []
     counts: dict[str, Any] = {"seed": len(seed_rows), "pool": len(pool_rows)}
     metrics: dict[str, Any] = {}
     current = policy
-    if k == 0 and cfg.policy.steps == 0:  # a pretrained model, evaluated and sampled as it is
-        return _as_given(cfg.policy.model, seed_rows)
     if algorithm in ("sft", "sft+dpo"):
         mix = training_mix(seed_rows, pool_rows, cfg.pool.weight)
         counts["mix"] = len(mix)
@@ -280,7 +280,7 @@ def stage_train(cfg: FlywheelConfig, k: int, policy: str | None, seed_dir: str, 
             "hash": tree_hash(current)}
 
 
-def _as_given(model: str, seed_rows: list[dict]) -> dict:
+def _as_given(model: str, seed_rows: int) -> dict:
     """Round 0's policy when it is ``policy.model`` untrained: a local folder by its absolute path,
     a bucket URL as it is, a Hub id by its downloaded snapshot (the hash is always of the weights)."""
     if not fs.is_remote(model) and not os.path.isdir(model):
@@ -288,22 +288,8 @@ def _as_given(model: str, seed_rows: list[dict]) -> dict:
 
         model = snapshot_download(model)
     policy = model if fs.is_remote(model) else os.path.abspath(model)
-    return {"counts": {"seed": len(seed_rows), "trained_steps": 0}, "metrics": {"policy": policy},
+    return {"counts": {"seed": seed_rows, "trained_steps": 0}, "metrics": {"policy": policy},
             "hash": tree_hash(policy)}
-
-
-def run_relative(path: str, run: str) -> str:
-    """``path`` relative to the run folder (local or a bucket URL): a run folder can be moved or
-    copied (the ablations copy round 0). A path outside a bucket run stays as it is."""
-    if fs.is_remote(run) or fs.is_remote(path):
-        base = run.rstrip("/") + "/"
-        return path[len(base):] if path.startswith(base) else path
-    return os.path.relpath(path, run)
-
-
-def in_run(run: str, rel: str) -> str:
-    """The inverse of ``run_relative``."""
-    return rel if fs.is_remote(rel) or os.path.isabs(rel) else fs.join(run, rel)
 
 
 def _summary(run: dict, keys: tuple[str, ...] = ("steps", "train_loss", "rows", "padding_fraction", "seconds")) -> dict:

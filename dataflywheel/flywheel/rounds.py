@@ -17,7 +17,6 @@ from typing import Any
 from ..io import fs, read
 from .config import FlywheelConfig
 from .round import (
-    in_run,
     rows_hash,
     stage_curate,
     stage_eval,
@@ -29,7 +28,7 @@ from .round import (
     stage_train,
     task_rows,
 )
-from .state import canonical_hash, lock_run, read_json, run_stage, write_json
+from .state import canonical_hash, in_run, lock_run, read_json, run_stage, write_json
 
 TRAIN_SKIP = ("checkpoints",)  # a finished training folder's hash: the weights, not the resume state
 

@@ -81,8 +81,8 @@ def run_stage(round_dir: str, stage: str, inputs: dict, fn: Callable[[str], dict
     """Run ``fn(out_dir) -> {"counts", "metrics", "hash"}`` unless a marker with the same input hash exists.
 
     ``round_dir`` is a local folder or a bucket URL. ``skip_dirs`` name resume state (training
-    checkpoints): left out of the output hash, and removed once the stage is done. Returns the marker: ``stage``, ``inputs``
-    (hash), ``output`` (the stage's own content ``hash`` when it gives one, e.g. order-independent
+    checkpoints): left out of the output hash, and removed once the stage is done. Returns the
+    marker: ``stage``, ``inputs`` (hash), ``output`` (the stage's own content ``hash`` when it gives one, e.g. order-independent
     over rows; else the content hash of ``round_dir/stage``), ``counts``, ``metrics``, ``seconds``,
     ``skipped`` (True when the marker was reused)."""
     key = canonical_hash(inputs)
@@ -121,6 +121,20 @@ def _resume_state(out: str, skip_dirs: tuple[str, ...]) -> set[str]:
         if at is not None:
             found.add(fs.join(out, *parts[:at + 1]))
     return found
+
+
+def run_relative(path: str, run: str) -> str:
+    """``path`` relative to the run folder (local or a bucket URL): a run folder can be moved or
+    copied (the ablations copy round 0). A path outside a bucket run stays as it is."""
+    if fs.is_remote(run) or fs.is_remote(path):
+        base = run.rstrip("/") + "/"
+        return path[len(base):] if path.startswith(base) else path
+    return os.path.relpath(path, run)
+
+
+def in_run(run: str, rel: str) -> str:
+    """The inverse of ``run_relative``."""
+    return rel if fs.is_remote(rel) or os.path.isabs(rel) else fs.join(run, rel)
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
