@@ -3,7 +3,7 @@
 Same tiny Llama (hidden 128, 4 layers, byte-level BPE vocab 4096, built here; the TRL setup of
 docs/sources.md#trl-peer-figures), same ``alpaca_subset`` rows in the same order (no shuffling on either side), same
 optimizer and schedule (AdamW torch, lr 1e-4 cosine, no warmup, clip 1.0), fp32 on CPU, bf16
-autocast on a GPU, no gradient checkpointing on either side (ours has none).
+autocast on a GPU, no gradient checkpointing on either side.
 
 1. Ours packed (BFD bins of 512) vs ours padded (batch 8, right padding): real tokens per second
    and the padding fraction (``BENCH sft_packing_*``).

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 torch = pytest.importorskip("torch")
 
+from dataflywheel.models.label_logps import backbone  # noqa: E402
 from dataflywheel.models.tiny_lm import build_tiny_causal_lm, load_causal_lm  # noqa: E402
 from dataflywheel.registry import stage_class  # noqa: E402
 from dataflywheel.selectors.ifd import IFD  # noqa: E402
@@ -176,7 +177,9 @@ def test_multi_turn_pooled_mean_and_last_from_per_turn_sums(model_dir, lm, templ
     values = {how: process_batch(stage(model_dir, template=template, multi_turn=how, max_ifd=None), [first])
               .kept[0]["scores"]["ifd"] for how in ("pooled", "mean", "last")}
     assert values["pooled"] == values["mean"] == values["last"]
-    assert values["pooled"] == pytest.approx(per_turn[0], abs=1e-9)
+    # equal to float rounding: the head runs over a batch's scored positions gathered together,
+    # so a row's log-probs can differ in their last bits from batch to batch
+    assert values["pooled"] == pytest.approx(per_turn[0], abs=1e-7)
 
 
 def test_truncation_is_reported_and_filtered(model_dir):
@@ -225,7 +228,8 @@ def test_cache_makes_a_rerun_forward_free(model_dir, tmp_path):
     path = str(tmp_path / "scores.sqlite")
     scorer = stage(model_dir, cache=path, max_ifd=None)
     calls = []
-    hook = scorer.model.register_forward_hook(lambda *_: calls.append(1))  # stages share the loaded model
+    # stages share the loaded model; its backbone runs once per forward (the head runs in chunks)
+    hook = backbone(scorer.model).register_forward_hook(lambda *_: calls.append(1))
     try:
         rows = ROWS + [CHAT]
         first = process_batch(scorer, rows)

@@ -20,7 +20,7 @@ from dataflywheel.models.tiny_lm import build_tiny_causal_lm
 from dataflywheel.train.config import LoopConfig
 from dataflywheel.train.data import Example
 from dataflywheel.train.loop import LossOut, accumulate, index_plan, lr_factor
-from dataflywheel.train.losses import IGNORE, sft_loss
+from dataflywheel.train.losses import IGNORE, sft_loss, token_logps
 from dataflywheel.train.model import load_for_training
 from dataflywheel.train.pack import collate_padded
 from dataflywheel.train.sft import SftConfig, run
@@ -37,7 +37,7 @@ def folder(tmp_path_factory):
 def _loss_fn(model, batch):
     batch = dict(batch)
     labels, _ = batch.pop("labels"), batch.pop("num_tokens")
-    total, count = sft_loss(model(**batch, use_cache=False).logits, labels)
+    total, count = sft_loss(token_logps(model(**batch, use_cache=False).logits, labels), labels)
     return LossOut(total, float(count))
 
 
@@ -65,7 +65,7 @@ def test_accumulation_equals_one_batch_with_uneven_tokens(folder):
     for i in range(0, 8, 2):
         batch = dict(collate_padded(rows[i:i + 2], 0))
         labels, _ = batch.pop("labels"), batch.pop("num_tokens")
-        s, c = sft_loss(model(**batch, use_cache=False).logits, labels)
+        s, c = sft_loss(token_logps(model(**batch, use_cache=False).logits, labels), labels)
         (s / c / 4).backward()
     naive = [p.grad for p in model.parameters() if p.requires_grad]
     assert max(float((a - b).abs().max()) for a, b in zip(whole, naive)) > 1e-3

@@ -120,7 +120,8 @@ def sequence_nll(
     real token, so causal attention never lets a real token see them, and they are never scored).
     """
     import torch
-    import torch.nn.functional as F
+
+    from .label_logps import IGNORE, label_logps
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -136,16 +137,14 @@ def sequence_nll(
             for row, i in enumerate(chunk):
                 ids = sequences[i][0]
                 input_ids[row, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
-            input_ids = input_ids.to(device)
-            logits = model(input_ids=input_ids, use_cache=False).logits
+            labels = torch.full_like(input_ids, IGNORE)  # only ids[start:] of each row are scored
             for row, i in enumerate(chunk):
                 ids, start = sequences[i]
-                start = max(start, 1)
-                # position t predicts token t+1: the scored tokens ids[start:] come from positions start-1..len-2
-                pred = logits[row, start - 1 : len(ids) - 1].float()
-                target = input_ids[row, start : len(ids)]
-                nll = F.cross_entropy(pred, target, reduction="sum")
-                results[i] = (float(nll.double()), len(ids) - start)
+                labels[row, max(start, 1) : len(ids)] = input_ids[row, max(start, 1) : len(ids)]
+            logps = label_logps(model, labels.to(device), input_ids=input_ids.to(device)).double().sum(-1)
+            for row, i in enumerate(chunk):
+                ids, start = sequences[i]
+                results[i] = (-float(logps[row]), len(ids) - max(start, 1))
     return results
 
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dataflywheel.config import load_yaml
 from dataflywheel.io import fs
+from dataflywheel.models.label_logps import DEFAULT_CHUNK
 
 from .model import TinyInit
 
@@ -63,6 +64,8 @@ class TrainBase(BaseModel):
     eval_data: list[str] = []  # held-out rows; empty: split off eval_fraction of data
     eval_fraction: float = Field(0.05, ge=0, lt=1)
     max_length: int = Field(1024, ge=8)  # TRL 1.16 SFTConfig's default
+    logits_chunk: int = Field(DEFAULT_CHUNK, ge=1)  # positions through the output head at once (label_logps.py)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, one more forward
     chat_template: str | None = None  # a Jinja template overriding the tokenizer's
     lint: Literal["fail", "drop"] = "fail"  # fail: any linter finding stops the run; drop: drop those rows, report
     resume: bool = True  # continue from the latest checkpoint in output, if any

@@ -28,6 +28,7 @@ from pydantic import Field
 from dataflywheel.errors import UserError
 from dataflywheel.io import fs
 from dataflywheel.models.fingerprint import model_fingerprint
+from dataflywheel.models.label_logps import label_logps
 from dataflywheel.models.score_cache import ScoreCache, cache_key
 
 from .config import LoopConfig, TrainBase
@@ -61,23 +62,24 @@ def pair_batch(pairs: Sequence[PairExample], pad_id: int, ref: torch.Tensor | No
     return batch
 
 
-def pair_logps(model: Any, batch: dict) -> tuple[torch.Tensor, ...]:
+def pair_logps(model: Any, batch: dict, chunk: int) -> tuple[torch.Tensor, ...]:
     """One forward over the stacked batch -> [P] summed completion log-probs of chosen and rejected,
     and their [P] completion token counts."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logps, counts = sequence_logps(logits, batch["labels"])
+    labels = batch["labels"]
+    logps, counts = sequence_logps(label_logps(model, labels, chunk=chunk, input_ids=batch["input_ids"],
+                                               attention_mask=batch["attention_mask"]), labels)
     (pol_c, pol_r), (len_c, len_r) = logps.chunk(2), counts.chunk(2)
     return pol_c, pol_r, len_c, len_r
 
 
 def pair_loss(model: Any, batch: dict, cfg: DpoConfig, ref_model: Any = None) -> LossOut:
     """The loss of one micro-batch; reference log-probs from ``batch["ref"]`` or a live ``ref_model``."""
-    pol_c, pol_r, len_c, len_r = pair_logps(model, batch)
+    pol_c, pol_r, len_c, len_r = pair_logps(model, batch, cfg.logits_chunk)
     if ref_model is None:
         ref_c, ref_r = batch["ref"].unbind(-1)
     else:
         with torch.no_grad():
-            ref_c, ref_r, _, _ = pair_logps(ref_model, batch)
+            ref_c, ref_r, _, _ = pair_logps(ref_model, batch, cfg.logits_chunk)
     total, n, metrics = dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.beta, cfg.loss_type, len_c, len_r)
     return LossOut(total, n, {**metrics, "tokens": (batch["num_tokens"], 1)})
 
@@ -113,7 +115,8 @@ def reference_logps(load_ref: Callable[[], Any], pair_lists: Sequence[Sequence[P
         for at in range(0, len(todo), cfg.eval_batch_size):
             part = todo[at:at + cfg.eval_batch_size]  # sorted by length: little padding
             with autocast(device, bf16):
-                ref_c, ref_r, _, _ = pair_logps(ref, to_device(pair_batch([p for _, p in part], pad_id), device))
+                ref_c, ref_r, _, _ = pair_logps(ref, to_device(pair_batch([p for _, p in part], pad_id), device),
+                                                cfg.logits_chunk)
             new = [(key, [c, r]) for (key, _), c, r in zip(part, ref_c.tolist(), ref_r.tolist())]
             cache.put_json(new)
             found.update(new)
@@ -152,7 +155,7 @@ def run(cfg: DpoConfig) -> dict:
     train_rows, held = load_split(cfg.data, cfg.eval_data, cfg.eval_fraction, "preference", lint)
     texts = (m["content"] for r in train_rows for k in ("prompt", "chosen", "rejected") for m in r[k])
     model_name = resolve_model(cfg.model, cfg.tiny, cfg.out, texts)
-    model, tok = load_for_training(model_name)
+    model, tok = load_for_training(model_name, gradient_checkpointing=cfg.gradient_checkpointing)
     use_chat_template(tok, cfg.chat_template, model_name)
     pairs = pair_examples(train_rows, tok, cfg.max_length, lint)
     eval_pairs = pair_examples(held, tok, cfg.max_length, lint)

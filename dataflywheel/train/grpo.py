@@ -30,6 +30,7 @@ from pydantic import Field, model_validator
 
 from dataflywheel.errors import UserError
 from dataflywheel.io import fs
+from dataflywheel.models.label_logps import head_logps, label_logps, last_hidden
 from dataflywheel.synth.backends.base import Request, Sampling
 from dataflywheel.synth.backends.transformers import chat_prompt_ids
 from dataflywheel.synth.verifiers import BUILTIN, RewardFn, load_verifier, verifier_reward
@@ -37,7 +38,7 @@ from dataflywheel.synth.verifiers import BUILTIN, RewardFn, load_verifier, verif
 from .config import TrainBase
 from .data import Lint, load_split, use_chat_template
 from .loop import LossOut, autocast, index_plan, latest_checkpoint, pick_device, train_loop
-from .losses import IGNORE, group_advantages, grpo_loss, token_logps
+from .losses import IGNORE, group_advantages, grpo_loss
 from .model import load_for_training, resolve_model, save_final, to_device
 from .output import RunOutput
 
@@ -117,7 +118,7 @@ def rollout_seed(seed: int, index: int, j: int) -> int:
 def collate(seqs: list[tuple[list[int], list[int]]], trained: list[bool], sampler: list[list[float]],
             pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded [prompt + completion] rows. ``labels`` hold the completion ids (IGNORE elsewhere);
-    ``mask`` and ``sampler_logps`` are [B, T-1], aligned with ``token_logps`` (position t predicts t+1)."""
+    ``mask`` and ``sampler_logps`` are [B, T-1], aligned with ``label_logps`` (position t predicts t+1)."""
     width, b = max(len(p) + len(c) for p, c in seqs), len(seqs)
     ids = torch.full((b, width), pad_id, dtype=torch.long)
     attn = torch.zeros((b, width), dtype=torch.long)
@@ -175,13 +176,12 @@ def make_rollout(policy: Any, tok: Any, backend: Any, rows: list[dict], reward_f
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
         labels = batch["labels"].to(device)
         with autocast(device.type, bf16):
-            logits = policy(**inputs, use_cache=False).logits.float()
-            batch["old_logps"] = token_logps(logits / cfg.temperature, labels).cpu()
+            hidden, chunk = last_hidden(policy, **inputs), cfg.logits_chunk
+            batch["old_logps"] = head_logps(policy, hidden, labels, temperature=cfg.temperature, chunk=chunk).cpu()
             # the sampler reports raw (untempered) log-probs (vLLM's default, and ours): compare like with like
-            raw = batch["old_logps"] if cfg.temperature == 1.0 else token_logps(logits, labels).cpu()
+            raw = batch["old_logps"] if cfg.temperature == 1.0 else head_logps(policy, hidden, labels, chunk=chunk).cpu()
             if ref is not None:
-                batch["ref_logps"] = token_logps(ref(**inputs, use_cache=False).logits.float() / cfg.temperature,
-                                                 labels).cpu()
+                batch["ref_logps"] = label_logps(ref, labels, temperature=cfg.temperature, chunk=chunk, **inputs).cpu()
         ratio = torch.exp(raw - batch.pop("sampler_logps"))
         ratios.append(ratio[batch["labels"][:, 1:] != IGNORE])
         if correct:
@@ -215,8 +215,8 @@ def rollout_metrics(rewards: torch.Tensor, g: int, seqs: list, truncated: list[b
 def grpo_loss_fn(cfg: GrpoConfig, device: str):
     def loss_fn(model: Any, batch: dict) -> LossOut:
         b = to_device(batch, device)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
-        logps = token_logps(logits.float() / cfg.temperature, b["labels"])
+        logps = label_logps(model, b["labels"], temperature=cfg.temperature, chunk=cfg.logits_chunk,
+                            input_ids=b["input_ids"], attention_mask=b["attention_mask"])
         total, count, metrics = grpo_loss(
             logps, b["old_logps"], b["advantages"], b["mask"], epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
             beta=cfg.beta, ref_logps=b.get("ref_logps"), loss_type=cfg.loss_type,
@@ -272,7 +272,7 @@ def run(cfg: GrpoConfig) -> dict:
     # every other column (e.g. `answer`) stays on the row for the reward function
     train_rows, held = load_split(cfg.data, cfg.eval_data, cfg.eval_fraction, "prompt", lint)
     model_name = resolve_model(cfg.model, cfg.tiny, cfg.out, (m["content"] for r in train_rows for m in r["prompt"]))
-    model, tok = load_for_training(model_name)
+    model, tok = load_for_training(model_name, gradient_checkpointing=cfg.gradient_checkpointing)
     use_chat_template(tok, cfg.chat_template, model_name)
     fits = [len(chat_prompt_ids(tok, r["prompt"])) < cfg.max_length for r in train_rows]  # room for a completion
     for row in (r for r, ok in zip(train_rows, fits) if not ok):

@@ -101,10 +101,11 @@ def pick_device(cfg: LoopConfig) -> tuple[str, bool]:
 
 
 def autocast(device: str, bf16: bool) -> Any:
-    """bf16 autocast on CUDA when asked, else nothing: the loop's forwards and any outside it (eval,
-    scoring, reference passes), so all see the same precision."""
-    if bf16 and device.startswith("cuda"):
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    """bf16 autocast when asked (CUDA by default; CPU on request, where torch supports it), else
+    nothing: the loop's forwards and any outside it (eval, scoring, reference passes), so all see
+    the same precision."""
+    if bf16:
+        return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -22,8 +22,9 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[B, T, V] logits, [B, T] labels -> [B, T-1] log p(target), 0.0 where the target is IGNORE.
 
-    Log-softmax in fp32 (bf16 logits lose ~3 digits), through the fused cross-entropy kernel so no
-    second [B, T, V] tensor of log-probs is kept alive.
+    The direct computation on full logits; the trainers get the same numbers from hidden states in
+    chunks without these logits (models/label_logps.py). Log-softmax in fp32 (bf16 logits lose ~3
+    digits), through the fused cross-entropy kernel so no second [B, T, V] tensor is kept alive.
     """
     targets = shifted_targets(labels)
     nll = F.cross_entropy(
@@ -32,22 +33,18 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -nll.view(targets.shape)
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token NLL summed over target tokens, and the number of target tokens.
+def sft_loss(logps: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T-1] target log-probs -> next-token NLL summed over target tokens, and their number.
 
     Packed rows need nothing special here: the collator already set the label of every document's
     first token to IGNORE, so no document is trained to predict the next one's start.
     """
-    targets = shifted_targets(labels)
-    total = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
-                            reduction="sum")
-    return total, (targets != IGNORE).sum()
+    return -logps.sum(), (shifted_targets(labels) != IGNORE).sum()
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B] summed log-probs of each row's target tokens (DPO sums, not averages: TRL, docs/sources.md#dpo)
-    and [B] target counts (IPO's length normalisation needs them)."""
-    logps = token_logps(logits, labels)
+def sequence_logps(logps: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T-1] target log-probs -> [B] summed log-probs of each row's target tokens (DPO sums, not
+    averages: TRL, docs/sources.md#dpo) and [B] target counts (IPO's length normalisation needs them)."""
     return logps.sum(-1), (shifted_targets(labels) != IGNORE).sum(-1)
 
 

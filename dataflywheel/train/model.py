@@ -45,10 +45,16 @@ def resolve_model(model: str | None, tiny: TinyInit | None, out: Path, texts: It
     return str(base)
 
 
-def load_for_training(name: str, head: str = "causal_lm", trust_remote_code: bool = False) -> tuple[Any, Any]:
+def load_for_training(name: str, head: str = "causal_lm", trust_remote_code: bool = False,
+                      gradient_checkpointing: bool = False) -> tuple[Any, Any]:
     """``(model in fp32, tokenizer)``; ``head="seq_cls"`` loads a 1-logit sequence classifier (reward model)
-    on the same backbone. fp32 master weights: bf16 runs as autocast in the loop."""
-    return load_fp32(name, head, trust_remote_code)
+    on the same backbone. fp32 master weights: bf16 runs as autocast in the loop.
+    ``gradient_checkpointing``: each layer's activations are recomputed in the backward pass
+    (non-reentrant, PyTorch's recommended variant) instead of kept from the forward."""
+    model, tok = load_fp32(name, head, trust_remote_code)
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model, tok
 
 
 def to_device(batch: dict, device: str) -> dict:

@@ -108,7 +108,7 @@ def run(cfg: RmConfig) -> dict:
     texts = (m["content"] for r in train_rows for k in ("prompt", "chosen", "rejected") for m in r[k])
     model_name = resolve_model(cfg.model, cfg.tiny, cfg.out, texts)
     torch.manual_seed(cfg.loop.seed)  # the new head's random init
-    model, tok = load_for_training(model_name, head="seq_cls")
+    model, tok = load_for_training(model_name, head="seq_cls", gradient_checkpointing=cfg.gradient_checkpointing)
     use_chat_template(tok, cfg.chat_template, model_name)
     pairs = pair_examples(train_rows, tok, cfg.max_length, lint)
     eval_pairs = pair_examples(held, tok, cfg.max_length, lint)

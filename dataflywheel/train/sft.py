@@ -14,6 +14,7 @@ import torch
 from pydantic import Field
 
 from dataflywheel.errors import UserError
+from dataflywheel.models.label_logps import label_logps
 
 from .config import TrainBase
 from .data import Example, Lint, load_split, sft_examples, use_chat_template
@@ -57,12 +58,11 @@ def sft_batches(examples: list[Example], cfg: SftConfig, pad_id: int) -> tuple[A
     return padded, len(examples), stats
 
 
-def sft_loss_fn(device: str):
+def sft_loss_fn(device: str, chunk: int):
     def loss_fn(model: Any, batch: dict) -> LossOut:
         batch = to_device(batch, device)
         labels, real = batch.pop("labels"), batch.pop("num_tokens")
-        out = model(**batch, use_cache=False)
-        total, count = sft_loss(out.logits, labels)
+        total, count = sft_loss(label_logps(model, labels, chunk=chunk, **batch), labels)
         # per step: real tokens, and the share of computed positions that were padding
         return LossOut(total, float(count), {"tokens": (real, 1), "padding": (labels.numel() - real, labels.numel())})
 
@@ -70,7 +70,8 @@ def sft_loss_fn(device: str):
 
 
 @torch.no_grad()
-def eval_loss(model: Any, examples: list[Example], pad_id: int, device: str, batch_size: int) -> float | None:
+def eval_loss(model: Any, examples: list[Example], pad_id: int, device: str, batch_size: int,
+              chunk: int) -> float | None:
     """Token-weighted NLL over held-out examples (padded batches)."""
     if not examples:
         return None
@@ -79,7 +80,7 @@ def eval_loss(model: Any, examples: list[Example], pad_id: int, device: str, bat
     for at in range(0, len(examples), batch_size):
         batch = to_device(collate_padded(examples[at:at + batch_size], pad_id), device)
         labels, _ = batch.pop("labels"), batch.pop("num_tokens")
-        s, c = sft_loss(model(**batch, use_cache=False).logits, labels)
+        s, c = sft_loss(label_logps(model, labels, chunk=chunk, **batch), labels)
         total, count = total + float(s), count + int(c)
     return total / count if count else None
 
@@ -91,7 +92,7 @@ def run(cfg: SftConfig) -> dict:
     train_rows, held = load_split(cfg.data, cfg.eval_data, cfg.eval_fraction, "conversation", lint)
     texts = (m["content"] for r in train_rows for m in r["messages"])
     model_name = resolve_model(cfg.model, cfg.tiny, cfg.out, texts)
-    model, tok = load_for_training(model_name)
+    model, tok = load_for_training(model_name, gradient_checkpointing=cfg.gradient_checkpointing)
     use_chat_template(tok, cfg.chat_template, model_name)
     examples = sft_examples(train_rows, tok, cfg.max_length, lint)
     eval_examples = sft_examples(held, tok, cfg.max_length, lint)
@@ -105,7 +106,7 @@ def run(cfg: SftConfig) -> dict:
           f"{'bins' if cfg.packing else 'rows'}, padding {pack_stats['padding_fraction']:.1%}, {total} steps", flush=True)
     t0 = time.perf_counter()
     last = train_loop(model, cfg.loop, cfg.out, total_steps=total, step_batches=step_batches,
-                      loss_fn=sft_loss_fn(device), tokenizer=tok, on_checkpoint=output.push_checkpoint,
+                      loss_fn=sft_loss_fn(device, cfg.logits_chunk), tokenizer=tok, on_checkpoint=output.push_checkpoint,
                       resume=cfg.resume, desc="sft")
     summary = {
         "algorithm": "sft", "model": model_name, "rows": len(examples), "eval_rows": len(eval_examples),
@@ -113,7 +114,8 @@ def run(cfg: SftConfig) -> dict:
         "steps": last["step"], "resumed_from": last["resumed_from"], "train_loss": last.get("loss"),
         "seconds": round(time.perf_counter() - t0, 2),
         "step_seconds": last.get("step_seconds"), "tokens_per_s": last.get("tokens_per_s_run"),
-        "eval_loss": eval_loss(model, eval_examples, tok.pad_token_id, device, cfg.eval_batch_size),
+        "eval_loss": eval_loss(model, eval_examples, tok.pad_token_id, device, cfg.eval_batch_size,
+                               cfg.logits_chunk),
     }
     if last["step"] >= total:
         summary["final"] = output.publish_final(save_final(model, tok, cfg.out, summary))
