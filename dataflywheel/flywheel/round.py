@@ -280,7 +280,7 @@ def stage_train(cfg: FlywheelConfig, k: int, policy: str | None, seed_dir: str, 
             "hash": tree_hash(current)}
 
 
-def _as_given(model: str, seed_rows: int) -> dict:
+def _as_given(model: str, seed_count: int) -> dict:
     """Round 0's policy when it is ``policy.model`` untrained: a local folder by its absolute path,
     a bucket URL as it is, a Hub id by its downloaded snapshot (the hash is always of the weights)."""
     if not fs.is_remote(model) and not os.path.isdir(model):
@@ -288,7 +288,7 @@ def _as_given(model: str, seed_rows: int) -> dict:
 
         model = snapshot_download(model)
     policy = model if fs.is_remote(model) else os.path.abspath(model)
-    return {"counts": {"seed": seed_rows, "trained_steps": 0}, "metrics": {"policy": policy},
+    return {"counts": {"seed": seed_count, "trained_steps": 0}, "metrics": {"policy": policy},
             "hash": tree_hash(policy)}
 
 

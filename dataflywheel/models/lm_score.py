@@ -134,12 +134,10 @@ def sequence_nll(
             chunk = todo[b : b + batch_size]
             width = len(sequences[chunk[0]][0])
             input_ids = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                ids = sequences[i][0]
-                input_ids[row, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
             labels = torch.full_like(input_ids, IGNORE)  # only ids[start:] of each row are scored
             for row, i in enumerate(chunk):
                 ids, start = sequences[i]
+                input_ids[row, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
                 labels[row, max(start, 1) : len(ids)] = input_ids[row, max(start, 1) : len(ids)]
             logps = label_logps(model, labels.to(device), input_ids=input_ids.to(device)).double().sum(-1)
             for row, i in enumerate(chunk):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100  # label of a position that is not trained (the transformers / PyTorch convention)
+from dataflywheel.models.label_logps import IGNORE  # the label of a position that is not trained
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
