@@ -62,11 +62,30 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _torchrun(nproc: int) -> int:
+    """Re-run this command under torchrun with ``nproc`` processes on this machine (without --nproc)."""
+    import subprocess
+
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip or arg == "--nproc" or arg.startswith("--nproc="):
+            skip = arg == "--nproc"
+            continue
+        argv.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "dataflywheel.cli", *argv]
+    return subprocess.run(cmd).returncode
+
+
 def _train(args: argparse.Namespace) -> int:
     import json
+    import os
 
+    if args.nproc and "WORLD_SIZE" not in os.environ:
+        return _torchrun(args.nproc)
     from .train import algorithm
     from .train.config import load_train_config
+    from .train.distributed import is_main
 
     module, config_class = algorithm(args.algorithm)
     cfg = load_train_config(args.config, config_class, {"output": args.output, "model": args.model, "data": args.data})
@@ -77,6 +96,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.fresh:
         cfg.resume = False
     summary = module.run(cfg)
+    if not is_main():
+        return 0
     print(json.dumps(summary, indent=2, default=str))
     done = "final" in summary
     print(f"{'model in ' + summary['final'] if done else 'stopped at step ' + str(summary.get('steps'))}; "
@@ -270,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=int, help="override loop.max_steps")
     train.add_argument("--stop-after", type=int, metavar="STEP", help="checkpoint and stop after this step")
     train.add_argument("--fresh", action="store_true", help="ignore checkpoints in the output folder")
+    train.add_argument("--nproc", type=int, metavar="N",
+                       help="run under torchrun with N processes on this machine (distributed.strategy: ddp or fsdp)")
     train.set_defaults(func=_train)
 
     rnd = sub.add_parser("rounds", help="run flywheel rounds: sample, score, pool, curate, train, evaluate (resumable)")

@@ -19,6 +19,7 @@ from dataflywheel.synth.backends.transformers import TransformersBackend, chat_p
 from dataflywheel.train import grpo
 from dataflywheel.train.config import load_train_config
 from dataflywheel.train.data import Lint, read_rows
+from dataflywheel.train.distributed import Calls
 from dataflywheel.train.grpo import GrpoConfig, grpo_loss_fn, make_rollout, rollout_seed
 from dataflywheel.train.losses import group_advantages, grpo_loss, k3_kl
 from dataflywheel.train.model import load_for_training
@@ -69,7 +70,7 @@ def test_gradient_equals_reinforce_with_group_baseline(tiny, tmp_path):
     cfg = config(tmp_path)
     backend = grpo.make_backend(cfg, model, tok, "policy")
     rows = prompt_rows(2)
-    rollout = make_rollout(model, tok, backend, rows, varied, cfg, index=7)
+    rollout = make_rollout(Calls(model), tok, backend, rows, varied, cfg, index=7)
     ours, outs = our_grads(model, cfg, rollout)
     assert [len(b["input_ids"]) for b in rollout.batches] == [3, 3, 2]  # uneven micro-batches
     assert sum(o.metrics["clip_ratio"][0] for o in outs) == 0  # μ = 1: the ratio is exactly 1
@@ -107,11 +108,11 @@ def test_a_unanimous_group_contributes_no_gradient(tiny, tmp_path):
     def first_unanimous(rows, completions):  # group 0 all 1.0, group 1 varied
         return [1.0 if r["id"] == rows[0]["id"] else v for r, v in zip(rows, varied(rows, completions))]
 
-    rollout = make_rollout(model, tok, backend, prompt_rows(2), first_unanimous, cfg, index=0)
+    rollout = make_rollout(Calls(model), tok, backend, prompt_rows(2), first_unanimous, cfg, index=0)
     adv = torch.cat([b["advantages"] for b in rollout.batches])
     assert adv[:4].abs().max() == 0 and adv[4:].abs().max() > 0.1
     assert rollout.metrics["frac_reward_zero_std"] == 0.5
-    rollout = make_rollout(model, tok, backend, prompt_rows(2), lambda r, c: [0.5] * len(c), cfg, index=0)
+    rollout = make_rollout(Calls(model), tok, backend, prompt_rows(2), lambda r, c: [0.5] * len(c), cfg, index=0)
     grads, outs = our_grads(model, cfg, rollout)
     assert all(float(v.abs().max()) == 0.0 for v in grads.values())
     assert sum(float(o.loss_sum.detach()) for o in outs) == 0.0

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from dataflywheel.models.tiny_lm import build_tiny_causal_lm
 from dataflywheel.train.config import LoopConfig
 from dataflywheel.train.data import Example
+from dataflywheel.train.distributed import Calls
 from dataflywheel.train.loop import LossOut, accumulate, index_plan, lr_factor
 from dataflywheel.train.losses import IGNORE, sft_loss, token_logps
 from dataflywheel.train.model import load_for_training
@@ -44,7 +45,7 @@ def _loss_fn(model, batch):
 def _grads(model, micro_batches):
     model.zero_grad(set_to_none=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    accumulate(model, micro_batches, _loss_fn, params)
+    accumulate(Calls(model), micro_batches, _loss_fn, params)
     return [p.grad.clone() for p in params]
 
 

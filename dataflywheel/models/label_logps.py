@@ -23,8 +23,15 @@ IGNORE = -100  # the transformers / PyTorch label of a position that is not scor
 DEFAULT_CHUNK = 1024
 
 
+def unwrap(model: Any) -> Any:
+    """A peft model's base transformers model (adapters injected in its layers); any other model as is."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def backbone(model: Any) -> Any:
-    """The transformer under a ``*ForCausalLM`` head (``model.model`` for Llama, ``transformer`` for GPT-2)."""
+    """The transformer under a ``*ForCausalLM`` head (``model.model`` for Llama, ``transformer`` for GPT-2),
+    of a peft model's base too (its LoRA layers live inside the base's modules)."""
+    model = unwrap(model)
     inner = getattr(model, model.base_model_prefix, None)
     if inner is None or inner is model:
         raise ValueError(f"{type(model).__name__} has no backbone under {model.base_model_prefix!r}")

@@ -24,6 +24,7 @@ import torch
 from dataflywheel.errors import UserError
 from dataflywheel.io import fs
 from dataflywheel.models.cache import shared
+from dataflywheel.models.label_logps import unwrap
 from dataflywheel.models.lm_score import resolve_device
 from dataflywheel.models.tiny_lm import load_fp32
 
@@ -39,6 +40,7 @@ def reward_head(model: Any) -> torch.nn.Module:
 
 def last_token_rewards(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, T] right-padded ids and mask -> [B] rewards: the head at each row's last real token."""
+    model = unwrap(model)  # a LoRA reward model (train/lora.py): its base, adapters inside
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     last = attention_mask.sum(-1) - 1
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]

@@ -16,6 +16,8 @@ from dataflywheel.config import load_yaml
 from dataflywheel.io import fs
 from dataflywheel.models.label_logps import DEFAULT_CHUNK
 
+from .distributed import DistConfig
+from .lora import LoraConfig
 from .model import TinyInit
 
 STAGING = "train-staging"  # bucket outputs are trained in fs.cache_root()/train-staging/<key>-<name> (output.py)
@@ -48,6 +50,9 @@ class LoopConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=1)  # older step checkpoints are deleted
     stop_after: int | None = Field(None, ge=1)  # stop (with a checkpoint) after this step: split a run into sessions
     progress: bool = True
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []  # experiment trackers (train/report.py); none by default
+    run_name: str | None = None  # the trackers' run name; None: the algorithm's name
+    tags: dict[str, str] = {}  # the trackers' run tags (the flywheel sets the round and stage)
 
 
 class TrainBase(BaseModel):
@@ -70,6 +75,8 @@ class TrainBase(BaseModel):
     lint: Literal["fail", "drop"] = "fail"  # fail: any linter finding stops the run; drop: drop those rows, report
     resume: bool = True  # continue from the latest checkpoint in output, if any
     loop: LoopConfig = LoopConfig()
+    distributed: DistConfig = DistConfig()  # under torchrun: ddp or fsdp (distributed.py)
+    lora: LoraConfig | None = None  # train a LoRA adapter instead of every weight (lora.py)
 
     @property
     def out(self) -> Path:

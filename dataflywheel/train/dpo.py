@@ -9,7 +9,9 @@ that pass runs on the policy itself before its first update, and no second model
 ``reference: live`` keeps a reference model and runs it on every micro-batch (TRL's default; kept
 to measure what precomputing saves). Missing reference values are an error, never 0.0 (trl PR #5563).
 
-Simplifications, stated: single process; full fine-tuning; chosen and rejected are one forward,
+With several processes (distributed.py) the reference pass is split across them and its values
+gathered; with LoRA (lora.py) the reference is the policy with its adapter disabled, so even a live
+reference holds no second model. Simplifications, stated: chosen and rejected are one forward,
 stacked on the batch dim and right-padded; one loss type at a time (TRL can mix several).
 """
 
@@ -31,6 +33,8 @@ from dataflywheel.models.fingerprint import model_fingerprint
 from dataflywheel.models.label_logps import label_logps
 from dataflywheel.models.score_cache import ScoreCache, cache_key
 
+from . import distributed as dist
+from . import lora
 from .config import LoopConfig, TrainBase
 from .data import Lint, PairExample, load_split, pair_examples, use_chat_template
 from .loop import LossOut, autocast, index_plan, pick_device, steps_for, train_loop
@@ -38,6 +42,8 @@ from .losses import dpo_loss, sequence_logps
 from .model import load_for_training, resolve_model, save_final, to_device
 from .output import RunOutput
 from .pack import collate_padded
+
+ADAPTER_OFF = "adapter-off"  # the live reference of a LoRA policy: itself with the adapter disabled
 
 
 class DpoLoop(LoopConfig):
@@ -72,14 +78,20 @@ def pair_logps(model: Any, batch: dict, chunk: int) -> tuple[torch.Tensor, ...]:
     return pol_c, pol_r, len_c, len_r
 
 
+def ref_pair_logps(model: Any, batch: dict, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's [P] chosen and rejected log-probs: ``model`` itself with a LoRA adapter off."""
+    with torch.no_grad(), lora.reference_context(model):
+        return pair_logps(model, batch, chunk)[:2]
+
+
 def pair_loss(model: Any, batch: dict, cfg: DpoConfig, ref_model: Any = None) -> LossOut:
-    """The loss of one micro-batch; reference log-probs from ``batch["ref"]`` or a live ``ref_model``."""
+    """The loss of one micro-batch; reference log-probs from ``batch["ref"]`` or a live ``ref_model``
+    (``ADAPTER_OFF``: the policy's LoRA base)."""
     pol_c, pol_r, len_c, len_r = pair_logps(model, batch, cfg.logits_chunk)
     if ref_model is None:
         ref_c, ref_r = batch["ref"].unbind(-1)
     else:
-        with torch.no_grad():
-            ref_c, ref_r, _, _ = pair_logps(ref_model, batch, cfg.logits_chunk)
+        ref_c, ref_r = ref_pair_logps(model if ref_model is ADAPTER_OFF else ref_model, batch, cfg.logits_chunk)
     total, n, metrics = dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.beta, cfg.loss_type, len_c, len_r)
     return LossOut(total, n, {**metrics, "tokens": (batch["num_tokens"], 1)})
 
@@ -99,91 +111,116 @@ def ref_key_prefix(ref_name: str, cfg: DpoConfig, tok: Any, bf16: bool, loaded: 
 
 @torch.no_grad()
 def reference_logps(load_ref: Callable[[], Any], pair_lists: Sequence[Sequence[PairExample]], cfg: DpoConfig,
-                    pad_id: int, cache: ScoreCache, prefix: tuple[str, str]) -> tuple[list[torch.Tensor], int]:
+                    pad_id: int, cache: ScoreCache | None, prefix: tuple[str, str]) -> tuple[list[torch.Tensor], int]:
     """[N, 2] reference log-probs (chosen, rejected) per list, from the cache or one no-grad pass of the
-    reference (built by ``load_ref`` only when something is missing; dropped on return). Also returns
-    the number of reference forwards run."""
+    reference (``load_ref()``: a function running ``fn(model, *args)`` on it, built only when something
+    is missing). With several processes the missing pairs' batches are dealt round the ranks, each
+    running as many (a rank short of one repeats a batch and drops it: FSDP needs every rank's
+    forwards), and the values gathered; rank 0 holds the cache (None on the others). Also returns
+    the number of reference forwards this rank ran."""
     device, bf16 = pick_device(cfg.loop)
+    rank, world = dist.shard()
     keyed = [[cache_key(*prefix, json.dumps([p.chosen.input_ids, p.chosen.labels, p.rejected.input_ids,
                                              p.rejected.labels])) for p in pairs] for pairs in pair_lists]
-    found = cache.get_json([k for keys in keyed for k in keys])
+    found = dist.from_main(cache.get_json([k for keys in keyed for k in keys]) if cache is not None else None)
     missing = {k: p for pairs, keys in zip(pair_lists, keyed) for p, k in zip(pairs, keys) if k not in found}
     todo = sorted(missing.items(), key=lambda kp: len(kp[1].chosen.input_ids) + len(kp[1].rejected.input_ids))
-    forwards = 0
-    if todo:
-        ref = load_ref().to(device).eval()
-        for at in range(0, len(todo), cfg.eval_batch_size):
-            part = todo[at:at + cfg.eval_batch_size]  # sorted by length: little padding
+    parts = [todo[at:at + cfg.eval_batch_size] for at in range(0, len(todo), cfg.eval_batch_size)]  # little padding
+    mine = parts[rank::world]
+    forwards, new = 0, []
+    if parts:
+        run = load_ref()
+        for i in range(-(-len(parts) // world)):
+            part = mine[i] if i < len(mine) else parts[0]
             with autocast(device, bf16):
-                ref_c, ref_r, _, _ = pair_logps(ref, to_device(pair_batch([p for _, p in part], pad_id), device),
-                                                cfg.logits_chunk)
-            new = [(key, [c, r]) for (key, _), c, r in zip(part, ref_c.tolist(), ref_r.tolist())]
-            cache.put_json(new)
-            found.update(new)
+                ref_c, ref_r = run(ref_pair_logps, to_device(pair_batch([p for _, p in part], pad_id), device),
+                                   cfg.logits_chunk)
+            if i < len(mine):
+                new += [(key, [c, r]) for (key, _), c, r in zip(part, ref_c.tolist(), ref_r.tolist())]
             forwards += 1
-        del ref
+        del run
+    for part in dist.gather(new):
+        if cache is not None:
+            cache.put_json(part)
+        found.update(part)
     return [torch.tensor([found[k] for k in keys], dtype=torch.float32).view(-1, 2) for keys in keyed], forwards
 
 
 @torch.no_grad()
-def evaluate(model: Any, pairs: Sequence[PairExample], ref: torch.Tensor | None, cfg: DpoConfig, pad_id: int,
+def evaluate(engine: Any, pairs: Sequence[PairExample], ref: torch.Tensor | None, cfg: DpoConfig, pad_id: int,
              ref_model: Any = None) -> dict[str, float]:
-    """Held-out loss and metrics (``eval_`` + the training metric names)."""
+    """Held-out loss and metrics (``eval_`` + the training metric names); ``engine``: the wrapped
+    policy (distributed.py), on which every rank runs every pair."""
     if not pairs:
         return {}
     device, bf16 = pick_device(cfg.loop)
-    was_training = model.training
-    model.eval()
+    was_training = engine.training
+    engine.eval()
     sums: dict[str, list[float]] = {"loss": [0.0, 0.0]}
     for at in range(0, len(pairs), cfg.eval_batch_size):
         part = slice(at, at + cfg.eval_batch_size)
         batch = to_device(pair_batch(pairs[part], pad_id, None if ref is None else ref[part]), device)
         with autocast(device, bf16):
-            out = pair_loss(model, batch, cfg, ref_model)
+            out = engine(pair_loss, batch, cfg, ref_model)
         for name, (s, c) in {"loss": (float(out.loss_sum), out.count), **out.metrics}.items():
             sums.setdefault(name, [0.0, 0.0])
             sums[name][0] += s
             sums[name][1] += c
-    model.train(was_training)
+    engine.train(was_training)
     return {f"eval_{k}": s / c for k, (s, c) in sums.items() if k != "tokens" and c}
 
 
 def run(cfg: DpoConfig) -> dict:
     """Train; returns the summary also written to ``output/summary.json``."""
+    device, bf16 = pick_device(cfg.loop)
+    dist.setup(cfg.distributed, device)
     output = RunOutput.start(cfg.output, cfg.resume)  # a bucket output: its latest checkpoint comes here first
     lint = Lint()
     train_rows, held = load_split(cfg.data, cfg.eval_data, cfg.eval_fraction, "preference", lint)
     texts = (m["content"] for r in train_rows for k in ("prompt", "chosen", "rejected") for m in r[k])
     model_name = resolve_model(cfg.model, cfg.tiny, cfg.out, texts)
-    model, tok = load_for_training(model_name, gradient_checkpointing=cfg.gradient_checkpointing)
+
+    def load() -> Any:
+        return load_for_training(model_name, gradient_checkpointing=cfg.gradient_checkpointing, lora=cfg.lora)
+
+    model, tok = load()
+    engine = dist.wrap(model, cfg.distributed, device, bf16)
     use_chat_template(tok, cfg.chat_template, model_name)
     pairs = pair_examples(train_rows, tok, cfg.max_length, lint)
     eval_pairs = pair_examples(held, tok, cfg.max_length, lint)
     lint.enforce(cfg.lint, "dpo data")
     if not pairs:
         raise UserError("no training pairs left after the data lint")
-    device, bf16 = pick_device(cfg.loop)
     ref_name = cfg.ref_model or model_name
 
     def load_ref() -> Any:
         ref, ref_tok = load_for_training(ref_name)
         if ref_tok.get_vocab() != tok.get_vocab():
             raise UserError(f"ref_model {ref_name} has another tokenizer than the policy {model_name}")
-        return ref.requires_grad_(False)
+        return ref.requires_grad_(False).to(device).eval()
 
     t0 = time.perf_counter()
     live, forwards, ref_logps, eval_ref_logps = None, 0, None, None
-    if cfg.reference == "live":
-        live = load_ref().to(device).eval()
+    if cfg.reference == "live":  # with LoRA and no ref_model: the policy's base, no second model
+        live = load_ref() if cfg.ref_model or cfg.lora is None else ADAPTER_OFF
     else:
         cfg.out.mkdir(parents=True, exist_ok=True)
-        cache = ScoreCache(cfg.ref_cache or cfg.out / "ref_logps.sqlite")
+        cache = ScoreCache(cfg.ref_cache or cfg.out / "ref_logps.sqlite") if dist.is_main() else None
         # the starting policy is its own reference: precompute on it before its first update
         own = None if cfg.ref_model else model
         prefix = ref_key_prefix(ref_name, cfg, tok, bf16, own)
-        (ref_logps, eval_ref_logps), forwards = reference_logps(
-            load_ref if own is None else lambda: own, [pairs, eval_pairs], cfg, tok.pad_token_id, cache, prefix)
-        cache.close()
+
+        def runner() -> Callable[..., Any]:
+            if own is not None:
+                engine.eval()
+                return engine
+            ref = load_ref()
+            return lambda fn, *args: fn(ref, *args)
+
+        (ref_logps, eval_ref_logps), forwards = reference_logps(runner, [pairs, eval_pairs], cfg, tok.pad_token_id,
+                                                                cache, prefix)
+        if cache is not None:
+            cache.close()
         gc.collect()  # the reference model is gone before training starts
     ref_seconds = time.perf_counter() - t0
     loop = cfg.loop
@@ -194,12 +231,12 @@ def run(cfg: DpoConfig) -> dict:
                 for mb in plan(step)]
 
     total = steps_for(len(pairs), loop)
-    print(f"dpo: {len(pairs)} pairs, {len(eval_pairs)} held out, {total} steps, {cfg.loss_type} beta {cfg.beta}, "
-          f"reference {cfg.reference} ({forwards} reference forwards, {ref_seconds:.1f}s)", flush=True)
+    dist.say(f"dpo: {len(pairs)} pairs, {len(eval_pairs)} held out, {total} steps, {cfg.loss_type} beta {cfg.beta}, "
+             f"reference {cfg.reference} ({forwards} reference forwards, {ref_seconds:.1f}s)")
     t0 = time.perf_counter()
-    last = train_loop(model, loop, cfg.out, total_steps=total, step_batches=step_batches,
+    last = train_loop(model, loop, cfg.out, total_steps=total, step_batches=step_batches, engine=engine,
                       loss_fn=dpo_loss_fn(device, cfg, live), tokenizer=tok, on_checkpoint=output.push_checkpoint,
-                      resume=cfg.resume, desc="dpo")
+                      resume=cfg.resume, desc="dpo", config=cfg.model_dump(mode="json"))
     seconds = time.perf_counter() - t0
     metrics = {k: v for k, v in last.items() if k.startswith(("rewards/", "logps/"))}
     summary = {
@@ -209,9 +246,10 @@ def run(cfg: DpoConfig) -> dict:
         "steps": last["step"], "resumed_from": last["resumed_from"], "train_loss": last.get("loss"), **metrics,
         "seconds": round(seconds, 2),
         "step_seconds": last.get("step_seconds"), "tokens_per_s": last.get("tokens_per_s_run"),
-        "seconds_per_step": last.get("seconds_per_step"),
-        **evaluate(model, eval_pairs, eval_ref_logps, cfg, tok.pad_token_id, live),
+        "seconds_per_step": last.get("seconds_per_step"), "world_size": dist.shard()[1],
+        **evaluate(engine, eval_pairs, eval_ref_logps, cfg, tok.pad_token_id, live),
     }
     if last["step"] >= total:
-        summary["final"] = output.publish_final(save_final(model, tok, cfg.out, summary))
+        summary["final"] = output.publish_final(save_final(model, tok, cfg.out, summary, cfg.lora,
+                                                           lambda: load()[0]))
     return summary

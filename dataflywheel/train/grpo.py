@@ -9,7 +9,11 @@ the ratio is exactly 1: REINFORCE with a group baseline); the sampler's log-prob
 weight exp(π_old − π_sampler), capped (TIS, trl PR #3867; applied for vLLM by default, whose kernels
 differ from ours; mean and max always logged). It serves ``num_iterations`` (μ) optimizer steps.
 
-Simplifications, stated: single process; full fine-tuning; one reward source (no weighted mix);
+With several processes (DDP) each rank samples, scores and trains its share of a rollout's prompts
+(prompt j keeps its seeds, so N processes sample what one would); rewards are gathered for the
+advantages. With LoRA the vLLM engine receives the merged weights, and the KL reference (beta > 0) is
+the policy with its adapter off. Simplifications, stated: FSDP is not offered for GRPO (sharded
+generation would need every rank to decode in lock step); one reward source (no weighted mix);
 token-level importance sampling (no GSPO); no entropy masking; no dynamic sampling (zero-std groups
 train nothing; ``frac_reward_zero_std`` counts them, trl#3857); generation and training alternate
 (no asynchronous rollouts); the vLLM engine shares the trainer's process and GPU.
@@ -35,15 +39,19 @@ from dataflywheel.synth.backends.base import Request, Sampling
 from dataflywheel.synth.backends.transformers import chat_prompt_ids
 from dataflywheel.synth.verifiers import BUILTIN, RewardFn, load_verifier, verifier_reward
 
+from . import distributed as dist
+from . import lora
+from .checkpoint import latest_checkpoint
 from .config import TrainBase
 from .data import Lint, load_split, use_chat_template
-from .loop import LossOut, autocast, index_plan, latest_checkpoint, pick_device, train_loop
+from .loop import LossOut, autocast, index_plan, pick_device, train_loop
 from .losses import IGNORE, group_advantages, grpo_loss
 from .model import load_for_training, resolve_model, save_final, to_device
 from .output import RunOutput
 
 GRPO_LR = 1e-6  # TRL GRPOConfig learning_rate (docs/sources.md#grpo)
 ROLLOUT_FILE = "rollout.pt"
+ADAPTER_OFF = "adapter-off"  # the KL reference of a LoRA policy: itself with the adapter disabled
 
 
 class GrpoConfig(TrainBase):
@@ -142,16 +150,33 @@ class Rollout:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def _old_logps(policy: Any, inputs: dict, labels: torch.Tensor, cfg: GrpoConfig, ref: Any) -> dict[str, torch.Tensor]:
+    """π_old at the sampling temperature, the raw log-probs the sampler's are compared with, and the
+    reference's (``ADAPTER_OFF``: the policy's LoRA base)."""
+    hidden, chunk = last_hidden(policy, **inputs), cfg.logits_chunk
+    out = {"old_logps": head_logps(policy, hidden, labels, temperature=cfg.temperature, chunk=chunk)}
+    # the sampler reports raw (untempered) log-probs (vLLM's default, and ours): compare like with like
+    out["raw"] = out["old_logps"] if cfg.temperature == 1.0 else head_logps(policy, hidden, labels, chunk=chunk)
+    if ref is not None:
+        model = policy if ref is ADAPTER_OFF else ref
+        with lora.reference_context(model):
+            out["ref_logps"] = label_logps(model, labels, temperature=cfg.temperature, chunk=chunk, **inputs)
+    return {k: v.cpu() for k, v in out.items()}
+
+
 @torch.no_grad()
-def make_rollout(policy: Any, tok: Any, backend: Any, rows: list[dict], reward_fn: RewardFn, cfg: GrpoConfig,
-                 index: int, ref: Any = None) -> Rollout:
-    """Sample, score and batch one rollout; π_old (and the reference's log-probs) are computed here, once."""
-    g, device = cfg.num_generations, next(policy.parameters()).device
+def make_rollout(engine: Any, tok: Any, backend: Any, rows: list[dict], reward_fn: RewardFn, cfg: GrpoConfig,
+                 index: int, ref: Any = None, slots: list[int] | None = None) -> Rollout:
+    """Sample, score and batch this rank's prompts of one rollout (``slots``: their places in it, which
+    seed their samples; None: all of it); π_old (and the reference's log-probs) are computed here, once.
+    ``engine``: the policy behind ``distributed.wrap``."""
+    slots = list(range(len(rows))) if slots is None else slots
+    g, device = cfg.num_generations, next(engine.parameters()).device
     pids = [chat_prompt_ids(tok, r["prompt"]) for r in rows]
     requests = [Request(id=str(j), messages=tuple(r["prompt"]), sampling=Sampling(
-        n=g, temperature=cfg.temperature, top_p=cfg.top_p, seed=rollout_seed(cfg.loop.seed, index, j), logprobs=True,
-        max_tokens=max(1, min(cfg.max_completion_length, cfg.max_length - len(pids[j])))))
-        for j, r in enumerate(rows)]
+        n=g, temperature=cfg.temperature, top_p=cfg.top_p, seed=rollout_seed(cfg.loop.seed, index, slot),
+        logprobs=True, max_tokens=max(1, min(cfg.max_completion_length, cfg.max_length - len(pids[j])))))
+        for j, (r, slot) in enumerate(zip(rows, slots))]
     samples = [s for res in backend.generate(requests) for s in res.samples]
     owners = [j for j in range(len(rows)) for _ in range(g)]
     ok = [s.finish_reason != "error" for s in samples]  # a failed sample: no reward, nothing trained
@@ -163,32 +188,30 @@ def make_rollout(policy: Any, tok: Any, backend: Any, rows: list[dict], reward_f
         raise UserError(f"importance_correction needs sampled log-probs; the {backend.name} backend gave none")
     scored = reward_fn([rows[j] for j in owners], [s.text for s in samples])
     rewards = torch.tensor([math.nan if (v is None or not good) else float(v) for v, good in zip(scored, ok)])
-    adv = group_advantages(rewards, g, cfg.scale_rewards)
+    everyone = dist.gather(rewards)  # the batch std (scale_rewards: batch) is over every rank's groups
+    at = sum(len(r) for r in everyone[:dist.shard()[0]])
+    adv = group_advantages(torch.cat(everyone), g, cfg.scale_rewards)[at:at + len(rewards)]
     truncated = [s.finish_reason == "length" for s in samples]
     trained = [good and not (t and cfg.mask_truncated_completions) for good, t in zip(ok, truncated)]
     seqs = [(pids[j], list(s.token_ids or [])) for j, s in zip(owners, samples)]
     bf16 = pick_device(cfg.loop)[1]  # the loop's autocast, so μ = 1 gives ratio 1
-    was_training, size, batches, ratios = policy.training, cfg.loop.batch_size, [], []
-    policy.eval()  # π_old without dropout, as the loop trains (loop.disable_dropout)
+    was_training, size, batches, ratios = engine.training, cfg.loop.batch_size, [], []
+    engine.eval()  # π_old without dropout, as the loop trains (loop.disable_dropout)
     for at in range(0, len(seqs), size):
         batch = collate(seqs[at:at + size], trained[at:at + size],
                         [(s.logprobs or []) if sampled else [] for s in samples[at:at + size]], tok.pad_token_id)
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
         labels = batch["labels"].to(device)
         with autocast(device.type, bf16):
-            hidden, chunk = last_hidden(policy, **inputs), cfg.logits_chunk
-            batch["old_logps"] = head_logps(policy, hidden, labels, temperature=cfg.temperature, chunk=chunk).cpu()
-            # the sampler reports raw (untempered) log-probs (vLLM's default, and ours): compare like with like
-            raw = batch["old_logps"] if cfg.temperature == 1.0 else head_logps(policy, hidden, labels, chunk=chunk).cpu()
-            if ref is not None:
-                batch["ref_logps"] = label_logps(ref, labels, temperature=cfg.temperature, chunk=chunk, **inputs).cpu()
+            batch.update(engine(_old_logps, inputs, labels, cfg, ref))
+        raw = batch.pop("raw")
         ratio = torch.exp(raw - batch.pop("sampler_logps"))
         ratios.append(ratio[batch["labels"][:, 1:] != IGNORE])
         if correct:
             batch["is_weights"] = ratio.clamp(max=cfg.is_cap)
         batch["advantages"] = adv[at:at + size]
         batches.append(batch)
-    policy.train(was_training)
+    engine.train(was_training)
     # step-level numbers ride on micro-batch 0, so the loop reports them exactly, not averaged
     batches[0]["rollout"] = metrics = rollout_metrics(rewards, g, seqs, truncated,
                                                       torch.cat(ratios) if sampled else None)
@@ -250,13 +273,19 @@ def eval_reward(backend: Any, rows: list[dict], reward_fn: RewardFn, cfg: GrpoCo
     return _mean([v for v in reward_fn(rows, [res.samples[0].text for res in results]) if v is not None])
 
 
+def rollout_file() -> str:
+    """Each rank keeps its own share of the rollout."""
+    rank, world = dist.shard()
+    return ROLLOUT_FILE if world == 1 else f"rollout-{rank}.pt"
+
+
 def saved_rollout(cfg: GrpoConfig, index: int) -> Rollout | None:
     """With μ > 1 a checkpoint can fall inside a rollout's steps: its π_old came from weights that are
     gone, so the checkpoint keeps the rollout (``save_extra``) and a resumed run reuses it."""
     ckpt = latest_checkpoint(cfg.out) if cfg.resume else None
-    if ckpt is None or not (ckpt / ROLLOUT_FILE).is_file():
+    if ckpt is None or not (ckpt / rollout_file()).is_file():
         return None
-    saved = torch.load(ckpt / ROLLOUT_FILE, weights_only=True)
+    saved = torch.load(ckpt / rollout_file(), weights_only=True)
     return Rollout(index, saved["batches"], saved["metrics"]) if saved["index"] == index else None
 
 
@@ -266,13 +295,20 @@ def _mean(xs: list[float]) -> float | None:
 
 def run(cfg: GrpoConfig) -> dict:
     """Train; returns the summary also written to ``output/summary.json``."""
+    device, bf16 = pick_device(cfg.loop)
+    dist.setup(cfg.distributed, device)
+    rank, world = dist.shard()
+    if cfg.distributed.strategy == "fsdp" and dist.initialized():
+        raise UserError("grpo runs with distributed.strategy ddp (sharded generation is not offered)")
+    if cfg.prompts_per_step % world:
+        raise UserError(f"prompts_per_step {cfg.prompts_per_step} does not split over {world} processes")
     output = RunOutput.start(cfg.output, cfg.resume)  # a bucket output: its latest checkpoint comes here first
     lint = Lint()
     # prompt rows: `prompt`, Alpaca `instruction`, or `messages` ending with the user turn (records.py);
     # every other column (e.g. `answer`) stays on the row for the reward function
     train_rows, held = load_split(cfg.data, cfg.eval_data, cfg.eval_fraction, "prompt", lint)
     model_name = resolve_model(cfg.model, cfg.tiny, cfg.out, (m["content"] for r in train_rows for m in r["prompt"]))
-    model, tok = load_for_training(model_name, gradient_checkpointing=cfg.gradient_checkpointing)
+    model, tok = load_for_training(model_name, gradient_checkpointing=cfg.gradient_checkpointing, lora=cfg.lora)
     use_chat_template(tok, cfg.chat_template, model_name)
     fits = [len(chat_prompt_ids(tok, r["prompt"])) < cfg.max_length for r in train_rows]  # room for a completion
     for row in (r for r, ok in zip(train_rows, fits) if not ok):
@@ -282,20 +318,22 @@ def run(cfg: GrpoConfig) -> dict:
     if not train_rows:
         raise UserError("no training prompts left after the data lint and the eval split")
     reward_fn = reward_function(cfg)
-    device, _ = pick_device(cfg.loop)
-    # the reference is the starting policy; with beta 0 none is loaded (TRL)
-    ref = load_for_training(model_name)[0].to(device).eval().requires_grad_(False) if cfg.beta > 0 else None
-    backend = make_backend(cfg, model.to(device), tok, model_name)
+    # the reference is the starting policy (with LoRA: the policy's base); with beta 0 none is loaded (TRL)
+    ref = None
+    if cfg.beta > 0:
+        ref = ADAPTER_OFF if cfg.lora else load_for_training(model_name)[0].to(device).eval().requires_grad_(False)
+    engine = dist.wrap(model, cfg.distributed, device, bf16)
+    backend = make_backend(cfg, model, tok, model_name)
     mu, loop = cfg.num_iterations, cfg.loop
     total = loop.max_steps or mu * max(1, math.ceil(loop.epochs * len(train_rows) / cfg.prompts_per_step))
-    plan = index_plan(len(train_rows), cfg.prompts_per_step, 1, loop.seed, loop.shuffle)
+    plan = index_plan(len(train_rows), cfg.prompts_per_step, 1, loop.seed, loop.shuffle, shard=(0, 1))  # whole rollouts
     state: dict[str, Any] = {"rollout": None, "engine_step": 0, "syncs": 0}
     fresh = latest_checkpoint(cfg.out) is None or not cfg.resume
     before = eval_reward(backend, held, reward_fn, cfg) if fresh else None
 
     def sync(step: int) -> None:
         if cfg.backend == "vllm" and state["engine_step"] != step:
-            backend.sync_weights(model)
+            backend.sync_weights(lora.merged_weights(model) if cfg.lora else model)
             state["engine_step"], state["syncs"] = step, state["syncs"] + 1
 
     def step_batches(step: int) -> list[dict]:
@@ -305,22 +343,25 @@ def run(cfg: GrpoConfig) -> dict:
             current = saved_rollout(cfg, index) if mu > 1 else None
             if current is None:
                 sync(step)
-                prompts = [train_rows[i] for i in plan(index)[0]]
-                current = make_rollout(model, tok, backend, prompts, reward_fn, cfg, index, ref)
+                slots = list(range(rank, cfg.prompts_per_step, world))  # this rank's share of the rollout
+                prompts = [train_rows[plan(index)[0][j]] for j in slots]
+                current = make_rollout(engine, tok, backend, prompts, reward_fn, cfg, index, ref, slots)
             state["rollout"] = current
         return current.batches
 
     def save_extra(folder: Any) -> None:
         if mu > 1 and (r := state["rollout"]) is not None:
-            torch.save({"index": r.index, "batches": r.batches, "metrics": r.metrics}, folder / ROLLOUT_FILE)
+            torch.save({"index": r.index, "batches": r.batches, "metrics": r.metrics}, folder / rollout_file())
 
-    print(f"grpo: {len(train_rows)} prompts ({len(held)} held out), {cfg.prompts_per_step} x {cfg.num_generations} "
-          f"samples per rollout, {total} steps, backend {cfg.backend}", flush=True)
+    dist.say(f"grpo: {len(train_rows)} prompts ({len(held)} held out), {cfg.prompts_per_step} x {cfg.num_generations} "
+             f"samples per rollout, {total} steps, backend {cfg.backend}, {world} process(es)")
     t0 = time.perf_counter()
-    last = train_loop(model, loop, cfg.out, total_steps=total, step_batches=step_batches,
+    last = train_loop(model, loop, cfg.out, total_steps=total, step_batches=step_batches, engine=engine,
                       loss_fn=grpo_loss_fn(cfg, device), tokenizer=tok, save_extra=save_extra,
-                      on_checkpoint=output.push_checkpoint, resume=cfg.resume, desc="grpo")
-    steps = [json.loads(ln) for ln in (cfg.out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+                      on_checkpoint=output.push_checkpoint, resume=cfg.resume, desc="grpo",
+                      config=cfg.model_dump(mode="json"))
+    metrics = (cfg.out / "metrics.jsonl").read_text().splitlines() if dist.is_main() else []  # rank 0 writes it
+    steps = [json.loads(ln) for ln in metrics if ln.strip()]
     curve, done = [s["reward"] for s in steps if "reward" in s], last["step"] >= total
     if done:
         sync(last["step"])
@@ -336,6 +377,7 @@ def run(cfg: GrpoConfig) -> dict:
         "eval_reward_before": before,
         "eval_reward": eval_reward(backend, held, reward_fn, cfg) if done else None,
     }
+    summary["world_size"] = world
     if done:
-        summary["final"] = output.publish_final(save_final(model, tok, cfg.out, summary))
+        summary["final"] = output.publish_final(save_final(model, tok, cfg.out, summary, cfg.lora))
     return summary

@@ -6,12 +6,13 @@ loop backprops the sums of all the step's micro-batches and then divides the acc
 by the step's total count. Gradients are linear, so this is exactly the gradient of
 Σ loss / N_global: accumulation over k micro-batches equals one batch of the same rows, however
 unevenly the tokens fall. (Averaging per-micro-batch means, the bug of trl#2175, would over-weight
-short micro-batches.) Single process: with data parallelism the count would be all-reduced first.
+short micro-batches.) With several processes the count is summed over all of them first, so N processes
+each running k micro-batches equal one process running the same N x k micro-batches.
 
-A step's data comes from ``step_batches(step)``, a function of the step index only, so a resumed
-run replays exactly the micro-batches the interrupted one would have seen. Checkpoints hold the
-weights (safetensors, loadable by transformers) plus optimizer, scheduler and RNG state; resuming
-from one reproduces the uninterrupted run's weights exactly on CPU.
+A step's data comes from ``step_batches(step)``, a function of the step index (and the process's rank)
+only, so a resumed run replays exactly the micro-batches the interrupted one would have seen.
+Checkpoints (checkpoint.py) hold the weights plus optimizer, scheduler and RNG state; resuming from
+one reproduces the uninterrupted run's weights exactly on CPU.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import contextlib
 import json
 import math
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,10 +30,11 @@ from typing import Any
 import torch
 
 from .. import progress
+from . import checkpoint, report
+from . import distributed as dist
+from .checkpoint import latest_checkpoint, save_checkpoint, trim_jsonl
 from .config import LoopConfig
 
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -48,19 +49,25 @@ class LossOut:
     metrics: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
-def steps_for(n_items: int, cfg: LoopConfig) -> int:
-    """Optimizer steps for ``cfg.epochs`` passes over ``n_items`` (or ``cfg.max_steps``)."""
+def steps_for(n_items: int, cfg: LoopConfig, world: int | None = None) -> int:
+    """Optimizer steps for ``cfg.epochs`` passes over ``n_items`` (or ``cfg.max_steps``); each step
+    takes batch_size x grad_accum items on each of the ``world`` processes (None: this run's)."""
     if cfg.max_steps is not None:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.epochs * n_items / (cfg.batch_size * cfg.grad_accum)))
+    world = dist.shard()[1] if world is None else world
+    return max(1, math.ceil(cfg.epochs * n_items / (cfg.batch_size * cfg.grad_accum * world)))
 
 
-def index_plan(n_items: int, batch_size: int, grad_accum: int, seed: int,
-               shuffle: bool = True) -> Callable[[int], list[list[int]]]:
+def index_plan(n_items: int, batch_size: int, grad_accum: int, seed: int, shuffle: bool = True,
+               shard: tuple[int, int] | None = None) -> Callable[[int], list[list[int]]]:
     """``step -> micro-batches of item indices``: the items in a fresh seeded shuffle per epoch (or
-    in order), laid end to end and cut into micro-batches; a pure function of the step (resume replays it)."""
+    in order), laid end to end and cut into micro-batches; a pure function of the step (resume replays
+    it) and of ``shard`` = (rank, world size) (None: this process's). A step takes grad_accum x world
+    micro-batches; rank r gets every world-th one from the r-th, so W processes with k micro-batches
+    see the rows one process with k x W would."""
     if n_items < 1:
         raise ValueError("no training items")
+    rank, world = dist.shard() if shard is None else shard
     perms: dict[int, list[int]] = {}
 
     def item(position: int) -> int:
@@ -73,8 +80,9 @@ def index_plan(n_items: int, batch_size: int, grad_accum: int, seed: int,
         return perms[epoch][at]
 
     def plan(step: int) -> list[list[int]]:
-        first = step * batch_size * grad_accum
-        return [[item(first + m * batch_size + i) for i in range(batch_size)] for m in range(grad_accum)]
+        first = step * batch_size * grad_accum * world
+        return [[item(first + m * batch_size + i) for i in range(batch_size)]
+                for m in range(rank, grad_accum * world, world)]
 
     return plan
 
@@ -110,9 +118,10 @@ def autocast(device: str, bf16: bool) -> Any:
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off (TRL's ``disable_dropout=True`` for DPO/RM): also makes CPU runs deterministic."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
+    """Dropout off (TRL's ``disable_dropout=True`` for DPO/RM): also makes CPU runs deterministic.
+    A LoRA adapter's own dropout (``lora.dropout``, asked for explicitly) stays."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name:
             module.p = 0.0
 
 
@@ -126,95 +135,45 @@ def _optimizer(model: torch.nn.Module, cfg: LoopConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    folders = sorted((out_dir / CHECKPOINTS).glob("step-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
-    done = [p for p in folders if (p / STATE_FILE).is_file()]
-    return done[-1] if done else None
-
-
-def load_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Load every ``*.safetensors`` in ``folder`` into ``model``; keys left out must be tied to a loaded one."""
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    params = dict(model.named_parameters(remove_duplicate=False))  # tied names too
-    loaded = {params[k].data_ptr() for k in state if k in params}
-    untied = [k for k in missing if k in params and params[k].data_ptr() not in loaded]
-    if untied or unexpected:
-        raise RuntimeError(f"checkpoint {folder} does not match the model: missing {untied[:5]}, unexpected {unexpected[:5]}")
-
-
-def save_checkpoint(model, tokenizer, opt, sched, step: int, out_dir: Path, cfg: LoopConfig,
-                    save_extra: Callable[[Path], None] | None) -> Path:
-    """Write ``checkpoints/step-N`` atomically (a temp folder renamed), then prune old ones."""
-    root = out_dir / CHECKPOINTS
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if save_extra is not None:
-        save_extra(tmp)
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng},
-               tmp / STATE_FILE)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in sorted(root.glob("step-*[0-9]"))[:-cfg.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _resume(model, opt, sched, folder: Path) -> int:
-    load_weights(model, folder)
-    state = torch.load(folder / STATE_FILE, weights_only=True)
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return int(state["step"])
-
-
-def trim_jsonl(path: Path, upto: int) -> None:
-    """Drop lines whose ``step`` is past ``upto`` (the resumed step), so a log continues without duplicates."""
-    if not path.is_file():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= upto]
-    path.write_text("".join(ln + "\n" for ln in lines))
-
-
-def accumulate(model: torch.nn.Module, batches: list[Any], loss_fn: Callable[[Any, Any], LossOut],
+def accumulate(engine: torch.nn.Module, batches: list[Any], loss_fn: Callable[[Any, Any], LossOut],
                params: list[torch.nn.Parameter], autocast: Callable[[], Any] = contextlib.nullcontext,
                ) -> tuple[float, float, dict[str, list[float]]]:
     """One step's gradient: backprop each micro-batch's summed loss, then divide the accumulated
-    gradient once by the step's total count, giving the gradient of Σ loss / N_global (module
-    docstring). Returns (Σ loss, N_global, metric sums)."""
+    gradient once by the step's total count over all processes, giving the gradient of
+    Σ loss / N_global (module docstring). ``engine``: the model behind ``distributed.wrap``, whose
+    DDP / FSDP2 reduction averages over the W processes, so the division is by N_global / W.
+    Returns (Σ loss, N_global, metric sums), all over every process."""
+    def run(model: Any, batch: Any) -> tuple[torch.Tensor, LossOut]:
+        out = loss_fn(model, batch)
+        return out.loss_sum, out  # the tensor at the top, where FSDP2 hooks its backward
+
     loss_total, count_total = 0.0, 0.0
     sums: dict[str, list[float]] = {}
-    for batch in batches:
-        with autocast():  # forward only: backward runs outside autocast (PyTorch AMP recipe)
-            out = loss_fn(model, batch)
-        if out.loss_sum.requires_grad:
-            out.loss_sum.backward()
-        loss_total += float(out.loss_sum.detach())
+    for i, batch in enumerate(batches):
+        with dist.no_sync(engine, last=i == len(batches) - 1):
+            with autocast():  # forward only: backward runs outside autocast (PyTorch AMP recipe)
+                loss, out = engine(run, batch)
+            if loss.requires_grad:
+                loss.backward()
+        loss_total += float(loss.detach())
         count_total += float(out.count)
         for name, (s, c) in out.metrics.items():
             acc = sums.setdefault(name, [0.0, 0.0])
             acc[0] += float(s)
             acc[1] += float(c)
+    world = dist.shard()[1]
+    if world > 1:  # the step's totals over every process: the count divides, the rest is reported
+        gathered = dist.gather((loss_total, count_total, sums))
+        loss_total, count_total, sums = sum(g[0] for g in gathered), sum(g[1] for g in gathered), {}
+        for _, _, part in gathered:
+            for name, (s, c) in part.items():
+                acc = sums.setdefault(name, [0.0, 0.0])
+                acc[0] += s
+                acc[1] += c
     if count_total > 0:
         for p in params:
             if p.grad is not None:
-                p.grad.div_(count_total)
+                p.grad.div_(count_total / world)
     return loss_total, count_total, sums
 
 
@@ -226,20 +185,27 @@ def train_loop(
     total_steps: int,
     step_batches: Callable[[int], list[Any]],
     loss_fn: Callable[[Any, Any], LossOut],
+    engine: torch.nn.Module | None = None,
     tokenizer: Any = None,
     save_extra: Callable[[Path], None] | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
     resume: bool = True,
     desc: str = "train",
+    config: dict | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` for ``total_steps`` optimizer steps; returns the last step's metrics
-    (plus ``resumed_from``). Metrics of every step go to ``out_dir/metrics.jsonl``.
-    ``on_checkpoint(folder)`` runs after each checkpoint is saved (output.py uploads it to a bucket)."""
+    (plus ``resumed_from``). Metrics of every step go to ``out_dir/metrics.jsonl`` (and the
+    trackers in ``cfg.report_to``, with ``config``), from rank 0. ``engine``: ``model`` behind
+    ``distributed.wrap`` (None: wrapped here for one process); ``step_batches(step)`` gives this
+    rank's micro-batches. ``on_checkpoint(folder)`` runs on rank 0 after each checkpoint is saved
+    (output.py uploads it to a bucket)."""
     from tqdm.auto import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
     device, bf16 = pick_device(cfg)
-    model.to(device)
+    main = dist.is_main()
+    engine = engine if engine is not None else dist.wrap(model, dist.DistConfig(), device, bf16)
+    dist.reshard(engine)
     disable_dropout(model)
     opt = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, cfg))
@@ -247,27 +213,33 @@ def train_loop(
     start = 0
     ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
-        start = _resume(model, opt, sched, ckpt)
+        start = checkpoint.resume(model, opt, sched, ckpt)
     else:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
     metrics_path = out_dir / METRICS_FILE
-    if start == 0:
-        metrics_path.unlink(missing_ok=True)
-    trim_jsonl(metrics_path, start)
+    if main:
+        if start == 0:
+            metrics_path.unlink(missing_ok=True)
+        trim_jsonl(metrics_path, start)
 
     last: dict[str, Any] = {"step": start}
+    show = cfg.progress and main
     # without its own bar (the flywheel turns it off) a command's progress line shows the steps
-    with (tqdm(total=total_steps, initial=start, desc=desc, disable=not cfg.progress, dynamic_ncols=True) as bar,
-          progress.steps(total_steps, start, desc, enabled=not cfg.progress) as line):
+    with (tqdm(total=total_steps, initial=start, desc=desc, disable=not show, dynamic_ncols=True) as bar,
+          progress.steps(total_steps, start, desc, enabled=main and not cfg.progress) as line,
+          report.trackers(cfg.report_to, out_dir, cfg.run_name or desc, config or {}, dist.shard()[0],
+                          cfg.tags) as log):
         step = start
         session = {"seconds": 0.0, "tokens": 0.0}  # this process's steps, for the run's throughput
         while step < total_steps:
             t0 = time.perf_counter()
             model.train()
-            loss_total, count_total, sums = accumulate(model, step_batches(step), loss_fn, params,
+            loss_total, count_total, sums = accumulate(engine, step_batches(step), loss_fn, params,
                                                        lambda: autocast(device, bf16))
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm of sharded gradients is a DTensor
+                grad_norm = grad_norm.full_tensor()
             lr = opt.param_groups[0]["lr"]
             opt.step()
             sched.step()
@@ -282,9 +254,10 @@ def train_loop(
                 session["tokens"] += sums["tokens"][0]
                 last["tokens"] = sums["tokens"][0]
                 last["tokens_per_s"] = round(sums["tokens"][0] / seconds, 1)
-            if step % cfg.log_every == 0 or step == total_steps:
+            if main and (step % cfg.log_every == 0 or step == total_steps):
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(last) + "\n")
+                log(last, step)
             bar.update(1)
             bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
             if line is not None:
@@ -292,7 +265,7 @@ def train_loop(
             stopping = cfg.stop_after is not None and step >= cfg.stop_after
             if step == total_steps or stopping or (cfg.save_every and step % cfg.save_every == 0):
                 saved = save_checkpoint(model, tokenizer, opt, sched, step, out_dir, cfg, save_extra)
-                if on_checkpoint is not None:
+                if on_checkpoint is not None and main:
                     on_checkpoint(saved)
             if stopping:
                 break

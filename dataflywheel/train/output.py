@@ -27,8 +27,9 @@ from pathlib import Path
 
 from dataflywheel.io import fs
 
+from . import distributed as dist
+from .checkpoint import CHECKPOINTS, STATE_FILE, latest_checkpoint
 from .config import output_dir
-from .loop import CHECKPOINTS, STATE_FILE, latest_checkpoint
 
 FINAL = "final"
 FINAL_LAST = "config.json"  # from_pretrained needs it: a final/ without it is not a model yet
@@ -74,7 +75,8 @@ class RunOutput:
     (``url`` None: a local output, and every method here does nothing)."""
 
     def __init__(self, output: str) -> None:
-        self.url = output.rstrip("/") if fs.is_remote(output) else None
+        # with several processes rank 0 alone pulls and pushes (the others' url is None)
+        self.url = output.rstrip("/") if fs.is_remote(output) and dist.is_main() else None
         self.local = output_dir(output)
 
     @classmethod
@@ -83,6 +85,7 @@ class RunOutput:
         out = cls(output)
         if resume:
             out.pull()
+        dist.barrier()  # the other ranks resume from what rank 0 pulled
         return out
 
     def pull(self) -> int | None:

@@ -1,7 +1,7 @@
 """Supervised fine-tuning on Conversation rows: assistant tokens only, packed, one loop.
 
-Simplifications, stated: single process (no DDP/FSDP); full fine-tuning (no LoRA); the loss is
-plain next-token NLL on assistant tokens (every assistant turn of a multi-turn chat, EOS
+Several processes (distributed.py) each take their share of every step's bins; LoRA (lora.py)
+trains adapters. The loss is plain next-token NLL on assistant tokens (every assistant turn of a multi-turn chat, EOS
 included); packing is on by default (TRL's default is off) because BFD bins waste almost nothing.
 """
 
@@ -16,6 +16,7 @@ from pydantic import Field
 from dataflywheel.errors import UserError
 from dataflywheel.models.label_logps import label_logps
 
+from . import distributed as dist
 from .config import TrainBase
 from .data import Example, Lint, load_split, sft_examples, use_chat_template
 from .loop import LossOut, index_plan, pick_device, steps_for, train_loop
@@ -69,30 +70,42 @@ def sft_loss_fn(device: str, chunk: int):
     return loss_fn
 
 
+def _nll(model: Any, batch: dict, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    labels, _ = batch.pop("labels"), batch.pop("num_tokens")
+    return sft_loss(label_logps(model, labels, chunk=chunk, **batch), labels)
+
+
 @torch.no_grad()
-def eval_loss(model: Any, examples: list[Example], pad_id: int, device: str, batch_size: int,
+def eval_loss(engine: Any, examples: list[Example], pad_id: int, device: str, batch_size: int,
               chunk: int) -> float | None:
-    """Token-weighted NLL over held-out examples (padded batches)."""
+    """Token-weighted NLL over held-out examples (padded batches); every rank runs all of them
+    (``engine``: the wrapped model, distributed.py)."""
     if not examples:
         return None
-    model.eval()
+    engine.eval()
     total, count = 0.0, 0
     for at in range(0, len(examples), batch_size):
         batch = to_device(collate_padded(examples[at:at + batch_size], pad_id), device)
-        labels, _ = batch.pop("labels"), batch.pop("num_tokens")
-        s, c = sft_loss(label_logps(model, labels, chunk=chunk, **batch), labels)
+        s, c = engine(_nll, batch, chunk)
         total, count = total + float(s), count + int(c)
     return total / count if count else None
 
 
 def run(cfg: SftConfig) -> dict:
     """Train; returns the summary also written to ``output/summary.json``."""
+    device, bf16 = pick_device(cfg.loop)
+    dist.setup(cfg.distributed, device)
     output = RunOutput.start(cfg.output, cfg.resume)  # a bucket output: its latest checkpoint comes here first
     lint = Lint()
     train_rows, held = load_split(cfg.data, cfg.eval_data, cfg.eval_fraction, "conversation", lint)
     texts = (m["content"] for r in train_rows for m in r["messages"])
     model_name = resolve_model(cfg.model, cfg.tiny, cfg.out, texts)
-    model, tok = load_for_training(model_name, gradient_checkpointing=cfg.gradient_checkpointing)
+
+    def load() -> Any:
+        return load_for_training(model_name, gradient_checkpointing=cfg.gradient_checkpointing, lora=cfg.lora)
+
+    model, tok = load()
+    engine = dist.wrap(model, cfg.distributed, device, bf16)
     use_chat_template(tok, cfg.chat_template, model_name)
     examples = sft_examples(train_rows, tok, cfg.max_length, lint)
     eval_examples = sft_examples(held, tok, cfg.max_length, lint)
@@ -100,23 +113,24 @@ def run(cfg: SftConfig) -> dict:
     if not examples:
         raise UserError("no training rows left after the data lint")
     step_batches, n_items, pack_stats = sft_batches(examples, cfg, tok.pad_token_id)
-    device, _ = pick_device(cfg.loop)
     total = steps_for(n_items, cfg.loop)
-    print(f"sft: {len(examples)} rows ({lint.truncated} truncated at {cfg.max_length}), {n_items} "
-          f"{'bins' if cfg.packing else 'rows'}, padding {pack_stats['padding_fraction']:.1%}, {total} steps", flush=True)
+    dist.say(f"sft: {len(examples)} rows ({lint.truncated} truncated at {cfg.max_length}), {n_items} "
+             f"{'bins' if cfg.packing else 'rows'}, padding {pack_stats['padding_fraction']:.1%}, {total} steps")
     t0 = time.perf_counter()
-    last = train_loop(model, cfg.loop, cfg.out, total_steps=total, step_batches=step_batches,
+    last = train_loop(model, cfg.loop, cfg.out, total_steps=total, step_batches=step_batches, engine=engine,
                       loss_fn=sft_loss_fn(device, cfg.logits_chunk), tokenizer=tok, on_checkpoint=output.push_checkpoint,
-                      resume=cfg.resume, desc="sft")
+                      resume=cfg.resume, desc="sft", config=cfg.model_dump(mode="json"))
     summary = {
         "algorithm": "sft", "model": model_name, "rows": len(examples), "eval_rows": len(eval_examples),
         "lint": dict(lint.counts), "rows_dropped": lint.rows, "truncated": lint.truncated, "packing": cfg.packing, **pack_stats,
         "steps": last["step"], "resumed_from": last["resumed_from"], "train_loss": last.get("loss"),
         "seconds": round(time.perf_counter() - t0, 2),
         "step_seconds": last.get("step_seconds"), "tokens_per_s": last.get("tokens_per_s_run"),
-        "eval_loss": eval_loss(model, eval_examples, tok.pad_token_id, device, cfg.eval_batch_size,
+        "eval_loss": eval_loss(engine, eval_examples, tok.pad_token_id, device, cfg.eval_batch_size,
                                cfg.logits_chunk),
+        "world_size": dist.shard()[1],
     }
     if last["step"] >= total:
-        summary["final"] = output.publish_final(save_final(model, tok, cfg.out, summary))
+        summary["final"] = output.publish_final(save_final(model, tok, cfg.out, summary, cfg.lora,
+                                                           lambda: load()[0]))
     return summary
