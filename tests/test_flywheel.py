@@ -247,3 +247,20 @@ def test_run_command_takes_a_round_config(tmp_path):
     path.write_text(yaml.safe_dump({**TINY, "rounds": 0, "output": str(tmp_path / "run")}))
     assert main(["run", str(path)]) == 0
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["rounds"][0]["round"] == 0
+
+
+def test_each_round_stage_is_one_tracker_run(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    track = {"report_to": ["tensorboard"], "progress": False}
+    over = {"rounds": 1, "policy": {**TINY["policy"], "loop": track},
+            "train": {**TINY["train"], "loop": track, "dpo_loop": track}}
+    run_rounds(_config(tmp_path, **over), log=lambda _: None)
+    runs = {str(p.parent.relative_to(tmp_path / "run")): p for p in (tmp_path / "run").rglob("events.out.tfevents.*")}
+    assert set(runs) == {"round-000/train/sft/tensorboard/run/round-000/sft",
+                         "round-001/train/sft/tensorboard/run/round-001/sft",
+                         "round-001/train/dpo/tensorboard/run/round-001/dpo"}
+    events = EventAccumulator(str(runs["round-001/train/dpo/tensorboard/run/round-001/dpo"].parent))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]  # dpo_steps

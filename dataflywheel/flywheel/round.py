@@ -296,6 +296,14 @@ def _summary(run: dict, keys: tuple[str, ...] = ("steps", "train_loss", "rows", 
     return {key: run.get(key) for key in keys if key in run}
 
 
+def tracked(cfg: FlywheelConfig, k: int, stage: str, tags: dict[str, str]) -> dict[str, Any]:
+    """The trackers' run of one round's training stage (loop.report_to): one run per round and stage,
+    grouped by the flywheel run."""
+    name = fs.basename(cfg.output.rstrip("/"))
+    return {"run_name": f"{name}/round-{k:03d}/{stage}",
+            "tags": {**tags, "group": name, "round": str(k), "stage": stage}}
+
+
 def _sft(cfg: FlywheelConfig, k: int, policy: str | None, mix: list[dict], out: str) -> tuple[str, dict]:
     from ..train import sft as sft_mod
 
@@ -304,10 +312,12 @@ def _sft(cfg: FlywheelConfig, k: int, policy: str | None, mix: list[dict], out: 
         fs.write_text(data, "".join(json.dumps(r, sort_keys=True) + "\n" for r in mix))
     if k == 0:
         start = {"model": cfg.policy.model} if cfg.policy.model else {"tiny": cfg.policy.tiny}
-        loop = cfg.policy.loop.model_copy(update={"max_steps": cfg.policy.steps, "seed": cfg.seed})
+        loop = cfg.policy.loop.model_copy(update={"max_steps": cfg.policy.steps, "seed": cfg.seed,
+                                                  **tracked(cfg, k, "sft", cfg.policy.loop.tags)})
     else:
         start = {"model": str(policy)}
-        loop = cfg.train.loop.model_copy(update={"max_steps": cfg.train.steps, "seed": cfg.round_seed(k)})
+        loop = cfg.train.loop.model_copy(update={"max_steps": cfg.train.steps, "seed": cfg.round_seed(k),
+                                                 **tracked(cfg, k, "sft", cfg.train.loop.tags)})
     summary = sft_mod.run(sft_mod.SftConfig(**start, data=[data], output=fs.join(out, "sft"), eval_fraction=0.0,
                                             max_length=cfg.train.max_length, loop=loop))
     return str(summary["final"]), _summary(summary)
@@ -316,7 +326,8 @@ def _sft(cfg: FlywheelConfig, k: int, policy: str | None, mix: list[dict], out: 
 def _dpo(cfg: FlywheelConfig, k: int, policy: str, pairs: str, out: str) -> tuple[str, dict]:
     from ..train import dpo as dpo_mod
 
-    loop = cfg.train.dpo_loop.model_copy(update={"max_steps": cfg.train.dpo_steps, "seed": cfg.round_seed(k)})
+    loop = cfg.train.dpo_loop.model_copy(update={"max_steps": cfg.train.dpo_steps, "seed": cfg.round_seed(k),
+                                                 **tracked(cfg, k, "dpo", cfg.train.dpo_loop.tags)})
     summary = dpo_mod.run(dpo_mod.DpoConfig(model=str(policy), data=[str(pairs)], output=fs.join(out, "dpo"),
                                             eval_fraction=0.0, max_length=cfg.train.max_length,
                                             beta=cfg.train.dpo_beta, loop=loop.model_dump()))
@@ -333,7 +344,8 @@ def _grpo(cfg: FlywheelConfig, k: int, policy: str, prompts: str, out: str) -> t
         reward = {"verifier": verify.config.verifier, "verifier_options": verify.config.options}
     elif rm is not None:
         reward = {"reward_model": rm.config.model}
-    loop = cfg.train.loop.model_copy(update={"max_steps": cfg.train.steps, "seed": cfg.round_seed(k)})
+    loop = cfg.train.loop.model_copy(update={"max_steps": cfg.train.steps, "seed": cfg.round_seed(k),
+                                             **tracked(cfg, k, "grpo", cfg.train.loop.tags)})
     s = cfg.sampling
     options = {"num_generations": s.n, "max_completion_length": s.max_tokens, "temperature": s.temperature,
                **reward, **cfg.train.grpo}
@@ -352,7 +364,8 @@ def stage_rm(cfg: FlywheelConfig, k: int, rm: str, pairs: str, out: str) -> dict
     if not n_pairs and not r.data:  # nothing to learn from: the model stays
         return {"counts": {"pairs": 0}, "metrics": {"rm": run_relative(rm, cfg.output)}, "hash": tree_hash(rm)}
     data = ([str(pairs)] if n_pairs else []) + list(r.data)
-    loop = {"lr": r.lr, "batch_size": r.batch_size, "max_steps": r.steps, "seed": cfg.round_seed(k), "progress": False}
+    loop = {"lr": r.lr, "batch_size": r.batch_size, "max_steps": r.steps, "seed": cfg.round_seed(k), "progress": False,
+            "report_to": cfg.train.loop.report_to, **tracked(cfg, k, "rm", cfg.train.loop.tags)}
     summary = rm_mod.run(rm_mod.RmConfig(model=str(rm), data=data, output=fs.join(out, "train"), eval_fraction=0.0,
                                          max_length=cfg.train.max_length, loop=loop))
     final = str(summary["final"])

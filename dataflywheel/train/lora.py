@@ -48,9 +48,11 @@ def _peft() -> Any:
     return peft
 
 
-def apply(model: Any, cfg: LoraConfig, head: str) -> Any:
-    """``model`` (fp32) as a ``PeftModel`` with fresh adapters; ``head`` "seq_cls" also trains the
-    value head (peft's SEQ_CLS task keeps the ``score`` head trainable and saves it with the adapter)."""
+def apply(model: Any, cfg: LoraConfig, head: str, seed: int) -> Any:
+    """``model`` (fp32) as a ``PeftModel`` with fresh adapters drawn from ``seed`` (the same on every
+    rank, and on a re-run: a resumed run's first steps must see the adapters the first run had);
+    ``head`` "seq_cls" also trains the value head (peft's SEQ_CLS task keeps the ``score`` head
+    trainable and saves it with the adapter)."""
     peft = _peft()
     if cfg.load_in_4bit:
         raise UserError("lora.load_in_4bit (QLoRA) needs CUDA and bitsandbytes: load the base with "
@@ -58,7 +60,9 @@ def apply(model: Any, cfg: LoraConfig, head: str) -> Any:
     task = "SEQ_CLS" if head == "seq_cls" else "CAUSAL_LM"
     config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type=task,
                              target_modules=cfg.target_modules)
-    return peft.get_peft_model(model, config)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return peft.get_peft_model(model, config)
 
 
 def is_peft(model: Any) -> bool:

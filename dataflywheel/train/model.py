@@ -54,17 +54,18 @@ def resolve_model(model: str | None, tiny: TinyInit | None, out: Path, texts: It
 
 
 def load_for_training(name: str, head: str = "causal_lm", trust_remote_code: bool = False,
-                      gradient_checkpointing: bool = False, lora: LoraConfig | None = None) -> tuple[Any, Any]:
+                      gradient_checkpointing: bool = False, lora: LoraConfig | None = None,
+                      seed: int = 0) -> tuple[Any, Any]:
     """``(model in fp32, tokenizer)``; ``head="seq_cls"`` loads a 1-logit sequence classifier (reward model)
     on the same backbone. fp32 master weights: bf16 runs as autocast in the loop.
     ``gradient_checkpointing``: each layer's activations are recomputed in the backward pass
     (non-reentrant, PyTorch's recommended variant) instead of kept from the forward.
-    ``lora``: the model comes back as a peft model with fresh adapters (lora.py)."""
+    ``lora``: the model comes back as a peft model with fresh adapters drawn from ``seed`` (lora.py)."""
     model, tok = load_fp32(name, head, trust_remote_code)
     if gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if lora is not None:
-        model = lora_mod.apply(model, lora, head)
+        model = lora_mod.apply(model, lora, head, seed)
     return model, tok
 
 

@@ -121,7 +121,7 @@ def run(cfg: RmConfig) -> dict:
     def load() -> Any:
         torch.manual_seed(cfg.loop.seed)  # the new head's random init (and the adapter's): the same on every rank
         return load_for_training(model_name, head="seq_cls", gradient_checkpointing=cfg.gradient_checkpointing,
-                                 lora=cfg.lora)
+                                 lora=cfg.lora, seed=cfg.loop.seed)
 
     model, tok = load()
     engine = dist.wrap(model, cfg.distributed, device, bf16)

@@ -102,7 +102,8 @@ def run(cfg: SftConfig) -> dict:
     model_name = resolve_model(cfg.model, cfg.tiny, cfg.out, texts)
 
     def load() -> Any:
-        return load_for_training(model_name, gradient_checkpointing=cfg.gradient_checkpointing, lora=cfg.lora)
+        return load_for_training(model_name, gradient_checkpointing=cfg.gradient_checkpointing, lora=cfg.lora,
+                                 seed=cfg.loop.seed)
 
     model, tok = load()
     engine = dist.wrap(model, cfg.distributed, device, bf16)
