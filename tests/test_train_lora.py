@@ -183,3 +183,11 @@ def test_grpo_with_lora_uses_the_base_as_kl_reference(tmp_path):
     steps = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     # the KL to the adapter-off base is 0 before the first update and grows once the adapter moves
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-7) and steps[-1]["kl"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_qlora_without_cuda_is_refused_with_the_reason(tiny):
+    from dataflywheel.errors import UserError
+
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        load_for_training(str(tiny), lora=lora.LoraConfig(load_in_4bit=True), seed=0)

@@ -126,7 +126,8 @@ def sharded_model(module: torch.nn.Module) -> bool:
 def wrap(model: torch.nn.Module, cfg: DistConfig, device: str, bf16: bool) -> torch.nn.Module:
     """The engine every forward goes through: ``Calls(model)``, under DDP or FSDP2 when several
     processes run (or fsdp is asked for). ``model`` is moved to ``device`` first."""
-    model.to(device)
+    if not getattr(model, "is_loaded_in_4bit", False):  # a QLoRA base is placed on its GPU as it loads
+        model.to(device)
     engine = Calls(model)
     if cfg.strategy == "fsdp" and dist.is_initialized():
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -309,7 +309,7 @@ def run(cfg: GrpoConfig) -> dict:
     train_rows, held = load_split(cfg.data, cfg.eval_data, cfg.eval_fraction, "prompt", lint)
     model_name = resolve_model(cfg.model, cfg.tiny, cfg.out, (m["content"] for r in train_rows for m in r["prompt"]))
     model, tok = load_for_training(model_name, gradient_checkpointing=cfg.gradient_checkpointing, lora=cfg.lora,
-                                 seed=cfg.loop.seed)
+                                   seed=cfg.loop.seed)
     use_chat_template(tok, cfg.chat_template, model_name)
     fits = [len(chat_prompt_ids(tok, r["prompt"])) < cfg.max_length for r in train_rows]  # room for a completion
     for row in (r for r, ok in zip(train_rows, fits) if not ok):

@@ -11,7 +11,8 @@ require gradients). What LoRA changes elsewhere:
   ``merge: true``, ``final/merged`` a standalone model with the adapter folded into the weights;
 - GRPO's vLLM engine receives the merged weights under the base model's names.
 
-QLoRA (a 4-bit base, ``load_in_4bit: true``) needs bitsandbytes and CUDA; on CPU it is refused.
+QLoRA (``load_in_4bit: true``: the frozen base stored in 4-bit NF4, computed in bf16, the adapters
+fp32) loads through bitsandbytes and needs CUDA; on a machine without it the setting is refused.
 """
 
 from __future__ import annotations
@@ -54,15 +55,38 @@ def apply(model: Any, cfg: LoraConfig, head: str, seed: int) -> Any:
     ``head`` "seq_cls" also trains the value head (peft's SEQ_CLS task keeps the ``score`` head
     trainable and saves it with the adapter)."""
     peft = _peft()
-    if cfg.load_in_4bit:
-        raise UserError("lora.load_in_4bit (QLoRA) needs CUDA and bitsandbytes: load the base with "
-                        "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4') on a GPU machine")
+    if cfg.load_in_4bit:  # QLoRA's recipe: norms in fp32, input gradients on for checkpointing
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     task = "SEQ_CLS" if head == "seq_cls" else "CAUSAL_LM"
     config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type=task,
                              target_modules=cfg.target_modules)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return peft.get_peft_model(model, config)
+
+
+def load_4bit(name: str, head: str, trust_remote_code: bool) -> tuple[Any, Any]:
+    """QLoRA's base (arXiv 2305.14314): NF4 weights with double quantization, bf16 compute, on this
+    rank's GPU. bitsandbytes' kernels are CUDA only."""
+    if not torch.cuda.is_available():
+        raise UserError("lora.load_in_4bit (QLoRA) needs a CUDA GPU (bitsandbytes' 4-bit kernels); "
+                        "on CPU train LoRA on the fp32 base")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("lora.load_in_4bit needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    kw = {"quantization_config": quant, "dtype": torch.bfloat16, "trust_remote_code": trust_remote_code,
+          "device_map": {"": torch.cuda.current_device()}}
+    model = (AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, **kw) if head == "seq_cls"
+             else AutoModelForCausalLM.from_pretrained(name, **kw))
+    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
 
 
 def is_peft(model: Any) -> bool:

@@ -61,7 +61,10 @@ def load_for_training(name: str, head: str = "causal_lm", trust_remote_code: boo
     ``gradient_checkpointing``: each layer's activations are recomputed in the backward pass
     (non-reentrant, PyTorch's recommended variant) instead of kept from the forward.
     ``lora``: the model comes back as a peft model with fresh adapters drawn from ``seed`` (lora.py)."""
-    model, tok = load_fp32(name, head, trust_remote_code)
+    if lora is not None and lora.load_in_4bit:
+        model, tok = lora_mod.load_4bit(name, head, trust_remote_code)
+    else:
+        model, tok = load_fp32(name, head, trust_remote_code)
     if gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if lora is not None:
