@@ -79,6 +79,15 @@ def test_index_plan_is_a_function_of_the_step_and_covers_each_epoch():
     assert plan(7) == index_plan(10, 2, 2, 3)(7)
 
 
+def test_index_plan_deals_a_steps_micro_batches_round_the_ranks():
+    """W ranks with k micro-batches each see the rows 1 process with k x W sees, each once."""
+    one = index_plan(13, batch_size=2, grad_accum=6, seed=5, shard=(0, 1))
+    ranks = [index_plan(13, batch_size=2, grad_accum=2, seed=5, shard=(r, 3)) for r in range(3)]
+    for step in range(5):
+        dealt = [ranks[m % 3](step)[m // 3] for m in range(6)]
+        assert dealt == one(step)
+
+
 def test_lr_schedule_warmup_then_cosine_to_floor():
     cfg = LoopConfig(warmup_ratio=0.1, schedule="cosine", min_lr_ratio=0.1)
     f = [lr_factor(s, 100, cfg) for s in range(100)]
