@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from dataflywheel.errors import UserError
 from dataflywheel.io import fs
@@ -42,6 +42,7 @@ from .losses import dpo_loss, sequence_logps
 from .model import load_for_training, resolve_model, save_final, to_device
 from .output import RunOutput
 from .pack import collate_padded
+from .pref_losses import DISCOPOP_TAU, LOSSES
 
 ADAPTER_OFF = "adapter-off"  # the live reference of a LoRA policy: itself with the adapter disabled
 
@@ -53,11 +54,32 @@ class DpoLoop(LoopConfig):
 class DpoConfig(TrainBase):
     loop: DpoLoop = DpoLoop()
     beta: float = Field(0.1, gt=0)  # TRL DPOConfig (τ for ipo), docs/sources.md#dpo
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # TRL's default
+    # one of train/pref_losses.LOSSES, or a list combined with loss_weights (TRL's loss_type list); TRL's default
+    loss_type: str | list[str] = "sigmoid"
+    loss_weights: list[float] | None = None  # None: 1.0 each
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # ε: cDPO with sigmoid; robust, exo_pair, aot read it (TRL: 0.0)
+    discopop_tau: float = Field(DISCOPOP_TAU, gt=0)
     reference: Literal["precompute", "live"] = "precompute"
     ref_model: str | None = None  # a folder or Hub id; None: the starting policy
     ref_cache: str | None = None  # the reference log-prob cache; None: output/ref_logps.sqlite
     eval_batch_size: int = Field(16, ge=1)  # pairs per batch in the reference pass and the held-out eval
+
+    @field_validator("loss_type")
+    @classmethod
+    def _known(cls, value: str | list[str]) -> str | list[str]:
+        for name in [value] if isinstance(value, str) else value:
+            if name not in LOSSES:
+                raise ValueError(f"unknown loss_type {name!r}; one of {', '.join(LOSSES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _weights(self) -> DpoConfig:
+        types = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type
+        if self.loss_weights is not None and len(self.loss_weights) != len(types):
+            raise ValueError(f"loss_weights has {len(self.loss_weights)} values for {len(types)} loss types")
+        if "exo_pair" in types and self.label_smoothing == 0:
+            raise ValueError("exo_pair needs label_smoothing > 0 (its target distribution is (1 - ε, ε))")
+        return self
 
 
 def pair_batch(pairs: Sequence[PairExample], pad_id: int, ref: torch.Tensor | None = None) -> dict:
@@ -92,7 +114,9 @@ def pair_loss(model: Any, batch: dict, cfg: DpoConfig, ref_model: Any = None) ->
         ref_c, ref_r = batch["ref"].unbind(-1)
     else:
         ref_c, ref_r = ref_pair_logps(model if ref_model is ADAPTER_OFF else ref_model, batch, cfg.logits_chunk)
-    total, n, metrics = dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.beta, cfg.loss_type, len_c, len_r)
+    total, n, metrics = dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.beta, cfg.loss_type, len_c, len_r,
+                                 weights=cfg.loss_weights, label_smoothing=cfg.label_smoothing,
+                                 discopop_tau=cfg.discopop_tau)
     return LossOut(total, n, {**metrics, "tokens": (batch["num_tokens"], 1)})
 
 

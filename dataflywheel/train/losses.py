@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from dataflywheel.models.label_logps import IGNORE  # the label of a position that is not trained
 
+from .pref_losses import DISCOPOP_TAU, Knobs, Pairs, preference_loss
+
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     """[B, T] labels -> [B, T-1] targets: position t predicts token t+1. Counting targets after the
@@ -171,33 +173,29 @@ def bradley_terry(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torc
 
 
 def dpo_loss(pol_c: torch.Tensor, pol_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor, beta: float,
-             loss_type: str = "sigmoid", len_c: torch.Tensor | None = None, len_r: torch.Tensor | None = None,
-             ) -> tuple[torch.Tensor, int, dict[str, tuple[float, float]]]:
-    """DPO loss summed over pairs, the number of pairs, and metrics as (sum, count).
+             loss_type: str | list[str] = "sigmoid", len_c: torch.Tensor | None = None,
+             len_r: torch.Tensor | None = None, *, weights: list[float] | None = None, label_smoothing: float = 0.0,
+             discopop_tau: float = DISCOPOP_TAU) -> tuple[torch.Tensor, int, dict[str, tuple[float, float]]]:
+    """DPO-family loss summed over pairs, the number of pairs, and metrics as (sum, count).
 
     Inputs are [P] completion log-probs *summed* over tokens (policy and reference, chosen and
-    rejected; TRL, docs/sources.md#dpo) and, for ipo, [P] completion token counts. With
-    h = (π_c − ref_c) − (π_r − ref_r):
-      sigmoid: −log σ(βh)          hinge: max(0, 1 − βh)
-      ipo:     (h_len − 1/(2β))², each log-ratio divided by its completion length first: TRL's form,
-               which the IPO authors confirmed; summed log-ratios make the square grow with length.
-    Rewards (metrics) are β·(summed log-ratio) for every loss type, as TRL reports them.
+    rejected; TRL, docs/sources.md#dpo) and the [P] completion token counts (ipo, sigmoid_norm and
+    sft read them). ``loss_type``: one name of ``pref_losses.LOSSES`` or a list, combined with
+    ``weights`` (TRL's ``loss_weights``). Rewards (metrics) are β·(summed log-ratio) for every loss
+    type, as TRL reports them; the log-probs themselves and their change from the reference are
+    reported too, since DPO's failure mode is both falling together.
     """
     pol_c, pol_r, ref_c, ref_r = pol_c.float(), pol_r.float(), ref_c.float(), ref_r.float()
-    ratio_c, ratio_r = pol_c - ref_c, pol_r - ref_r
-    if loss_type == "sigmoid":
-        loss = -F.logsigmoid(beta * (ratio_c - ratio_r))
-    elif loss_type == "hinge":
-        loss = torch.relu(1 - beta * (ratio_c - ratio_r))
-    elif loss_type == "ipo":
-        if len_c is None or len_r is None:
-            raise ValueError("ipo needs the completion lengths len_c and len_r")
-        h = ratio_c / len_c.clamp(min=1).to(ratio_c) - ratio_r / len_r.clamp(min=1).to(ratio_r)
-        loss = (h - 1 / (2 * beta)) ** 2
-    else:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; sigmoid, ipo or hinge")
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    if len_c is None or len_r is None:
+        len_c, len_r = torch.ones_like(pol_c), torch.ones_like(pol_r)
+        if {"ipo", "sigmoid_norm", "sft"} & set(types):
+            raise ValueError("ipo, sigmoid_norm and sft need the completion lengths len_c and len_r")
+    pairs = Pairs(pol_c, pol_r, ref_c, ref_r, len_c.to(pol_c), len_r.to(pol_r))
+    loss = preference_loss(pairs, Knobs(beta, label_smoothing, discopop_tau), types, weights)
     n = pol_c.numel()
-    reward_c, reward_r = (beta * ratio_c).detach(), (beta * ratio_r).detach()
+    ratio_c, ratio_r = (pol_c - ref_c).detach(), (pol_r - ref_r).detach()
+    reward_c, reward_r = beta * ratio_c, beta * ratio_r
     metrics = {
         "rewards/chosen": (float(reward_c.sum()), n),
         "rewards/rejected": (float(reward_r.sum()), n),
@@ -205,5 +203,9 @@ def dpo_loss(pol_c: torch.Tensor, pol_r: torch.Tensor, ref_c: torch.Tensor, ref_
         "rewards/accuracies": (float((reward_c > reward_r).float().sum()), n),
         "logps/chosen": (float(pol_c.detach().sum()), n),
         "logps/rejected": (float(pol_r.detach().sum()), n),
+        "logratio/chosen": (float(ratio_c.sum()), n),  # π_c − ref_c: below 0 means chosen fell
+        "logratio/rejected": (float(ratio_r.sum()), n),
+        "length/chosen": (float(len_c.sum()), n),
+        "length/rejected": (float(len_r.sum()), n),
     }
     return loss.sum(), n, metrics

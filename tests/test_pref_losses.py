@@ -1,0 +1,144 @@
+"""The DPO family (train/pref_losses.py): each loss equals TRL 1.16's own code on the same
+log-probs (1e-6), and has a closed-form check of its own (step-0 value, gradient sign)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dataflywheel.train.pref_losses import LOSSES, Knobs, Pairs, preference_loss
+
+LN2 = math.log(2)
+SMOOTHED = {"robust", "exo_pair", "aot", "aot_unpaired"}  # read label_smoothing (sigmoid too, beyond TRL)
+
+
+def batch(pairs: int = 6, width: int = 9, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token policy and reference log-probs [2P, width-1] (chosen rows, then rejected) and the
+    completion mask [2P, width] (a prompt, then a completion of varying length)."""
+    g = torch.Generator().manual_seed(seed)
+    per_token = -torch.rand(2 * pairs, width - 1, generator=g, dtype=torch.float64) * 3
+    ref = -torch.rand(2 * pairs, width - 1, generator=g, dtype=torch.float64) * 3
+    mask = torch.zeros(2 * pairs, width, dtype=torch.long)
+    for row in range(2 * pairs):
+        start = 2 + row % 3
+        mask[row, start:start + 2 + (row * 5) % (width - start - 1)] = 1
+    return per_token, ref, mask
+
+
+def ours(per_token, ref, mask, types, weights, knobs: Knobs) -> torch.Tensor:
+    m = mask[:, 1:].to(per_token)
+    logps, ref_logps, lens = (per_token * m).sum(1), (ref * m).sum(1), m.sum(1)
+    (pc, pr), (rc, rr), (lc, lr) = logps.chunk(2), ref_logps.chunk(2), lens.chunk(2)
+    return preference_loss(Pairs(pc, pr, rc, rr, lc, lr), knobs, types, weights).mean()
+
+
+def trl_loss(per_token, ref, mask, types, weights, knobs: Knobs) -> torch.Tensor:
+    """TRL's DPOTrainer._compute_loss run on a stub trainer whose model returns these log-probs."""
+    trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
+    m = mask[:, 1:].to(per_token)
+    ref_logps = (ref * m).sum(1)
+    n = per_token.shape[0]
+    outputs = SimpleNamespace(log_probs=per_token * m, entropy=torch.zeros_like(per_token),
+                              mean_logits=torch.zeros_like(per_token),
+                              is_top1=torch.zeros_like(per_token, dtype=torch.bool), aux_loss=None)
+    model = lambda **kw: outputs  # noqa: E731
+    accel = SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x, gather=lambda x: x,
+                            unwrap_model=lambda x: x)
+    stub = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=accel, aux_loss_enabled=False, ld_alpha=None,
+        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=types, loss_weights=weights,
+        beta=knobs.beta, label_smoothing=knobs.label_smoothing, use_weighting=False,
+        args=SimpleNamespace(discopop_tau=knobs.discopop_tau), _metrics={"train": defaultdict(list)},
+        _total_train_tokens=0, _tp_size=1)
+    rc, rr = ref_logps.chunk(2)
+    inputs = {"input_ids": torch.zeros(n, mask.shape[1], dtype=torch.long), "attention_mask": torch.ones_like(mask),
+              "completion_mask": mask, "ref_chosen_logps": rc, "ref_rejected_logps": rr}
+    return trl_dpo.DPOTrainer._compute_loss(stub, model, inputs, False)
+
+
+CASES = [([t], [1.0]) for t in LOSSES] + [(["sigmoid", "sft"], [1.0, 0.5]), (["sigmoid", "bco_pair", "sft"],
+                                                                            [0.8, 0.2, 1.0])]
+
+
+@pytest.mark.parametrize(("types", "weights"), CASES, ids=["+".join(t) for t, _ in CASES])
+def test_equals_trl_on_the_same_log_probs(types, weights):
+    per_token, ref, mask = batch()
+    eps = 0.1 if SMOOTHED & set(types) else 0.0
+    knobs = Knobs(beta=0.3, label_smoothing=eps)
+    want = trl_loss(per_token, ref, mask, types, weights, knobs)
+    got = ours(per_token, ref, mask, types, weights, knobs)
+    assert float(got) == pytest.approx(float(want), abs=1e-6)
+
+
+def at_start(types: list[str], eps: float = 0.0) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Loss and d loss / d π_c, d π_r when the policy is the reference (step 0)."""
+    pol = torch.tensor([[-12.0, -15.0]], requires_grad=True)
+    p = Pairs(pol[:, 0], pol[:, 1], torch.tensor([-12.0]), torch.tensor([-15.0]), torch.tensor([4.0]),
+              torch.tensor([5.0]))
+    loss = preference_loss(p, Knobs(beta=0.1, label_smoothing=eps), types).sum()
+    loss.backward()
+    return float(loss), pol.grad[0, 0], pol.grad[0, 1]
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("sigmoid", LN2), ("robust", LN2), ("hinge", 1.0), ("ipo", (1 / 0.2) ** 2), ("nca_pair", 2 * LN2),
+    ("bco_pair", 2 * LN2), ("sppo_hard", 2 * 25.0), ("aot", LN2), ("aot_unpaired", LN2), ("apo_zero", 1.0),
+    ("apo_down", 1.0), ("discopop", 0.5 * LN2 + 0.5), ("sigmoid_norm", LN2)])
+def test_step_zero_value_and_it_raises_chosen_over_rejected(name, value):
+    eps = 0.1 if name in {"robust"} else 0.0
+    loss, d_chosen, d_rejected = at_start([name], eps)
+    assert loss == pytest.approx(value, rel=1e-6)
+    if name == "discopop":
+        # at h = 0 the mixing weight's slope (1/τ = 20) dominates: DiscoPOP's first step pushes h down,
+        # a property of the discovered loss (its value is the check here)
+        assert d_chosen - d_rejected > 0
+        return
+    assert d_chosen - d_rejected < 0  # descending raises chosen relative to rejected
+    if name in {"sigmoid", "hinge", "ipo", "sppo_hard", "apo_zero", "robust", "bco_pair", "nca_pair"}:
+        assert d_chosen < 0 and d_rejected > 0  # each moves its own way
+    if name == "apo_down":  # APO-down: at the reference, chosen's two terms cancel and rejected goes down
+        assert float(d_chosen) == pytest.approx(0.0, abs=1e-9) and d_rejected > 0
+
+
+def test_cdpo_label_smoothing_and_exo_closed_forms():
+    # cDPO at step 0 with ε: −(1−ε) log ½ − ε log ½ = ln 2; its gradient shrinks by (1 − 2ε)
+    loss, d_c, _ = at_start(["sigmoid"], 0.2)
+    _, d_c0, _ = at_start(["sigmoid"])
+    assert loss == pytest.approx(LN2) and float(d_c) == pytest.approx(0.6 * float(d_c0))
+    # EXO at step 0: ½(log ½ − log(1−ε)) + ½(log ½ − log ε)
+    eps = 0.1
+    assert at_start(["exo_pair"], eps)[0] == pytest.approx(0.5 * (-LN2 - math.log(1 - eps)) + 0.5 * (-LN2 - math.log(eps)))
+
+
+def test_sft_term_is_the_token_mean_nll_of_chosen():
+    p = Pairs(torch.tensor([-8.0, -2.0]), torch.tensor([-1.0, -1.0]), torch.zeros(2), torch.zeros(2),
+              torch.tensor([4.0, 1.0]), torch.tensor([1.0, 1.0]))
+    assert preference_loss(p, Knobs(beta=0.1), ["sft"]).mean() == pytest.approx(10 / 5)
+
+
+def test_unknown_type_and_weight_count_are_errors():
+    p = Pairs(*(torch.zeros(1) for _ in range(4)), torch.ones(1), torch.ones(1))
+    with pytest.raises(ValueError, match="unknown DPO loss type 'dpop'"):
+        preference_loss(p, Knobs(beta=0.1), ["dpop"])
+    with pytest.raises(ValueError, match="2 loss types but 1 weights"):
+        preference_loss(p, Knobs(beta=0.1), ["sigmoid", "sft"], [1.0])
+
+
+def test_dpo_config_takes_a_weighted_list_and_names_what_is_wrong():
+    from pydantic import ValidationError
+
+    from dataflywheel.train.dpo import DpoConfig
+
+    base = {"model": "m", "data": ["d"], "output": "o"}
+    cfg = DpoConfig(**base, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.2])
+    assert cfg.loss_type == ["sigmoid", "sft"]
+    with pytest.raises(ValidationError, match="unknown loss_type 'simpo_typo'"):
+        DpoConfig(**base, loss_type="simpo_typo")
+    with pytest.raises(ValidationError, match="loss_weights has 1 values for 2 loss types"):
+        DpoConfig(**base, loss_type=["sigmoid", "sft"], loss_weights=[1.0])
+    with pytest.raises(ValidationError, match="exo_pair needs label_smoothing"):
+        DpoConfig(**base, loss_type="exo_pair")
