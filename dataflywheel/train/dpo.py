@@ -11,8 +11,9 @@ to measure what precomputing saves). Missing reference values are an error, neve
 
 With several processes (distributed.py) the reference pass is split across them and its values
 gathered; with LoRA (lora.py) the reference is the policy with its adapter disabled, so even a live
-reference holds no second model. Simplifications, stated: chosen and rejected are one forward,
-stacked on the batch dim and right-padded; one loss type at a time (TRL can mix several).
+reference holds no second model. The losses (``loss_type``, one or a weighted list) are the pure
+functions of pref_losses.py. Simplifications, stated: chosen and rejected are one forward, stacked
+on the batch dim and right-padded.
 """
 
 from __future__ import annotations
@@ -43,8 +44,6 @@ from .model import load_for_training, resolve_model, save_final, to_device
 from .output import RunOutput
 from .pack import collate_padded
 from .pref_losses import DISCOPOP_TAU, LOSSES
-
-ADAPTER_OFF = "adapter-off"  # the live reference of a LoRA policy: itself with the adapter disabled
 
 
 class DpoLoop(LoopConfig):
@@ -108,12 +107,12 @@ def ref_pair_logps(model: Any, batch: dict, chunk: int) -> tuple[torch.Tensor, t
 
 def pair_loss(model: Any, batch: dict, cfg: DpoConfig, ref_model: Any = None) -> LossOut:
     """The loss of one micro-batch; reference log-probs from ``batch["ref"]`` or a live ``ref_model``
-    (``ADAPTER_OFF``: the policy's LoRA base)."""
+    (``lora.ADAPTER_OFF``: the policy's LoRA base)."""
     pol_c, pol_r, len_c, len_r = pair_logps(model, batch, cfg.logits_chunk)
     if ref_model is None:
         ref_c, ref_r = batch["ref"].unbind(-1)
     else:
-        ref_c, ref_r = ref_pair_logps(model if ref_model is ADAPTER_OFF else ref_model, batch, cfg.logits_chunk)
+        ref_c, ref_r = ref_pair_logps(model if ref_model is lora.ADAPTER_OFF else ref_model, batch, cfg.logits_chunk)
     total, n, metrics = dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.beta, cfg.loss_type, len_c, len_r,
                                  weights=cfg.loss_weights, label_smoothing=cfg.label_smoothing,
                                  discopop_tau=cfg.discopop_tau)
@@ -227,7 +226,7 @@ def run(cfg: DpoConfig) -> dict:
     t0 = time.perf_counter()
     live, forwards, ref_logps, eval_ref_logps = None, 0, None, None
     if cfg.reference == "live":  # with LoRA and no ref_model: the policy's base, no second model
-        live = load_ref() if cfg.ref_model or cfg.lora is None else ADAPTER_OFF
+        live = load_ref() if cfg.ref_model or cfg.lora is None else lora.ADAPTER_OFF
     else:
         cfg.out.mkdir(parents=True, exist_ok=True)
         cache = ScoreCache(cfg.ref_cache or cfg.out / "ref_logps.sqlite") if dist.is_main() else None

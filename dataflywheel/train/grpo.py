@@ -51,7 +51,6 @@ from .output import RunOutput
 
 GRPO_LR = 1e-6  # TRL GRPOConfig learning_rate (docs/sources.md#grpo)
 ROLLOUT_FILE = "rollout.pt"
-ADAPTER_OFF = "adapter-off"  # the KL reference of a LoRA policy: itself with the adapter disabled
 
 
 class GrpoConfig(TrainBase):
@@ -152,13 +151,13 @@ class Rollout:
 
 def _old_logps(policy: Any, inputs: dict, labels: torch.Tensor, cfg: GrpoConfig, ref: Any) -> dict[str, torch.Tensor]:
     """π_old at the sampling temperature, the raw log-probs the sampler's are compared with, and the
-    reference's (``ADAPTER_OFF``: the policy's LoRA base)."""
+    reference's (``lora.ADAPTER_OFF``: the policy's LoRA base)."""
     hidden, chunk = last_hidden(policy, **inputs), cfg.logits_chunk
     out = {"old_logps": head_logps(policy, hidden, labels, temperature=cfg.temperature, chunk=chunk)}
     # the sampler reports raw (untempered) log-probs (vLLM's default, and ours): compare like with like
     out["raw"] = out["old_logps"] if cfg.temperature == 1.0 else head_logps(policy, hidden, labels, chunk=chunk)
     if ref is not None:
-        model = policy if ref is ADAPTER_OFF else ref
+        model = policy if ref is lora.ADAPTER_OFF else ref
         with lora.reference_context(model):
             out["ref_logps"] = label_logps(model, labels, temperature=cfg.temperature, chunk=chunk, **inputs)
     return {k: v.cpu() for k, v in out.items()}
@@ -322,7 +321,7 @@ def run(cfg: GrpoConfig) -> dict:
     # the reference is the starting policy (with LoRA: the policy's base); with beta 0 none is loaded (TRL)
     ref = None
     if cfg.beta > 0:
-        ref = ADAPTER_OFF if cfg.lora else load_for_training(model_name)[0].to(device).eval().requires_grad_(False)
+        ref = lora.ADAPTER_OFF if cfg.lora else load_for_training(model_name)[0].to(device).eval().requires_grad_(False)
     engine = dist.wrap(model, cfg.distributed, device, bf16)
     backend = make_backend(cfg, model, tok, model_name)
     mu, loop = cfg.num_iterations, cfg.loop
@@ -345,7 +344,8 @@ def run(cfg: GrpoConfig) -> dict:
             if current is None:
                 sync(step)
                 slots = list(range(rank, cfg.prompts_per_step, world))  # this rank's share of the rollout
-                prompts = [train_rows[plan(index)[0][j]] for j in slots]
+                order = plan(index)[0]
+                prompts = [train_rows[order[j]] for j in slots]
                 current = make_rollout(engine, tok, backend, prompts, reward_fn, cfg, index, ref, slots)
             state["rollout"] = current
         return current.batches

@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dataflywheel.errors import UserError
 
+ADAPTER_OFF = "adapter-off"  # a reference that is the LoRA policy itself with its adapter disabled (DPO, GRPO)
+
 
 class LoraConfig(BaseModel):
     """Defaults are peft 0.21's ``LoraConfig`` except ``target_modules``: every linear layer, as the
