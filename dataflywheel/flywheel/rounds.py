@@ -22,13 +22,12 @@ from .round import (
     stage_eval,
     stage_pool,
     stage_prompts,
-    stage_rm,
     stage_samples,
     stage_seed,
-    stage_train,
     task_rows,
 )
 from .state import canonical_hash, in_run, lock_run, read_json, run_stage, write_json
+from .train_stages import stage_rm, stage_train
 
 TRAIN_SKIP = ("checkpoints",)  # a finished training folder's hash: the weights, not the resume state
 
