@@ -45,4 +45,22 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+@pytest.fixture(scope="session")
+def arithmetic_prompts(tmp_path_factory) -> tuple[Path, Path]:
+    """(16 arithmetic prompt rows with answers as JSONL, a tiny model whose tokenizer knows their text):
+    a GRPO task the tests train for a few steps."""
+    import json
+
+    from dataflywheel.flywheel.tasks.arithmetic import make_prompts
+    from dataflywheel.models.tiny_lm import build_tiny_causal_lm
+
+    tmp = tmp_path_factory.mktemp("arithmetic")
+    rows = [{"id": r["id"], "prompt": r["messages"], "answer": r["answer"]} for r in make_prompts(16, (1, 1), 1)]
+    data = tmp / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = build_tiny_causal_lm(tmp / "m", texts=[m["content"] for r in rows for m in r["prompt"]], hidden=32,
+                                 layers=2, heads=2, vocab_size=300, seed=3)
+    return data, Path(model)
+
+
 pytest_plugins = ["portable_beam", "object_store"]  # Beam job service + worker pool; gs:// and s3:// servers on loopback

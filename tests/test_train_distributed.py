@@ -120,14 +120,8 @@ def test_rm_two_processes_equal_one(tiny, tmp_path):
     assert_same(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"))
 
 
-def test_grpo_two_processes_split_the_rollout_and_equal_one(tmp_path):
-    from dataflywheel.flywheel.tasks.arithmetic import make_prompts
-
-    rows = [{"id": r["id"], "prompt": r["messages"], "answer": r["answer"]} for r in make_prompts(16, (1, 1), 1)]
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    model = build_tiny_causal_lm(tmp_path / "m", texts=[m["content"] for r in rows for m in r["prompt"]], hidden=32,
-                                 layers=2, heads=2, vocab_size=300, seed=3)
+def test_grpo_two_processes_split_the_rollout_and_equal_one(tmp_path, arithmetic_prompts):
+    data, model = arithmetic_prompts
     cfg = {"model": str(model), "data": [str(data)], "max_length": 64, "num_generations": 4,
            "verifier": "dataflywheel.flywheel.tasks.arithmetic:reward", "max_completion_length": 6,
            "prompts_per_step": 2, "beta": 0.04, "loop": {"lr": 1e-3, "batch_size": 4, "max_steps": 3, "progress": False}}

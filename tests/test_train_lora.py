@@ -165,15 +165,10 @@ def length_reward(rows: list[dict], completions: list[str]) -> list[float]:
     return [float(len(c)) for c in completions]
 
 
-def test_grpo_with_lora_uses_the_base_as_kl_reference(tmp_path):
-    from dataflywheel.flywheel.tasks.arithmetic import make_prompts
+def test_grpo_with_lora_uses_the_base_as_kl_reference(tmp_path, arithmetic_prompts):
     from dataflywheel.train import grpo
 
-    rows = [{"id": r["id"], "prompt": r["messages"], "answer": r["answer"]} for r in make_prompts(8, (1, 1), 1)]
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    model = build_tiny_causal_lm(tmp_path / "m", texts=[m["content"] for r in rows for m in r["prompt"]], hidden=32,
-                                 layers=2, heads=2, vocab_size=300, seed=3)
+    data, model = arithmetic_prompts
     cfg = grpo.GrpoConfig.model_validate({
         "model": str(model), "data": [str(data)], "output": str(tmp_path / "out"), "max_length": 64, "beta": 0.04,
         "num_generations": 4, "verifier": "test_train_lora:length_reward", "max_completion_length": 6,
