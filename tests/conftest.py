@@ -46,6 +46,20 @@ def one_torch_thread():
     yield
     torch.set_num_threads(before)
 @pytest.fixture(scope="session")
+def demo_tiny(tmp_path_factory) -> Path:
+    """A tiny Llama whose tokenizer knows the demo SFT pool and preference pairs (read-only: train from it)."""
+    import json
+
+    from dataflywheel.models.tiny_lm import build_tiny_causal_lm
+
+    demo = Path(__file__).resolve().parents[1] / "dataflywheel" / "data" / "demo"
+    rows = [json.loads(x) for name in ("sft_pool.jsonl", "prefs.jsonl") for x in (demo / name).read_text().splitlines()]
+    texts = [m["content"] for r in rows for k in ("messages", "prompt", "chosen", "rejected") for m in r.get(k, [])]
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("demo_tiny") / "m", texts=texts, hidden=32, layers=2,
+                                heads=2, vocab_size=400, seed=0)
+
+
+@pytest.fixture(scope="session")
 def arithmetic_prompts(tmp_path_factory) -> tuple[Path, Path]:
     """(16 arithmetic prompt rows with answers as JSONL, a tiny model whose tokenizer knows their text):
     a GRPO task the tests train for a few steps."""

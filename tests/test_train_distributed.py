@@ -25,8 +25,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dataflywheel.models.tiny_lm import build_tiny_causal_lm
-
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "dataflywheel" / "data" / "demo"
 POOL, PREFS = DEMO / "sft_pool.jsonl", DEMO / "prefs.jsonl"
@@ -36,11 +34,8 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    rows = [json.loads(x) for x in POOL.read_text().splitlines()] + [json.loads(x) for x in PREFS.read_text().splitlines()]
-    texts = [m["content"] for r in rows for k in ("messages", "prompt", "chosen", "rejected") for m in r.get(k, [])]
-    return build_tiny_causal_lm(tmp_path_factory.mktemp("dist") / "m", texts=texts, hidden=32, layers=2, heads=2,
-                                vocab_size=400, seed=0)
+def tiny(demo_tiny) -> Path:
+    return demo_tiny
 
 
 def train(algorithm: str, config: dict, out: Path, nproc: int | None = None, *extra: str) -> dict | None:

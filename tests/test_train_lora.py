@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from dataflywheel.models.tiny_lm import build_tiny_causal_lm
 from dataflywheel.train import dpo, lora, rm, sft
 from dataflywheel.train.data import Lint, pair_examples
 from dataflywheel.train.model import load_for_training
@@ -30,11 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    rows = [json.loads(x) for x in POOL.read_text().splitlines()] + [json.loads(x) for x in PREFS.read_text().splitlines()]
-    texts = [m["content"] for r in rows for k in ("messages", "prompt", "chosen", "rejected") for m in r.get(k, [])]
-    return build_tiny_causal_lm(tmp_path_factory.mktemp("lora") / "m", texts=texts, hidden=32, layers=2, heads=2,
-                                vocab_size=400, seed=0)
+def tiny(demo_tiny) -> Path:
+    return demo_tiny
 
 
 def loop(**kw) -> dict:
