@@ -15,7 +15,7 @@ import torch
 from dataflywheel.models.tiny_lm import build_tiny_causal_lm
 from dataflywheel.train import dpo
 from dataflywheel.train.config import load_train_config
-from dataflywheel.train.data import Lint, pair_examples
+from dataflywheel.train.data import Lint, pair_examples, with_kl_rows
 from dataflywheel.train.dpo import DpoConfig, DpoLoop, pair_batch, pair_loss, run
 from dataflywheel.train.losses import IGNORE
 from dataflywheel.train.model import load_for_training
@@ -84,6 +84,70 @@ def test_dpo_loss_equals_a_plain_computation(models, tmp_path, loss_type):
     margins = sum(beta * ((plain_logps(policy, p.chosen)[0] - plain_logps(ref, p.chosen)[0])
                           - (plain_logps(policy, p.rejected)[0] - plain_logps(ref, p.rejected)[0])) for p in pairs)
     assert s == pytest.approx(margins, abs=1e-4)
+
+
+@pytest.mark.parametrize("loss_type", ["dpop", "simpo", "orpo", "kto"])
+def test_more_losses_equal_a_plain_computation(models, tmp_path, loss_type):
+    """The losses beyond DPO's through pair_loss (batched, padded, chunked) against per-row log-probs."""
+    policy_dir, ref_dir, rows = models
+    policy, tok = load_for_training(str(policy_dir))
+    ref, _ = load_for_training(str(ref_dir))
+    pairs = with_kl_rows(pair_examples(rows[:6], tok, 128, Lint()), 128)
+    beta = 0.5
+    cfg = config(policy_dir, tmp_path, beta=beta, loss_type=loss_type, dpop_lambda=5.0, simpo_gamma=0.3)
+    batch = pair_batch(pairs, tok.pad_token_id) if loss_type == "kto" else pair_batch(
+        [p.__class__(p.id, p.chosen, p.rejected) for p in pairs], tok.pad_token_id)
+    out = pair_loss(policy, batch, cfg, ref_model=ref)
+    side = [[plain_logps(m, ex) for m in (policy, ref)] for p in pairs for ex in (p.chosen, p.rejected, p.kl)]
+    kls = [s[0][0] - s[1][0] for s in side[2::3]]
+    z0 = max(0.0, sum(kls) / len(kls))
+    nll = -sum(s[0][0] for s in side[0::3]) / sum(s[0][1] for s in side[0::3])
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected = 0.0
+    for c, r in zip(side[0::3], side[1::3]):
+        (pc, nc), (rc, _) = c
+        (pr, nr), (rr, _) = r
+        h = (pc - rc) - (pr - rr)
+        if loss_type == "dpop":
+            expected += -math.log(sig(beta * (h - 5.0 * max(0.0, rc - pc))))
+        elif loss_type == "simpo":
+            expected += -math.log(sig(beta * (pc / nc - pr / nr) - 0.3))
+        elif loss_type == "orpo":
+            odds = lambda a: a - math.log(1 - math.exp(a))  # noqa: E731
+            expected += nll - beta * math.log(sig(odds(pc / nc) - odds(pr / nr)))
+        else:
+            expected += 0.5 * (1 - sig(beta * (pc - rc - z0))) + 0.5 * (1 - sig(beta * (z0 - (pr - rr))))
+    assert out.count == 6
+    assert float(out.loss_sum.detach()) == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    assert ("logratio/chosen" in out.metrics) == (loss_type not in ("simpo", "orpo"))
+    assert ("kl" in out.metrics) == (loss_type == "kto")
+
+
+def test_reference_free_losses_build_no_reference(models, tmp_path, monkeypatch):
+    policy_dir, ref_dir, _ = models
+    loaded: list[str] = []
+    real_load = dpo.load_for_training
+    monkeypatch.setattr(dpo, "load_for_training", lambda name, **kw: (loaded.append(str(name)), real_load(name, **kw))[1])
+    summary = run(config(policy_dir, tmp_path / "simpo", loss_type=["simpo", "sft"], loss_weights=[1.0, 0.1],
+                         ref_model=str(ref_dir), beta=2.0))
+    assert loaded == [str(policy_dir)] and summary["ref_forwards"] == 0 and summary["reference"] == "none"
+    assert not (tmp_path / "simpo" / "ref_logps.sqlite").exists()
+    assert "logratio/chosen" not in step_metrics(tmp_path / "simpo")[0]
+
+
+def test_kto_precomputed_reference_equals_live(models, tmp_path):
+    """KTO's mismatched rows go through the reference cache ([P, 3]) and give the live reference's training."""
+    policy_dir, ref_dir, _ = models
+    pre = run(config(policy_dir, tmp_path / "pre", loss_type="kto", ref_model=str(ref_dir), steps=3))
+    live = run(config(policy_dir, tmp_path / "live", loss_type="kto", ref_model=str(ref_dir), steps=3,
+                      reference="live"))
+    a, b = step_metrics(tmp_path / "pre"), step_metrics(tmp_path / "live")
+    assert pre["ref_forwards"] > 0 and live["ref_forwards"] == 0
+    for x, y in zip(a, b):
+        for key in ("loss", "kl", "logratio/chosen"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-5), key
+    assert any(x["kl"] > 0 for x in a)  # another model as reference: z0 is not trivially 0
+    assert pre["eval_loss"] == pytest.approx(live["eval_loss"], rel=1e-5)
 
 
 def step_metrics(out: Path) -> list[dict]:

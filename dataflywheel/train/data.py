@@ -216,6 +216,24 @@ class PairExample:
     id: str
     chosen: Example
     rejected: Example
+    kl: Example | None = None  # KTO: this prompt with another pair's chosen completion (with_kl_rows)
+
+
+def with_kl_rows(pairs: Sequence[PairExample], max_length: int) -> list[PairExample]:
+    """Each pair gets KTO's mismatched row: its prompt with the previous pair's chosen completion
+    (cyclic, as TRL's KTO pairs each row with the previous row's completion). Fixed here, not per
+    batch, so the reference's log-probs of these rows can be precomputed and cached like the others."""
+    def split(ex: Example) -> int:  # where the completion starts: the first trained label
+        return next(i for i, label in enumerate(ex.labels) if label != IGNORE)
+
+    out = []
+    for i, p in enumerate(pairs):
+        prev = pairs[i - 1].chosen
+        cut, at = split(p.chosen), split(prev)
+        ids = (p.chosen.input_ids[:cut] + prev.input_ids[at:])[:max_length]
+        labels = ([IGNORE] * cut + prev.labels[at:])[:max_length]
+        out.append(PairExample(p.id, p.chosen, p.rejected, Example(f"{p.id}:kl", ids, labels)))
+    return out
 
 
 def pair_examples(rows: Sequence[dict], tokenizer: Any, max_length: int, lint: Lint,

@@ -12,7 +12,9 @@ to measure what precomputing saves). Missing reference values are an error, neve
 With several processes (distributed.py) the reference pass is split across them and its values
 gathered; with LoRA (lora.py) the reference is the policy with its adapter disabled, so even a live
 reference holds no second model. The losses (``loss_type``, one or a weighted list) are the pure
-functions of pref_losses.py. Simplifications, stated: chosen and rejected are one forward, stacked
+functions of pref_losses.py; reference-free ones (simpo, orpo, sft alone) skip the reference
+entirely, and KTO adds one mismatched row per pair (its prompt with the previous pair's chosen
+completion; no gradient) whose policy and reference log-probs set its reference point. Simplifications, stated: chosen and rejected are one forward, stacked
 on the batch dim and right-padded.
 """
 
@@ -37,13 +39,13 @@ from dataflywheel.models.score_cache import ScoreCache, cache_key
 from . import distributed as dist
 from . import lora
 from .config import LoopConfig, TrainBase
-from .data import Lint, PairExample, load_split, pair_examples, use_chat_template
+from .data import Lint, PairExample, load_split, pair_examples, use_chat_template, with_kl_rows
 from .loop import LossOut, autocast, index_plan, pick_device, steps_for, train_loop
 from .losses import dpo_loss, sequence_logps
 from .model import load_for_training, resolve_model, save_final, to_device
 from .output import RunOutput
 from .pack import collate_padded
-from .pref_losses import DISCOPOP_TAU, LOSSES
+from .pref_losses import DISCOPOP_TAU, DPOP_LAMBDA, KTO_WEIGHT, LOSSES, REFERENCE_FREE, SIMPO_GAMMA, Knobs
 
 
 class DpoLoop(LoopConfig):
@@ -56,8 +58,12 @@ class DpoConfig(TrainBase):
     # one of train/pref_losses.LOSSES, or a list combined with loss_weights (TRL's loss_type list); TRL's default
     loss_type: str | list[str] = "sigmoid"
     loss_weights: list[float] | None = None  # None: 1.0 each
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # ε: cDPO with sigmoid; robust, exo_pair, aot read it (TRL: 0.0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # ε: cDPO with sigmoid; robust, exo_pair, aot, simpo read it (TRL: 0.0)
     discopop_tau: float = Field(DISCOPOP_TAU, gt=0)
+    dpop_lambda: float = Field(DPOP_LAMBDA, ge=0)
+    simpo_gamma: float = Field(SIMPO_GAMMA, ge=0)  # SimPO's target margin (a reward gap, after β)
+    desirable_weight: float = Field(KTO_WEIGHT, gt=0)  # KTO
+    undesirable_weight: float = Field(KTO_WEIGHT, gt=0)
     reference: Literal["precompute", "live"] = "precompute"
     ref_model: str | None = None  # a folder or Hub id; None: the starting policy
     ref_cache: str | None = None  # the reference log-prob cache; None: output/ref_logps.sqlite
@@ -71,9 +77,22 @@ class DpoConfig(TrainBase):
                 raise ValueError(f"unknown loss_type {name!r}; one of {', '.join(LOSSES)}")
         return value
 
+    @property
+    def types(self) -> list[str]:
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
+    @property
+    def reference_free(self) -> bool:
+        """Only losses that never read the reference (simpo, orpo, sft): no reference pass at all."""
+        return set(self.types) <= REFERENCE_FREE
+
+    def knobs(self) -> Knobs:
+        return Knobs(self.beta, self.label_smoothing, self.discopop_tau, self.dpop_lambda, self.simpo_gamma,
+                     self.desirable_weight, self.undesirable_weight)
+
     @model_validator(mode="after")
     def _weights(self) -> DpoConfig:
-        types = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type
+        types = self.types
         if self.loss_weights is not None and len(self.loss_weights) != len(types):
             raise ValueError(f"loss_weights has {len(self.loss_weights)} values for {len(types)} loss types")
         if "exo_pair" in types and self.label_smoothing == 0:
@@ -82,8 +101,11 @@ class DpoConfig(TrainBase):
 
 
 def pair_batch(pairs: Sequence[PairExample], pad_id: int, ref: torch.Tensor | None = None) -> dict:
-    """Chosen rows then rejected rows, right-padded with a mask; ``ref``: [P, 2] reference log-probs."""
+    """Chosen rows then rejected rows, right-padded with a mask; ``ref``: [P, 2] reference log-probs
+    ([P, 3] with KTO's mismatched rows, which go under ``kl``)."""
     batch = collate_padded([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    if pairs and pairs[0].kl is not None:
+        batch["kl"] = collate_padded([p.kl for p in pairs], pad_id)
     if ref is not None:
         batch["ref"] = ref
     return batch
@@ -99,23 +121,36 @@ def pair_logps(model: Any, batch: dict, chunk: int) -> tuple[torch.Tensor, ...]:
     return pol_c, pol_r, len_c, len_r
 
 
-def ref_pair_logps(model: Any, batch: dict, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference's [P] chosen and rejected log-probs: ``model`` itself with a LoRA adapter off."""
+@torch.no_grad()
+def kl_logps(model: Any, batch: dict, chunk: int) -> torch.Tensor:
+    """[P] summed log-probs of KTO's mismatched rows; no gradient (they only set the reference point)."""
+    rows = batch["kl"]
+    return sequence_logps(label_logps(model, rows["labels"], chunk=chunk, input_ids=rows["input_ids"],
+                                      attention_mask=rows["attention_mask"]), rows["labels"])[0]
+
+
+def ref_pair_logps(model: Any, batch: dict, chunk: int) -> tuple[torch.Tensor, ...]:
+    """The reference's [P] chosen and rejected log-probs (and mismatched rows' when the batch has
+    them): ``model`` itself with a LoRA adapter off."""
     with torch.no_grad(), lora.reference_context(model):
-        return pair_logps(model, batch, chunk)[:2]
+        found = pair_logps(model, batch, chunk)[:2]
+        return (*found, kl_logps(model, batch, chunk)) if "kl" in batch else found
 
 
 def pair_loss(model: Any, batch: dict, cfg: DpoConfig, ref_model: Any = None) -> LossOut:
     """The loss of one micro-batch; reference log-probs from ``batch["ref"]`` or a live ``ref_model``
     (``lora.ADAPTER_OFF``: the policy's LoRA base)."""
     pol_c, pol_r, len_c, len_r = pair_logps(model, batch, cfg.logits_chunk)
-    if ref_model is None:
-        ref_c, ref_r = batch["ref"].unbind(-1)
+    ref: tuple[torch.Tensor | None, ...] = (None, None)
+    if cfg.reference_free:
+        pass
+    elif ref_model is None:
+        ref = batch["ref"].unbind(-1)
     else:
-        ref_c, ref_r = ref_pair_logps(model if ref_model is lora.ADAPTER_OFF else ref_model, batch, cfg.logits_chunk)
-    total, n, metrics = dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.beta, cfg.loss_type, len_c, len_r,
-                                 weights=cfg.loss_weights, label_smoothing=cfg.label_smoothing,
-                                 discopop_tau=cfg.discopop_tau)
+        ref = ref_pair_logps(model if ref_model is lora.ADAPTER_OFF else ref_model, batch, cfg.logits_chunk)
+    kl = kl_logps(model, batch, cfg.logits_chunk) - ref[2] if "kl" in batch else None
+    total, n, metrics = dpo_loss(pol_c, pol_r, ref[0], ref[1], cfg.knobs(), cfg.loss_type, len_c, len_r,
+                                 weights=cfg.loss_weights, kl=kl)
     return LossOut(total, n, {**metrics, "tokens": (batch["num_tokens"], 1)})
 
 
@@ -143,8 +178,11 @@ def reference_logps(load_ref: Callable[[], Any], pair_lists: Sequence[Sequence[P
     the number of reference forwards this rank ran."""
     device, bf16 = pick_device(cfg.loop)
     rank, world = dist.shard()
-    keyed = [[cache_key(*prefix, json.dumps([p.chosen.input_ids, p.chosen.labels, p.rejected.input_ids,
-                                             p.rejected.labels])) for p in pairs] for pairs in pair_lists]
+    def ids(p: PairExample) -> list[list[int]]:
+        rows = [p.chosen, p.rejected] + ([p.kl] if p.kl is not None else [])
+        return [x for row in rows for x in (row.input_ids, row.labels)]
+
+    keyed = [[cache_key(*prefix, json.dumps(ids(p))) for p in pairs] for pairs in pair_lists]
     found = dist.from_main(cache.get_json([k for keys in keyed for k in keys]) if cache is not None else None)
     missing = {k: p for pairs, keys in zip(pair_lists, keyed) for p, k in zip(pairs, keys) if k not in found}
     todo = sorted(missing.items(), key=lambda kp: len(kp[1].chosen.input_ids) + len(kp[1].rejected.input_ids))
@@ -156,17 +194,18 @@ def reference_logps(load_ref: Callable[[], Any], pair_lists: Sequence[Sequence[P
         for i in range(-(-len(parts) // world)):
             part = mine[i] if i < len(mine) else parts[0]
             with autocast(device, bf16):
-                ref_c, ref_r = run(ref_pair_logps, to_device(pair_batch([p for _, p in part], pad_id), device),
-                                   cfg.logits_chunk)
+                values = run(ref_pair_logps, to_device(pair_batch([p for _, p in part], pad_id), device),
+                             cfg.logits_chunk)
             if i < len(mine):
-                new += [(key, [c, r]) for (key, _), c, r in zip(part, ref_c.tolist(), ref_r.tolist())]
+                new += [(key, list(v)) for (key, _), v in zip(part, torch.stack(values, -1).tolist())]
             forwards += 1
         del run
     for part in dist.gather(new):
         if cache is not None:
             cache.put_json(part)
         found.update(part)
-    return [torch.tensor([found[k] for k in keys], dtype=torch.float32).view(-1, 2) for keys in keyed], forwards
+    width = 3 if any(p.kl is not None for pairs in pair_lists for p in pairs) else 2
+    return [torch.tensor([found[k] for k in keys], dtype=torch.float32).view(-1, width) for keys in keyed], forwards
 
 
 @torch.no_grad()
@@ -215,6 +254,8 @@ def run(cfg: DpoConfig) -> dict:
     lint.enforce(cfg.lint, "dpo data")
     if not pairs:
         raise UserError("no training pairs left after the data lint")
+    if "kto" in cfg.types:
+        pairs, eval_pairs = with_kl_rows(pairs, cfg.max_length), with_kl_rows(eval_pairs, cfg.max_length)
     ref_name = cfg.ref_model or model_name
 
     def load_ref() -> Any:
@@ -225,7 +266,9 @@ def run(cfg: DpoConfig) -> dict:
 
     t0 = time.perf_counter()
     live, forwards, ref_logps, eval_ref_logps = None, 0, None, None
-    if cfg.reference == "live":  # with LoRA and no ref_model: the policy's base, no second model
+    if cfg.reference_free:
+        pass
+    elif cfg.reference == "live":  # with LoRA and no ref_model: the policy's base, no second model
         live = load_ref() if cfg.ref_model or cfg.lora is None else lora.ADAPTER_OFF
     else:
         cfg.out.mkdir(parents=True, exist_ok=True)
@@ -256,7 +299,8 @@ def run(cfg: DpoConfig) -> dict:
 
     total = steps_for(len(pairs), loop)
     dist.say(f"dpo: {len(pairs)} pairs, {len(eval_pairs)} held out, {total} steps, {cfg.loss_type} beta {cfg.beta}, "
-             f"reference {cfg.reference} ({forwards} reference forwards, {ref_seconds:.1f}s)")
+             f"reference {'none' if cfg.reference_free else cfg.reference} ({forwards} reference forwards, "
+             f"{ref_seconds:.1f}s)")
     t0 = time.perf_counter()
     last = train_loop(model, loop, cfg.out, total_steps=total, step_batches=step_batches, engine=engine,
                       loss_fn=dpo_loss_fn(device, cfg, live), tokenizer=tok, on_checkpoint=output.push_checkpoint,
@@ -264,7 +308,8 @@ def run(cfg: DpoConfig) -> dict:
     seconds = time.perf_counter() - t0
     metrics = {k: v for k, v in last.items() if k.startswith(("rewards/", "logps/"))}
     summary = {
-        "algorithm": "dpo", "model": model_name, "ref_model": ref_name, "reference": cfg.reference,
+        "algorithm": "dpo", "model": model_name, "ref_model": None if cfg.reference_free else ref_name,
+        "reference": "none" if cfg.reference_free else cfg.reference,
         "loss_type": cfg.loss_type, "beta": cfg.beta, "pairs": len(pairs), "eval_pairs": len(eval_pairs),
         "lint": dict(lint.counts), "rows_dropped": lint.rows, "ref_forwards": forwards, "ref_seconds": round(ref_seconds, 2),
         "steps": last["step"], "resumed_from": last["resumed_from"], "train_loss": last.get("loss"), **metrics,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from dataflywheel.models.label_logps import IGNORE  # the label of a position that is not trained
 
-from .pref_losses import DISCOPOP_TAU, Knobs, Pairs, preference_loss
+from .pref_losses import REFERENCE_FREE, Knobs, Pairs, preference_loss
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -172,30 +172,38 @@ def bradley_terry(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torc
     return loss.sum(), r_chosen.numel()
 
 
-def dpo_loss(pol_c: torch.Tensor, pol_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor, beta: float,
-             loss_type: str | list[str] = "sigmoid", len_c: torch.Tensor | None = None,
-             len_r: torch.Tensor | None = None, *, weights: list[float] | None = None, label_smoothing: float = 0.0,
-             discopop_tau: float = DISCOPOP_TAU) -> tuple[torch.Tensor, int, dict[str, tuple[float, float]]]:
+def dpo_loss(pol_c: torch.Tensor, pol_r: torch.Tensor, ref_c: torch.Tensor | None, ref_r: torch.Tensor | None,
+             knobs: Knobs, loss_type: str | list[str] = "sigmoid", len_c: torch.Tensor | None = None,
+             len_r: torch.Tensor | None = None, *, weights: list[float] | None = None,
+             kl: torch.Tensor | None = None) -> tuple[torch.Tensor, int, dict[str, tuple[float, float]]]:
     """DPO-family loss summed over pairs, the number of pairs, and metrics as (sum, count).
 
     Inputs are [P] completion log-probs *summed* over tokens (policy and reference, chosen and
-    rejected; TRL, docs/sources.md#dpo) and the [P] completion token counts (ipo, sigmoid_norm and
-    sft read them). ``loss_type``: one name of ``pref_losses.LOSSES`` or a list, combined with
-    ``weights`` (TRL's ``loss_weights``). Rewards (metrics) are β·(summed log-ratio) for every loss
-    type, as TRL reports them; the log-probs themselves and their change from the reference are
-    reported too, since DPO's failure mode is both falling together.
+    rejected; TRL, docs/sources.md#dpo) and the [P] completion token counts (ipo, sigmoid_norm, sft,
+    simpo and orpo read them). ``loss_type``: one name of ``pref_losses.LOSSES`` or a list, combined
+    with ``weights`` (TRL's ``loss_weights``). ``ref_c``/``ref_r`` None: reference-free losses only.
+    ``kl``: KTO's mismatched-row log-ratios. Rewards (metrics) are β·(summed log-ratio), as TRL
+    reports them (β·log-prob without a reference, as TRL's CPO and ORPO trainers); the log-probs
+    themselves and their change from the reference are reported too, since DPO's failure mode is
+    both falling together.
     """
-    pol_c, pol_r, ref_c, ref_r = pol_c.float(), pol_r.float(), ref_c.float(), ref_r.float()
+    pol_c, pol_r = pol_c.float(), pol_r.float()
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    free = ref_c is None or ref_r is None
+    if free:
+        if set(types) - REFERENCE_FREE:
+            raise ValueError(f"{sorted(set(types) - REFERENCE_FREE)} need reference log-probs")
+        ref_c, ref_r = torch.zeros_like(pol_c), torch.zeros_like(pol_r)
+    ref_c, ref_r = ref_c.float(), ref_r.float()
     if len_c is None or len_r is None:
         len_c, len_r = torch.ones_like(pol_c), torch.ones_like(pol_r)
-        if {"ipo", "sigmoid_norm", "sft"} & set(types):
-            raise ValueError("ipo, sigmoid_norm and sft need the completion lengths len_c and len_r")
-    pairs = Pairs(pol_c, pol_r, ref_c, ref_r, len_c.to(pol_c), len_r.to(pol_r))
-    loss = preference_loss(pairs, Knobs(beta, label_smoothing, discopop_tau), types, weights)
+        if {"ipo", "sigmoid_norm", "sft", "simpo", "orpo"} & set(types):
+            raise ValueError("ipo, sigmoid_norm, sft, simpo and orpo need the completion lengths len_c and len_r")
+    pairs = Pairs(pol_c, pol_r, ref_c, ref_r, len_c.to(pol_c), len_r.to(pol_r), None if kl is None else kl.float())
+    loss = preference_loss(pairs, knobs, types, weights)
     n = pol_c.numel()
     ratio_c, ratio_r = (pol_c - ref_c).detach(), (pol_r - ref_r).detach()
-    reward_c, reward_r = beta * ratio_c, beta * ratio_r
+    reward_c, reward_r = knobs.beta * ratio_c, knobs.beta * ratio_r
     metrics = {
         "rewards/chosen": (float(reward_c.sum()), n),
         "rewards/rejected": (float(reward_r.sum()), n),
@@ -203,9 +211,12 @@ def dpo_loss(pol_c: torch.Tensor, pol_r: torch.Tensor, ref_c: torch.Tensor, ref_
         "rewards/accuracies": (float((reward_c > reward_r).float().sum()), n),
         "logps/chosen": (float(pol_c.detach().sum()), n),
         "logps/rejected": (float(pol_r.detach().sum()), n),
-        "logratio/chosen": (float(ratio_c.sum()), n),  # π_c − ref_c: below 0 means chosen fell
-        "logratio/rejected": (float(ratio_r.sum()), n),
         "length/chosen": (float(len_c.sum()), n),
         "length/rejected": (float(len_r.sum()), n),
     }
+    if not free:
+        metrics["logratio/chosen"] = (float(ratio_c.sum()), n)  # π_c − ref_c: below 0 means chosen fell
+        metrics["logratio/rejected"] = (float(ratio_r.sum()), n)
+    if kl is not None:
+        metrics["kl"] = (float(kl.detach().mean().clamp(min=0)) * n, n)  # KTO's z0, as TRL logs it
     return loss.sum(), n, metrics

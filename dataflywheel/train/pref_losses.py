@@ -20,9 +20,18 @@ and against a closed form of its own. With h = (π_c − ref_c) − (π_r − re
   apo_down    σ(βr_c) + 1 − σ(β(r_c − r_r))      APO-down
   discopop    log-ratio-modulated mix of logistic and exponential (Chris Lu et al. 2024, τ = 0.05)
   sigmoid_norm  −log σ(β h_len)                  DPO on per-token log-ratios
-  sft         −Σ π_c / Σ len_c over the batch    an SFT term on chosen (RPO, Pang et al. 2024)
+  sft         −Σ π_c / Σ len_c over the batch    an SFT term on chosen; RPO is [sigmoid, sft] (Pang et al. 2024)
+  dpop        −log σ(β(h − λ max(0, ref_c − π_c)))   DPO-Positive (Pal et al. 2024, Smaug); not in TRL
+  simpo       −(1−ε) log σ(β(a_c − a_r) − γ) − ε log σ(−…)   SimPO (Meng et al. 2024), no reference; TRL CPOTrainer
+  orpo        sft − β log σ(log odds(a_c) − log odds(a_r))   ORPO (Hong et al. 2024), no reference; TRL ORPOTrainer
+  kto         w_d(1 − σ(β(r_c − z0))) + w_u(1 − σ(β(z0 − r_r))), halved   KTO (Ethayarajh et al. 2024); TRL KTOTrainer
 
-where r_c = π_c − ref_c and r_r = π_r − ref_r (the summed log-ratios).
+where r_c = π_c − ref_c and r_r = π_r − ref_r (the summed log-ratios), a_c = π_c / len_c and
+a_r = π_r / len_r (per-token means: SimPO's and ORPO's log-likelihoods), odds(a) = exp(a) / (1 − exp(a)),
+and z0 = max(0, mean over the batch of π(y'|x) − ref(y'|x)) on mismatched rows (each prompt with another
+row's completion), detached: KTO's reference point. KTO reads each pair as one desirable and one
+undesirable row (TRL's ``unpair_preference_dataset``), so the mean over pairs of ``kto`` equals TRL's
+mean over those rows.
 """
 
 from __future__ import annotations
@@ -34,6 +43,10 @@ import torch
 import torch.nn.functional as F
 
 DISCOPOP_TAU = 0.05  # TRL 1.16 DPOConfig.discopop_tau (the DiscoPOP paper's)
+DPOP_LAMBDA = 50.0  # the Smaug paper's λ (Pal et al. 2024)
+SIMPO_GAMMA = 0.5  # TRL 1.16 CPOConfig.simpo_gamma
+KTO_WEIGHT = 1.0  # TRL 1.16 KTOConfig desirable_weight and undesirable_weight
+REFERENCE_FREE = frozenset({"simpo", "orpo", "sft"})  # losses that never read ref_c or ref_r
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,15 @@ class Pairs:
     ref_r: torch.Tensor
     len_c: torch.Tensor
     len_r: torch.Tensor
+    kl: torch.Tensor | None = None  # [K] π − ref on KTO's mismatched rows
+
+    @property
+    def a_c(self) -> torch.Tensor:
+        return self.pol_c / self.len_c.clamp(min=1)
+
+    @property
+    def a_r(self) -> torch.Tensor:
+        return self.pol_r / self.len_r.clamp(min=1)
 
     @property
     def r_c(self) -> torch.Tensor:
@@ -70,6 +92,10 @@ class Knobs:
     beta: float
     label_smoothing: float = 0.0
     discopop_tau: float = DISCOPOP_TAU
+    dpop_lambda: float = DPOP_LAMBDA
+    simpo_gamma: float = SIMPO_GAMMA
+    desirable_weight: float = KTO_WEIGHT
+    undesirable_weight: float = KTO_WEIGHT
 
 
 def _smoothed(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -146,9 +172,37 @@ def sft(p: Pairs, k: Knobs) -> torch.Tensor:
     return (-p.pol_c.sum() / p.len_c.sum().clamp(min=1)).expand(p.pol_c.shape)
 
 
+def dpop(p: Pairs, k: Knobs) -> torch.Tensor:
+    # the penalty is 0 while chosen stays at or above the reference, so it only stops chosen falling
+    return -F.logsigmoid(k.beta * (p.h - k.dpop_lambda * torch.relu(p.ref_c - p.pol_c)))
+
+
+def simpo(p: Pairs, k: Knobs) -> torch.Tensor:
+    return _smoothed(k.beta * (p.a_c - p.a_r) - k.simpo_gamma, k.label_smoothing)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(x)) for x < 0, without cancellation (branch at −ln 2, Mächler 2012)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo(p: Pairs, k: Knobs) -> torch.Tensor:
+    log_odds = (p.a_c - p.a_r) - (log1mexp(p.a_c) - log1mexp(p.a_r))
+    return sft(p, k) - k.beta * F.logsigmoid(log_odds)
+
+
+def kto(p: Pairs, k: Knobs) -> torch.Tensor:
+    if p.kl is None:
+        raise ValueError("kto needs the log-ratios of mismatched rows (Pairs.kl) for its reference point")
+    z0 = p.kl.detach().mean().clamp(min=0)
+    good = 1 - torch.sigmoid(k.beta * (p.r_c - z0))
+    bad = 1 - torch.sigmoid(k.beta * (z0 - p.r_r))
+    return (k.desirable_weight * good + k.undesirable_weight * bad) / 2
+
+
 LOSSES: dict[str, Callable[[Pairs, Knobs], torch.Tensor]] = {
     f.__name__: f for f in (sigmoid, robust, hinge, ipo, exo_pair, nca_pair, bco_pair, sppo_hard, aot,
-                            aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, sft)
+                            aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, sft, dpop, simpo, orpo, kto)
 }
 
 
