@@ -75,6 +75,9 @@ class TrainConfig(Strict):
     dpo_steps: int = Field(50, ge=1)
     dpo_loop: LoopConfig = LoopConfig(lr=1e-4, batch_size=8, progress=False)
     dpo_beta: float = Field(0.1, gt=0)  # TRL 1.16 DPOConfig's default
+    dpo: dict[str, Any] = {}  # DpoConfig options (loss_type, loss_weights, dpop_lambda, simpo_gamma, ...)
+    # the DPO reference: this round's starting policy (RLHFlow's online iterative DPO) or round 0's, fixed
+    dpo_reference: Literal["round_start", "fixed"] = "round_start"
     grpo: dict[str, Any] = {}  # GrpoConfig options (prompts_per_step, beta, loss_type, ...); steps and lr as above
     max_length: int = Field(256, ge=8)
 

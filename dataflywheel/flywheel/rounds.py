@@ -102,10 +102,12 @@ def run_round(cfg: FlywheelConfig, run: str, k: int, prev: dict | None, heldout:
                       "pairs": stages["samples"]["output"], "prompts": stages["prompts"]["output"],
                       "train": cfg.train.model_dump(),
                       "weight": cfg.pool.weight, **common}
+            if cfg.train.dpo_reference == "fixed":
+                inputs["reference"] = prev["origin_hash"]
             stages["train"] = run_stage(
                 rd, "train", inputs,
                 lambda out: stage_train(cfg, k, policy, seed_dir, fs.join(rd, "curate"), fs.join(rd, "samples", "pairs"),
-                                        out, fs.join(rd, "prompts")),
+                                        out, fs.join(rd, "prompts"), in_run(run, prev["origin"])),
                 resumable=True, skip_dirs=TRAIN_SKIP, log=log)
     policy_now = stages["train"]["metrics"]["policy"]
     stages["eval"] = run_stage(
@@ -115,6 +117,8 @@ def run_round(cfg: FlywheelConfig, run: str, k: int, prev: dict | None, heldout:
     record = {
         "round": k, "policy": policy_now, "policy_hash": stages["train"]["output"],  # policy: run-relative
         "seed_hash": stages["seed"]["output"] if k == 0 else prev["seed_hash"],
+        "origin": policy_now if k == 0 else prev["origin"],  # round 0's policy: a fixed DPO reference
+        "origin_hash": stages["train"]["output"] if k == 0 else prev["origin_hash"],
         "pool_hash": stages["pool"]["output"] if "pool" in stages else (prev or {}).get("pool_hash"),
         "rm": stages["rm"]["metrics"]["rm"] if "rm" in stages else (prev or {}).get("rm"),
         "rm_hash": stages["rm"]["output"] if "rm" in stages else (prev or {}).get("rm_hash"),

@@ -27,7 +27,7 @@ def training_mix(seed_rows: list[dict], pool_rows: list[dict], weight: float) ->
 
 
 def stage_train(cfg: FlywheelConfig, k: int, policy: str | None, seed_dir: str, curated: str | None,
-                pairs: str | None, out: str, prompts: str | None = None) -> dict:
+                pairs: str | None, out: str, prompts: str | None = None, reference: str | None = None) -> dict:
     """Train the next policy from ``policy`` (None: round 0, from ``policy.model`` or a tiny model):
     SFT on seed + pool (``sft``), then DPO on the round's pairs (``sft+dpo``), DPO alone with the
     current policy as reference (``dpo``, RLHFlow), or GRPO on the round's prompts (``grpo``). Round 0
@@ -49,7 +49,7 @@ def stage_train(cfg: FlywheelConfig, k: int, policy: str | None, seed_dir: str, 
         n_pairs = row_count(pairs) if pairs is not None else 0
         counts["pairs"] = n_pairs
         if n_pairs:  # no pairs (every sample tied): the policy stays as it is
-            current, metrics["dpo"] = _dpo(cfg, k, current, pairs, out)
+            current, metrics["dpo"] = _dpo(cfg, k, current, pairs, out, reference)
     if algorithm == "grpo":
         current, metrics["grpo"] = _grpo(cfg, k, policy, prompts, out)
     assert current is not None
@@ -101,15 +101,21 @@ def _sft(cfg: FlywheelConfig, k: int, policy: str | None, mix: list[dict], out: 
     return str(summary["final"]), _summary(summary)
 
 
-def _dpo(cfg: FlywheelConfig, k: int, policy: str, pairs: str, out: str) -> tuple[str, dict]:
+def _dpo(cfg: FlywheelConfig, k: int, policy: str, pairs: str, out: str, reference: str | None) -> tuple[str, dict]:
+    """DPO (any loss of train/pref_losses.py) on the round's pairs from ``policy``. The reference is
+    ``policy`` itself (``dpo_reference: round_start``: the round's starting policy, after this
+    round's SFT under sft+dpo) or ``reference`` (``fixed``: round 0's policy)."""
     from ..train import dpo as dpo_mod
 
     loop = cfg.train.dpo_loop.model_copy(update={"max_steps": cfg.train.dpo_steps, "seed": cfg.round_seed(k),
                                                  **tracked(cfg, k, "dpo", cfg.train.dpo_loop.tags)})
+    ref = None if cfg.train.dpo_reference == "round_start" or reference is None else str(reference)
+    options = {"beta": cfg.train.dpo_beta, **cfg.train.dpo}
     summary = dpo_mod.run(dpo_mod.DpoConfig(model=str(policy), data=[str(pairs)], output=fs.join(out, "dpo"),
-                                            eval_fraction=0.0, max_length=cfg.train.max_length,
-                                            beta=cfg.train.dpo_beta, loop=loop.model_dump()))
-    return str(summary["final"]), _summary(summary)
+                                            eval_fraction=0.0, max_length=cfg.train.max_length, ref_model=ref,
+                                            loop=loop.model_dump(), **options))
+    return str(summary["final"]), _summary(summary, ("steps", "train_loss", "rows", "seconds", "loss_type",
+                                                     "reference", "ref_model"))
 
 
 def _grpo(cfg: FlywheelConfig, k: int, policy: str, prompts: str, out: str) -> tuple[str, dict]:
