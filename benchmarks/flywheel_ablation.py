@@ -6,7 +6,9 @@ then trains the same number of steps per round:
 
 - ``loop``: the default config (configs/flywheel.yaml): verified best-of-N, pooled over rounds, SFT;
 - ``control``: the same steps per round on the seed set alone (``--control``), same seeds;
-- ``sft+dpo``: (a) SFT then DPO on the round's West-of-N pairs;
+- ``sft+dpo``: (a) SFT then DPO on the round's West-of-N pairs; ``sft+dpop``, ``sft+simpo``,
+  ``sft+orpo``, ``sft+kto``, ``sft+rpo``: the same with another preference loss (train/pref_losses.py),
+  each printed with how far chosen's and rejected's log-probs moved over its DPO steps;
 - ``select_ifd`` / ``select_random``: (b) the pool cut to the same budget by IFD under the policy
   (the ``ifd`` selection method, docs/selection.md#ifd) or at random;
 - ``last_round``: (c) this round's verified samples only, not the pool of all rounds.
@@ -21,6 +23,7 @@ control run end to end on a toy task (under a minute); it prints no BENCH line.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
@@ -36,6 +39,13 @@ VARIANTS = {
     "loop": {},
     "control": {"control": True},
     "sft+dpo": {"train": {"algorithm": "sft+dpo"}},
+    # the DPO family at the same SFT and DPO steps (train/pref_losses.py); --variants picks them
+    "sft+dpop": {"train": {"algorithm": "sft+dpo", "dpo": {"loss_type": "dpop"}}},
+    # SimPO's β and γ are on per-token log-likelihoods: its paper uses β 2-2.5 with γ/β 0.3-0.8
+    "sft+simpo": {"train": {"algorithm": "sft+dpo", "dpo": {"loss_type": "simpo", "beta": 2.0, "simpo_gamma": 1.0}}},
+    "sft+orpo": {"train": {"algorithm": "sft+dpo", "dpo": {"loss_type": "orpo"}}},
+    "sft+kto": {"train": {"algorithm": "sft+dpo", "dpo": {"loss_type": "kto"}}},
+    "sft+rpo": {"train": {"algorithm": "sft+dpo", "dpo": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]}}},
     "select_ifd": {"curate": {"select": "ifd", "budget": 200}},
     "select_random": {"curate": {"select": "random", "budget": 200}},
     "last_round": {"pool": {"mode": "last_round"}},
@@ -65,6 +75,18 @@ def run_variant(base: dict, name: str, seed: int, folder: Path, round0: Path | N
     return [r["accuracy"] for r in manifest["rounds"]], time.perf_counter() - start
 
 
+def logp_moves(folder: Path) -> list[tuple[float, float]] | None:
+    """Per round with DPO: how far the mean summed log-prob of chosen and of rejected moved from the
+    first step to the last (logps/chosen, logps/rejected in the DPO run's metrics.jsonl)."""
+    moves = []
+    for metrics in sorted(folder.glob("round-*/train/dpo/metrics.jsonl")):
+        steps = [json.loads(line) for line in metrics.read_text().splitlines() if '"logps/chosen"' in line]
+        if steps:
+            moves.append((steps[-1]["logps/chosen"] - steps[0]["logps/chosen"],
+                          steps[-1]["logps/rejected"] - steps[0]["logps/rejected"]))
+    return moves or None
+
+
 def spread(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -84,6 +106,7 @@ def main() -> int:
         base, seeds, ablation_seeds, variants = merged(base, QUICK), [0], [], ["loop", "control"]
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="flywheel-ablation-"))
     results: dict[str, dict[int, list[float]]] = {v: {} for v in variants}
+    moves: dict[str, dict[int, list[tuple[float, float]] | None]] = {v: {} for v in variants}
     total = time.perf_counter()
     round0: dict[int, Path] = {}
     plan = [(seed, name) for seed in seeds for name in variants if name in ("loop", "control")]
@@ -93,7 +116,10 @@ def main() -> int:
         accs, secs = run_variant(base, name, seed, folder, round0.get(seed))
         round0.setdefault(seed, folder / "round-000")
         results[name][seed] = accs
-        print(f"seed {seed} {name:>13}: " + " -> ".join(f"{a:.3f}" for a in accs) + f"  ({secs:.0f} s)", flush=True)
+        moves[name][seed] = logp_moves(folder)
+        trail = "" if not moves[name][seed] else "  logp chosen/rejected moved " + ", ".join(
+            f"{c:+.1f}/{r:+.1f}" for c, r in moves[name][seed])
+        print(f"seed {seed} {name:>13}: " + " -> ".join(f"{a:.3f}" for a in accs) + f"  ({secs:.0f} s){trail}", flush=True)
     print(f"\nheld-out accuracy (greedy, exact answer), mean ± sd over seeds; {time.perf_counter() - total:.0f} s in all")
     n_rounds = max(len(a) for r in results.values() for a in r.values())
     print(f"{'variant':>13} {'seeds':>6} " + " ".join(f"{'round ' + str(k):>13}" for k in range(n_rounds)))
@@ -105,6 +131,14 @@ def main() -> int:
             vals = [a[k] for a in by_seed.values() if len(a) > k]
             cols.append(f"{statistics.mean(vals):.3f} ± {spread(vals):.3f}" if vals else "-")
         print(f"{name:>13} {len(by_seed):>6} " + " ".join(f"{c:>13}" for c in cols))
+    if any(m for by_seed in moves.values() for m in by_seed.values()):
+        print("\nDPO steps of each round: mean change of the summed log-prob of chosen / rejected (first -> last step)")
+        for name, by_seed in moves.items():
+            runs = [m for m in by_seed.values() if m]
+            if runs:
+                cols = [f"{statistics.mean(m[k][0] for m in runs):+.2f} / {statistics.mean(m[k][1] for m in runs):+.2f}"
+                        for k in range(min(len(m) for m in runs))]
+                print(f"{name:>13} " + " ".join(f"{c:>17}" for c in cols))
     if args.quick:
         print("quick mode: a toy run of every part; no claim (run without --quick for the BENCH lines)")
     elif results.get("loop") and results.get("control"):
