@@ -65,9 +65,23 @@ def our_grads(model, cfg: GrpoConfig, rollout) -> tuple[dict[str, torch.Tensor],
     return {n: p.grad.detach() / count for n, p in model.named_parameters() if p.grad is not None}, outs
 
 
-def test_gradient_equals_reinforce_with_group_baseline(tiny, tmp_path):
+def hand_advantages(rewards: list[list[float]], lengths: list[list[int]], estimator: str) -> list[list[float]]:
+    """Per group of G rewards, by the papers' formulas with the statistics module."""
+    if estimator == "grpo":
+        return [[(r - statistics.mean(grp)) / (statistics.stdev(grp) + 1e-4) for r in grp] for grp in rewards]
+    if estimator == "rloo":  # r_i − mean of the other G − 1
+        return [[r - (sum(grp) - r) / (len(grp) - 1) for r in grp] for grp in rewards]
+    # reinforce_pp: r − group mean, whitened over every completion token of the rollout
+    xs = [[r - statistics.mean(grp) for r in grp] for grp in rewards]
+    tokens = [x for grp, lens in zip(xs, lengths) for x, n in zip(grp, lens) for _ in range(n)]
+    mu, sd = statistics.mean(tokens), statistics.pstdev(tokens)
+    return [[(x - mu) / sd for x in grp] for grp in xs]
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
+def test_gradient_equals_reinforce_with_the_estimators_baseline(tiny, tmp_path, estimator):
     model, tok = load_for_training(tiny)
-    cfg = config(tmp_path)
+    cfg = config(tmp_path, advantage=estimator)
     backend = grpo.make_backend(cfg, model, tok, "policy")
     rows = prompt_rows(2)
     rollout = make_rollout(Calls(model), tok, backend, rows, varied, cfg, index=7)
@@ -78,19 +92,21 @@ def test_gradient_equals_reinforce_with_group_baseline(tiny, tmp_path):
     # Independently: regenerate the same samples (same seeds), score, A_i by hand, and
     # -Σ_i A_i Σ_t log π(y_i,t | x, y_<t) / Σ_i |y_i| (dapo) with one unpadded forward per sample.
     g = cfg.num_generations
-    model.zero_grad()
-    total, tokens = 0.0, 0
+    groups = []
     for j, row in enumerate(rows):
         sampling = Sampling(n=g, seed=rollout_seed(cfg.loop.seed, 7, j), logprobs=True, max_tokens=6)
         samples = backend.generate([Request("x", messages=tuple(row["prompt"]), sampling=sampling)])[0].samples
-        rewards = varied([row] * g, [s.text for s in samples])
-        mean, std = statistics.mean(rewards), statistics.stdev(rewards)
-        for s, r in zip(samples, rewards):
+        groups.append((row, samples, varied([row] * g, [s.text for s in samples])))
+    advs = hand_advantages([r for _, _, r in groups], [[len(s.token_ids) for s in ss] for _, ss, _ in groups],
+                           estimator)
+    model.zero_grad()
+    total, tokens = 0.0, 0
+    for (row, samples, _), adv in zip(groups, advs):
+        for s, a in zip(samples, adv):
             ids = chat_prompt_ids(tok, row["prompt"]) + s.token_ids
             logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
             start = len(ids) - len(s.token_ids)
-            seq = sum(logp[t - 1, ids[t]] for t in range(start, len(ids)))
-            total = total - (r - mean) / (std + 1e-4) * seq
+            total = total - a * sum(logp[t - 1, ids[t]] for t in range(start, len(ids)))
             tokens += len(s.token_ids)
     (total / tokens).backward()
     theirs = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -98,6 +114,46 @@ def test_gradient_equals_reinforce_with_group_baseline(tiny, tmp_path):
     assert max(float(v.abs().max()) for v in ours.values()) > 1e-3  # a real gradient, not 0 == 0
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], atol=1e-5, rtol=1e-5)
+
+
+def test_gspo_at_ratio_one_trains_what_token_level_does(tiny, tmp_path):
+    """μ = 1: every log-ratio is 0, so GSPO's sequence ratio is 1 like every token's, and the gradients
+    agree for each normalisation (tests/test_grpo_losses.py covers ratios away from 1)."""
+    model, tok = load_for_training(tiny)
+    rollout = make_rollout(Calls(model), tok, grpo.make_backend(config(tmp_path), model, tok, "policy"),
+                           prompt_rows(2), varied, config(tmp_path), index=3)
+    for loss_type in ("dapo", "bnpo", "grpo"):
+        token, _ = our_grads(model, config(tmp_path, loss_type=loss_type), rollout)
+        seq, _ = our_grads(model, config(tmp_path, loss_type=loss_type, importance_sampling_level="sequence"), rollout)
+        for name in token:
+            torch.testing.assert_close(seq[name], token[name], atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "reinforce_pp"])
+def test_two_ranks_see_the_whole_rollouts_statistics(tiny, tmp_path, monkeypatch, estimator):
+    """Rank r of 2 makes its half of the rollout; with every rank's (reward, length) rows gathered its
+    advantages and metrics are those one process computes for the whole rollout (REINFORCE++'s batch
+    whitening and the length metrics span both halves)."""
+    model, tok = load_for_training(tiny)
+    cfg = config(tmp_path, advantage=estimator, **({"scale_rewards": "batch"} if estimator == "grpo" else {}))
+    backend = grpo.make_backend(cfg, model, tok, "policy")
+    rows = prompt_rows(4)
+    whole = make_rollout(Calls(model), tok, backend, rows, varied, cfg, index=2)
+    halves = {0: (rows[:2], [0, 1]), 1: (rows[2:], [2, 3])}
+    shared: dict[int, torch.Tensor] = {}
+    for rank, (part, slots) in halves.items():  # what each rank contributes to the gather
+        monkeypatch.setattr(grpo.dist, "gather", lambda x, rank=rank: shared.__setitem__(rank, x) or [x])
+        make_rollout(Calls(model), tok, backend, part, varied, cfg, index=2, slots=slots)
+    advs = []
+    for rank, (part, slots) in halves.items():
+        monkeypatch.setattr(grpo.dist, "gather", lambda x: [shared[0], shared[1]])
+        monkeypatch.setattr(grpo.dist, "shard", lambda rank=rank: (rank, 2))
+        mine = make_rollout(Calls(model), tok, backend, part, varied, cfg, index=2, slots=slots)
+        advs.append(torch.cat([b["advantages"] for b in mine.batches]))
+        assert mine.metrics == pytest.approx(whole.metrics)
+    torch.testing.assert_close(torch.cat(advs), torch.cat([b["advantages"] for b in whole.batches]))
+    assert whole.metrics["completions/min_length"] <= whole.metrics["completions/mean_length"] \
+        <= whole.metrics["completions/max_length"]
 
 
 def test_a_unanimous_group_contributes_no_gradient(tiny, tmp_path):
@@ -305,3 +361,36 @@ def test_prompts_without_room_for_a_completion_are_linted(tmp_path):
     cfg = load_train_config(CONFIG, GrpoConfig, {"output": str(tmp_path / "o"), "max_length": 12})
     with pytest.raises(UserError, match="prompt_too_long"):
         grpo.run(cfg)
+
+
+OPTIONS = {"rloo": {"advantage": "rloo", "normalize_advantages": True}, "reinforce_pp": {"advantage": "reinforce_pp"},
+           "bnpo": {"loss_type": "bnpo"},
+           # GSPO as its paper runs it: per-sequence loss, tiny clip range; μ = 2 so step 2 has ratios ≠ 1
+           "gspo": {"importance_sampling_level": "sequence", "loss_type": "grpo", "epsilon": 3e-4,
+                    "epsilon_high": 4e-4, "num_iterations": 2}}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_each_option_trains_end_to_end(tmp_path, arithmetic_prompts, name):
+    data, model = arithmetic_prompts
+    cfg = GrpoConfig.model_validate({
+        "model": str(model), "data": [str(data)], "output": str(tmp_path / "out"), "max_length": 64,
+        "verifier": "test_train_grpo:varied", "num_generations": 4, "max_completion_length": 6,  # every group varies
+        "prompts_per_step": 2, **OPTIONS[name], "loop": {"lr": 1e-2, "batch_size": 4, "max_steps": 2, "progress": False}})
+    summary = grpo.run(cfg)
+    steps = [json.loads(x) for x in (cfg.out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 2 and summary["final"] and all(math.isfinite(s["loss"]) for s in steps)
+    for s in steps:  # TRL's names, and the earlier one
+        assert s["completions/min_length"] <= s["completions/mean_length"] == s["completion_length"] \
+            <= s["completions/max_length"] <= 6 and 0 <= s["completions/clipped_ratio"] <= 1
+    if name == "gspo":  # one step at lr 1e-2 moves the sequence ratios past 1 ± 4e-4
+        assert steps[0]["clip_ratio"] == 0 and steps[1]["clip_ratio"] > 0
+
+
+def test_options_that_belong_to_another_estimator_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="scale_rewards is GRPO's"):
+        config(tmp_path, advantage="rloo", scale_rewards="none")
+    with pytest.raises(ValueError, match="normalize_advantages is RLOO's"):
+        config(tmp_path, normalize_advantages=True)
+    cfg = config(tmp_path)
+    assert (cfg.advantage, cfg.importance_sampling_level, cfg.normalize_advantages) == ("grpo", "token", False)

@@ -1,22 +1,26 @@
 """GRPO on prompt rows: G samples per prompt from the policy being trained, rewards from a rule verifier or
-a reward model, group-normalised advantages, the PPO-clip loss (docs/sources.md#grpo, #chat-templates-and-labels).
+a reward model, group advantages, the PPO-clip loss (docs/sources.md#grpo, #chat-templates-and-labels).
 
 A rollout: ``prompts_per_step`` prompts (a seeded order per epoch) x ``num_generations`` samples with
 seeds derived from (loop.seed, rollout index), so a resumed run replays prompts and samples; rewards;
-group advantages; right-padded [prompt + completion] batches of the backend's own token ids (the text
-re-tokenized can give other ids); π_old = the policy's no-grad log-probs at rollout time (with μ = 1
-the ratio is exactly 1: REINFORCE with a group baseline); the sampler's log-probs for the importance
-weight exp(π_old − π_sampler), capped (TIS, trl PR #3867; applied for vLLM by default, whose kernels
-differ from ours; mean and max always logged). It serves ``num_iterations`` (μ) optimizer steps.
+advantages (``advantage``: GRPO's group-normalised ones, RLOO's leave-one-out baseline, or
+REINFORCE++-baseline's batch-whitened ones; losses.estimate_advantages); right-padded [prompt +
+completion] batches of the backend's own token ids (the text re-tokenized can give other ids); π_old =
+the policy's no-grad log-probs at rollout time (with μ = 1 the ratio is exactly 1: REINFORCE with a
+group baseline); the sampler's log-probs for the importance weight exp(π_old − π_sampler), capped
+(TIS, trl PR #3867; applied for vLLM by default, whose kernels differ from ours; mean and max always
+logged). It serves ``num_iterations`` (μ) optimizer steps. The ratio π/π_old is per token, or per
+completion (GSPO, ``importance_sampling_level: sequence``).
 
 With several processes (DDP) each rank samples, scores and trains its share of a rollout's prompts
-(prompt j keeps its seeds, so N processes sample what one would); rewards are gathered for the
-advantages. With LoRA the vLLM engine receives the merged weights, and the KL reference (beta > 0) is
-the policy with its adapter off. Simplifications, stated: FSDP is not offered for GRPO (sharded
-generation would need every rank to decode in lock step); one reward source (no weighted mix);
-token-level importance sampling (no GSPO); no entropy masking; no dynamic sampling (zero-std groups
-train nothing; ``frac_reward_zero_std`` counts them, trl#3857); generation and training alternate
-(no asynchronous rollouts); the vLLM engine shares the trainer's process and GPU.
+(prompt j keeps its seeds, so N processes sample what one would); rewards and completion lengths are
+gathered, so the advantages' batch statistics and the logged metrics are those of one process. With
+LoRA the vLLM engine receives the merged weights, and the KL reference (beta > 0) is the policy with
+its adapter off. Simplifications, stated: FSDP is not offered for GRPO (sharded generation would need
+every rank to decode in lock step); one reward source (no weighted mix); no entropy masking; no
+dynamic sampling (zero-std groups train nothing under the grpo and plain rloo estimators;
+``frac_reward_zero_std`` counts them, trl#3857); generation and training alternate (no asynchronous
+rollouts); the vLLM engine shares the trainer's process and GPU.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ from . import lora
 from .checkpoint import latest_checkpoint
 from .config import TrainBase
 from .data import Lint, load_split, use_chat_template
+from .grpo_metrics import rollout_metrics
 from .loop import LossOut, autocast, index_plan, pick_device, train_loop
-from .losses import IGNORE, group_advantages, grpo_loss
+from .losses import IGNORE, estimate_advantages, grpo_loss
 from .model import load_for_training, resolve_model, save_final, to_device
 from .output import RunOutput
 
@@ -59,8 +64,15 @@ class GrpoConfig(TrainBase):
     beta: float = Field(0.0, ge=0)  # KL coefficient; 0.0 since trl PR #3516 (no reference model is loaded)
     epsilon: float = Field(0.2, gt=0, lt=1)
     epsilon_high: float | None = Field(None, gt=0)  # None: epsilon; DAPO recommends 0.28
-    loss_type: Literal["dapo", "grpo", "dr_grpo"] = "dapo"  # normalisations: losses.grpo_loss
-    scale_rewards: Literal["group", "batch", "none"] = "group"  # none: Dr. GRPO
+    loss_type: Literal["dapo", "bnpo", "grpo", "dr_grpo"] = "dapo"  # normalisations: losses.grpo_loss
+    # ours: the estimator's name; grpo is TRL GRPOTrainer's, rloo TRL RLOOTrainer's, reinforce_pp OpenRLHF's
+    # reinforce_baseline (losses.estimate_advantages)
+    advantage: Literal["grpo", "rloo", "reinforce_pp"] = "grpo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # advantage grpo only; none: Dr. GRPO
+    normalize_advantages: bool = False  # advantage rloo only: TRL RLOOConfig's batch whitening, off
+    # sequence: GSPO's one ratio per completion (TRL importance_sampling_level); the GSPO paper pairs it with
+    # epsilon 3e-4 / epsilon_high 4e-4 and loss_type grpo, which the config leaves to the user
+    importance_sampling_level: Literal["token", "sequence"] = "token"
     num_generations: int = Field(8, ge=2)  # G, samples per prompt
     max_completion_length: int = Field(512, ge=1)
     temperature: float = Field(1.0, gt=0)  # applied to the logits on both sides (sampler and trainer; trl#4159)
@@ -92,6 +104,10 @@ class GrpoConfig(TrainBase):
     def _check(self) -> GrpoConfig:
         if (self.verifier is None) == (self.reward_model is None):
             raise ValueError("give exactly one of verifier ('module:function' or a built-in name) or reward_model")
+        if self.advantage != "grpo" and self.scale_rewards != "group":
+            raise ValueError(f"scale_rewards is GRPO's; advantage {self.advantage} has its own normalisation")
+        if self.normalize_advantages and self.advantage != "rloo":
+            raise ValueError("normalize_advantages is RLOO's (advantage: rloo)")
         if self.loop.grad_accum != 1:
             raise ValueError("grpo sets the micro-batches itself: prompts_per_step x num_generations samples per step "
                              "in micro-batches of loop.batch_size; leave loop.grad_accum at 1")
@@ -187,18 +203,24 @@ def make_rollout(engine: Any, tok: Any, backend: Any, rows: list[dict], reward_f
         raise UserError(f"importance_correction needs sampled log-probs; the {backend.name} backend gave none")
     scored = reward_fn([rows[j] for j in owners], [s.text for s in samples])
     rewards = torch.tensor([math.nan if (v is None or not good) else float(v) for v, good in zip(scored, ok)])
-    everyone = dist.gather(rewards)  # the batch std (scale_rewards: batch) is over every rank's groups
-    at = sum(len(r) for r in everyone[:dist.shard()[0]])
-    adv = group_advantages(torch.cat(everyone), g, cfg.scale_rewards)[at:at + len(rewards)]
     truncated = [s.finish_reason == "length" for s in samples]
     trained = [good and not (t and cfg.mask_truncated_completions) for good, t in zip(ok, truncated)]
+    # batch statistics (scale_rewards batch, REINFORCE++'s whitening, the metrics) are over every rank's groups
+    mine = torch.tensor([[r, len(s.token_ids or []), t, k] for r, s, t, k in zip(rewards.tolist(), samples, truncated,
+                                                                                 trained)], dtype=torch.float64)
+    everyone = dist.gather(mine)
+    at = sum(len(x) for x in everyone[:dist.shard()[0]])
+    every = torch.cat(everyone)
+    all_adv = estimate_advantages(every[:, 0], g, cfg.advantage, scale=cfg.scale_rewards,
+                                  normalize=cfg.normalize_advantages, weights=every[:, 1] * every[:, 3])
+    adv = all_adv[at:at + len(rewards)]
     seqs = [(pids[j], list(s.token_ids or [])) for j, s in zip(owners, samples)]
     bf16 = pick_device(cfg.loop)[1]  # the loop's autocast, so μ = 1 gives ratio 1
     was_training, size, batches, ratios = engine.training, cfg.loop.batch_size, [], []
     engine.eval()  # π_old without dropout, as the loop trains (loop.disable_dropout)
-    for at in range(0, len(seqs), size):
-        batch = collate(seqs[at:at + size], trained[at:at + size],
-                        [(s.logprobs or []) if sampled else [] for s in samples[at:at + size]], tok.pad_token_id)
+    for start in range(0, len(seqs), size):
+        batch = collate(seqs[start:start + size], trained[start:start + size],
+                        [(s.logprobs or []) if sampled else [] for s in samples[start:start + size]], tok.pad_token_id)
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
         labels = batch["labels"].to(device)
         with autocast(device.type, bf16):
@@ -208,30 +230,13 @@ def make_rollout(engine: Any, tok: Any, backend: Any, rows: list[dict], reward_f
         ratios.append(ratio[batch["labels"][:, 1:] != IGNORE])
         if correct:
             batch["is_weights"] = ratio.clamp(max=cfg.is_cap)
-        batch["advantages"] = adv[at:at + size]
+        batch["advantages"] = adv[start:start + size]
         batches.append(batch)
     engine.train(was_training)
-    # step-level numbers ride on micro-batch 0, so the loop reports them exactly, not averaged
-    batches[0]["rollout"] = metrics = rollout_metrics(rewards, g, seqs, truncated,
+    # step-level numbers ride on micro-batch 0 (the same on every rank), so the loop reports them exactly
+    batches[0]["rollout"] = metrics = rollout_metrics(every[:, 0], g, every[:, 1], every[:, 2].bool(), all_adv,
                                                       torch.cat(ratios) if sampled else None)
     return Rollout(index, batches, metrics)
-
-
-def rollout_metrics(rewards: torch.Tensor, g: int, seqs: list, truncated: list[bool],
-                    ratio: torch.Tensor | None) -> dict[str, float]:
-    """Per-step monitoring (docs/sources.md#grpo: trl#3452, trl#3857): reward, mean within-group std and
-    the share of groups with one reward for all (both as TRL logs them), completion length, truncation,
-    IS ratio mean/max."""
-    stds = [float(grp[~grp.isnan()].std()) if (~grp.isnan()).sum() > 1 else 0.0 for grp in rewards.view(-1, g)]
-    valid = rewards[~rewards.isnan()]
-    out = {"reward_std": sum(stds) / len(stds), "frac_reward_zero_std": sum(s < 1e-8 for s in stds) / len(stds),
-           "unscored": float(rewards.isnan().float().mean()), "truncated": sum(truncated) / len(truncated),
-           "completion_length": sum(len(c) for _, c in seqs) / len(seqs)}
-    if valid.numel():
-        out["reward"] = float(valid.mean())
-    if ratio is not None and ratio.numel():
-        out["is_ratio/mean"], out["is_ratio/max"] = float(ratio.mean()), float(ratio.max())
-    return out
 
 
 def grpo_loss_fn(cfg: GrpoConfig, device: str):
@@ -242,7 +247,8 @@ def grpo_loss_fn(cfg: GrpoConfig, device: str):
         total, count, metrics = grpo_loss(
             logps, b["old_logps"], b["advantages"], b["mask"], epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
             beta=cfg.beta, ref_logps=b.get("ref_logps"), loss_type=cfg.loss_type,
-            max_completion_length=cfg.max_completion_length, is_weights=b.get("is_weights"))
+            max_completion_length=cfg.max_completion_length, is_weights=b.get("is_weights"),
+            importance_sampling_level=cfg.importance_sampling_level)
         metrics["tokens"] = (float(b["attention_mask"].sum()), 1.0)
         for name, value in batch.get("rollout", {}).items():
             metrics[name] = (value, 1.0)

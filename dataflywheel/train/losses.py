@@ -50,6 +50,15 @@ def sequence_logps(logps: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return logps.sum(-1), (shifted_targets(labels) != IGNORE).sum(-1)
 
 
+def _groups(rewards: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N] rewards -> [N/G, G] rewards, which are scored (not NaN), and the scored count per group."""
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    r = rewards.float().view(-1, group_size)
+    valid = ~torch.isnan(r)
+    return r, valid, valid.sum(-1, keepdim=True)
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
     """[N] rewards (NaN = could not score), groups of ``group_size`` adjacent samples of one prompt -> [N] advantages.
 
@@ -59,11 +68,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     Stds are unbiased (torch.std, as TRL and veRL). NaN rewards are left out of the mean and std
     (TRL's nan-aware reductions) and get advantage 0, so an unscorable sample trains nothing.
     """
-    if group_size < 1 or rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    r = rewards.float().view(-1, group_size)
-    valid = ~torch.isnan(r)
-    n = valid.sum(-1, keepdim=True)
+    r, valid, n = _groups(rewards, group_size)
     mean = torch.where(valid, r, 0.0).sum(-1, keepdim=True) / n.clamp(min=1)
     centred = torch.where(valid, r - mean, 0.0)
     if scale == "none":
@@ -76,6 +81,65 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     else:
         raise ValueError(f"scale must be group, batch or none, got {scale!r}")
     return (centred / (std + eps)).view(-1)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int, normalize: bool = False, eps: float = 1e-4) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024) as TRL 1.16 computes it (``rloo_trainer.py``,
+    ``_generate_and_score_completions``): [N] rewards -> [N] advantages.
+
+    A_i = r_i − mean_{j≠i} r_j over the group's scored siblings, = G/(G−1)·(r_i − mean) when the whole
+    group is scored: the baseline leaves the sample out, so it is independent of the sample's own reward.
+    A NaN reward is out of every baseline and gets 0, as does the one scored sample of a group (no
+    sibling: TRL's 0/0, zeroed). ``normalize`` (TRL ``RLOOConfig.normalize_advantages``) then maps the
+    batch's defined advantages to (A − mean) / (std + eps), unbiased std and eps 1e-4 as TRL.
+    """
+    r, valid, n = _groups(rewards, group_size)
+    defined = valid & (n > 1)
+    total = torch.where(valid, r, 0.0).sum(-1, keepdim=True)
+    adv = torch.where(defined, r - (total - torch.where(valid, r, 0.0)) / (n - 1).clamp(min=1), 0.0)
+    if normalize:
+        a = adv[defined]
+        # TRL's nanstd of fewer than 2 values is NaN, which it then zeroes: every advantage 0
+        adv = torch.where(defined, (adv - a.mean()) / (a.std() + eps), 0.0) if a.numel() > 1 else adv.zero_()
+    return adv.view(-1)
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, group_size: int, weights: torch.Tensor | None = None,
+                            eps: float = 1e-8) -> torch.Tensor:
+    """REINFORCE++-baseline (Hu et al. 2025, arXiv 2501.03262) as OpenRLHF computes it
+    (``openrlhf/trainer/ppo_utils/experience_maker.py``, ``advantage_estimator="reinforce_baseline"``):
+    [N] rewards -> [N] advantages.
+
+    x_i = r_i − mean_group(r) (no division by the group's std), then whitened over the whole batch:
+    (x_i − μ) / σ, with μ and the population variance σ² (clamped at eps = 1e-8, OpenRLHF's) over the
+    batch. OpenRLHF whitens token-level advantages over every response token; with one outcome reward,
+    γ = 1 and no KL in the reward, every token carries its completion's x_i, so ``weights`` = [N]
+    trained-token counts reproduces it exactly (None: every completion weighs the same). The batch is
+    the whole rollout, every rank's (grpo.py gathers rewards and counts first). NaN rewards are out of
+    both means and get 0. Unlike GRPO, a unanimous group trains: its x = 0 becomes −μ/σ.
+    """
+    r, valid, _ = _groups(rewards, group_size)
+    x = group_advantages(rewards, group_size, "none").view_as(r)
+    w = (torch.ones_like(r) if weights is None else weights.float().view_as(r)) * valid
+    total = w.sum()
+    if total <= 0:
+        return torch.zeros_like(x).view(-1)
+    mean = (x * w).sum() / total
+    var = ((x - mean).square() * w).sum() / total
+    return torch.where(valid, (x - mean) * var.clamp(min=eps).rsqrt(), 0.0).view(-1)
+
+
+def estimate_advantages(rewards: torch.Tensor, group_size: int, estimator: str = "grpo", *, scale: str = "group",
+                        normalize: bool = False, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The configured estimator (``GrpoConfig.advantage``) on [N] rewards; ``scale`` is GRPO's, ``normalize``
+    RLOO's, ``weights`` (trained tokens per completion) REINFORCE++'s."""
+    if estimator == "grpo":
+        return group_advantages(rewards, group_size, scale)
+    if estimator == "rloo":
+        return rloo_advantages(rewards, group_size, normalize)
+    if estimator == "reinforce_pp":
+        return reinforce_pp_advantages(rewards, group_size, weights)
+    raise ValueError(f"advantage estimator must be grpo, rloo or reinforce_pp, got {estimator!r}")
 
 
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
@@ -98,6 +162,7 @@ def grpo_loss(
     loss_type: str = "dapo",
     max_completion_length: int | None = None,
     is_weights: torch.Tensor | None = None,
+    importance_sampling_level: str = "token",
 ) -> tuple[torch.Tensor, float, dict[str, tuple[float, float]]]:
     """PPO-clip policy loss of GRPO (TRL ``grpo_trainer._compute_loss``, docs/sources.md#grpo) as ``(sum, count, metrics)``.
 
@@ -105,20 +170,39 @@ def grpo_loss(
     (log-probs of the completion tokens, mask 1 on trained completion tokens); ``advantages`` [B].
     Per token: ρ = exp(logp − old), ℓ = −min(ρA, clip(ρ, 1−ε, 1+ε_high)A), times the sampler
     importance weight when given (TIS), plus β·k3 KL to the reference when β > 0.
+    ``importance_sampling_level="sequence"`` is GSPO (Zheng et al. 2025): one ratio per completion,
+    s = exp(mean over its masked tokens of (logp − old)), clipped and broadcast over its tokens. As in
+    TRL 1.16 the gradient flows through the mean, so each token gets −A·s/|y| (unclipped): GSPO's
+    sequence-level gradient, also what the paper's GSPO-token form sg[s]·π/sg[π] gives.
 
-    The three normalisations as (sum, count), so the loop's Σsum / Σcount over the step's
-    micro-batches is the whole step's loss:
-    - dapo:    (Σ ℓM, ΣM) — every completion token of the step weighs the same (TRL's default).
+    The normalisations as (sum, count), so the loop's Σsum / Σcount over the step's micro-batches and
+    processes is the whole step's loss:
+    - dapo:    (Σ ℓM, ΣM) — every completion token of the step weighs the same (TRL's default; TRL
+               divides by the token count of the whole step, across accumulation and processes).
+    - bnpo:    (Σ ℓM / ΣM of this micro-batch, 1) — TRL's token mean over the *local* batch, so the
+               step averages micro-batch means (TRL divides by the accumulation steps, DDP averages
+               ranks). It equals dapo when a step is one micro-batch on one process; otherwise a token
+               of a micro-batch with few tokens weighs more.
     - grpo:    (Σ_seq Σ_t ℓM / Σ_t M, number of sequences) — the per-sequence mean of the paper; it
                gives each token of a short answer more weight (the length bias Dr. GRPO points out).
     - dr_grpo: (Σ ℓM, sequences × max_completion_length) — a constant denominator, so no length bias.
-    Metrics, each (sum, count) over masked tokens: clip_ratio (low, high and either: the share of
-    tokens whose gradient the clip removed), kl (with a reference), is_weight (with IS weights).
+    With GSPO, ``grpo`` is the paper's objective; the token-summing ones weight a sequence by its length.
+    Metrics, each (sum, count): clip_ratio (low, high and either: the share of trained tokens, or with
+    GSPO of trained sequences, whose gradient the clip removed), kl (with a reference), is_weight (with
+    IS weights), over masked tokens.
     """
     eps_high = epsilon if epsilon_high is None else epsilon_high
     mask = mask.to(logps.dtype)
     adv = advantages.to(logps.dtype).unsqueeze(-1)
-    ratio = torch.exp(logps - old_logps)
+    log_ratio = logps - old_logps
+    if importance_sampling_level == "sequence":  # [B, 1]: one ratio per completion
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        units = (mask.sum(-1, keepdim=True) > 0).to(mask.dtype)  # clip metrics count trained sequences
+    elif importance_sampling_level == "token":
+        units = mask
+    else:
+        raise ValueError(f"importance_sampling_level must be token or sequence, got {importance_sampling_level!r}")
+    ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
     per_token = -torch.min(ratio * adv, clipped * adv)
     if is_weights is not None:
@@ -133,24 +217,27 @@ def grpo_loss(
             per_token = per_token + beta * kl
         metrics["kl"] = (float((kl.detach() * mask).sum()), tokens)
     with torch.no_grad():  # clipped regions: where min() picked the clipped, constant term
-        low = ((ratio < 1 - epsilon) & (adv < 0)).to(mask.dtype) * mask
-        high = ((ratio > 1 + eps_high) & (adv > 0)).to(mask.dtype) * mask
-        metrics["clip_ratio/low"] = (float(low.sum()), tokens)
-        metrics["clip_ratio/high"] = (float(high.sum()), tokens)
-        metrics["clip_ratio"] = (float((low + high).sum()), tokens)
+        low = ((ratio < 1 - epsilon) & (adv < 0)).to(mask.dtype) * units
+        high = ((ratio > 1 + eps_high) & (adv > 0)).to(mask.dtype) * units
+        n = float(units.sum())
+        metrics["clip_ratio/low"] = (float(low.sum()), n)
+        metrics["clip_ratio/high"] = (float(high.sum()), n)
+        metrics["clip_ratio"] = (float((low + high).sum()), n)
         if is_weights is not None:
             metrics["is_weight"] = (float((is_weights * mask).sum()), tokens)
     masked = per_token * mask
     rows = float(logps.shape[0])
     if loss_type == "dapo":
         return masked.sum(), tokens, metrics
+    if loss_type == "bnpo":
+        return masked.sum() / max(tokens, 1.0), 1.0, metrics
     if loss_type == "grpo":
         return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum(), rows, metrics
     if loss_type == "dr_grpo":
         if not max_completion_length:
             raise ValueError("loss_type dr_grpo needs max_completion_length")
         return masked.sum(), rows * max_completion_length, metrics
-    raise ValueError(f"loss_type must be dapo, grpo or dr_grpo, got {loss_type!r}")
+    raise ValueError(f"loss_type must be dapo, bnpo, grpo or dr_grpo, got {loss_type!r}")
 
 
 def bradley_terry(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
