@@ -121,8 +121,9 @@ def _rounds(args: argparse.Namespace) -> int:
                   "nothing submitted", flush=True)
         return 0
     manifest = run_rounds(cfg, rounds=args.rounds, only_round=args.round, until_plateau=args.until_plateau)
-    accs = " -> ".join(f"{r['accuracy']:.3f}" for r in manifest["rounds"] if r["accuracy"] is not None)
-    print(f"held-out accuracy by round: {accs}", flush=True)
+    name = manifest["rounds"][-1]["headline"][0] if manifest["rounds"] else "accuracy"
+    values = " -> ".join(f"{r['headline'][1]:.3f}" for r in manifest["rounds"] if r["headline"][1] is not None)
+    print(f"held-out {name} by round: {values}", flush=True)
     if manifest.get("stopped"):
         print(manifest["stopped"], flush=True)
     print(f"run folder {cfg.output} (manifest.json; `dataflywheel report {cfg.output}` for the report)", flush=True)

@@ -18,6 +18,7 @@ from ..errors import UserError
 from ..registry import StageSpec
 from ..runner import RunnerConfig
 from ..synth.backends.base import Sampling
+from ..synth.backends.config import BackendConfig
 from ..train.config import LoopConfig
 from ..train.model import TinyInit
 
@@ -50,7 +51,14 @@ class PromptsConfig(Strict):
     curriculum: list[tuple[int, int]] = []  # task digits per round (easy -> hard); the last repeats
     paths: list[str] = []  # instead of the task: a prompt pool, split into disjoint per-round slices
     eval_paths: list[str] = []  # held-out prompts for a pool (the task writes its own)
-    verifier: str = "exact_match"  # the held-out check: a verifiers.py name or "module:function"
+    seed_paths: list[str] = []  # round 0's SFT rows for a pool (conversations; prompt + chosen of preference rows)
+    # how pool files read: prompt rows, or preference rows (HH-RLHF transcripts too) whose prompt is taken
+    kind: Literal["prompt", "preference"] = "prompt"
+    max_prompt_chars: int | None = Field(None, ge=1)  # longer pool prompts are left out (counted)
+    eval_rows: int | None = Field(None, ge=1)  # the first eval_rows held-out prompts (in a seeded order)
+    # the held-out check: a verifiers.py name or "module:function"; None: prompts without answers
+    # (evaluated by eval.reward_model and eval.judge)
+    verifier: str | None = "exact_match"
 
 
 class PoolConfig(Strict):
@@ -111,6 +119,12 @@ class SeedPolicyConfig(Strict):
 class EvalConfig(Strict):
     n: int = Field(1, ge=1)  # samples per held-out prompt; accuracy is greedy pass@1 ...
     pass_at: int = Field(0, ge=0)  # ... plus pass@k with k samples at the sampling temperature when > 0
+    # a fixed evaluation reward model (a `train rm` folder): mean reward of the greedy answers, and
+    # the win rate against round 0's answers when there is no judge
+    reward_model: str | None = None
+    # an LLM judge of the round's answers against round 0's, MT-Bench's pairwise prompt in both orders
+    judge: BackendConfig | None = None
+    judge_samples: int = Field(1, ge=1)  # judge samples per ordered comparison
 
 
 class PlateauConfig(Strict):
@@ -145,6 +159,12 @@ class FlywheelConfig(Strict):
             raise ValueError("give a task or prompts.paths (a prompt pool)")
         if self.task is None and not self.prompts.eval_paths:
             raise ValueError("a prompt pool needs prompts.eval_paths (held-out prompts)")
+        if self.task is None and self.policy.steps > 0 and not self.prompts.seed_paths:
+            raise ValueError("a prompt pool with policy.steps > 0 needs prompts.seed_paths (round 0's SFT rows)")
+        if self.prompts.verifier is None and self.eval.reward_model is None and self.eval.judge is None:
+            raise ValueError("prompts without a verifier need eval.reward_model or eval.judge to be evaluated")
+        if self.task is not None and self.prompts.verifier is None:
+            raise ValueError("a task has answers: give prompts.verifier")
         if self.sampling.n < 2:
             raise ValueError(f"sampling.n must be >= 2 (got {self.sampling.n})")
         if self.rm_refresh is not None and not self.scorer("reward_model"):

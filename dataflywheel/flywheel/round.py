@@ -14,7 +14,8 @@ returns ``{"counts", "metrics", "hash"}``; ``state.run_stage`` makes it resumabl
   fixed budget (the ablation's two arms).
 - ``train`` (train_stages.py): SFT from the current policy on the seed set mixed with the curated pool at a fixed
   pool share and a fixed step count, then DPO on this round's pairs when configured.
-- ``eval``: greedy answers to the held-out prompts, verified: the number the demo reports.
+- ``eval`` (evaluate.py): greedy answers to the held-out prompts, verified (the number the demo
+  reports), scored by a fixed evaluation reward model, and judged against round 0's answers.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -36,7 +36,6 @@ from ..registry import StageSpec
 from ..runner import RunnerConfig
 from ..selectors.ifd import IFDConfig
 from ..stages import StageConfig
-from ..synth.backends.base import Sampling
 from ..synth.backends.config import BackendConfig
 from ..synth.generate import GenerateConfig
 from ..synth.pairs import BestOfNConfig, PairsConfig
@@ -110,29 +109,43 @@ def as_conversation(row: dict) -> dict:
 
 
 def stage_seed(cfg: FlywheelConfig, out: str) -> dict:
-    rows = [as_conversation(r) for r in task_rows(cfg, "seed")]
+    from .prompts import seed_conversations
+
+    rows = [as_conversation(r) for r in task_rows(cfg, "seed")] if cfg.task is not None else seed_conversations(cfg)
     write_rows(out, rows)
     return {"counts": {"rows": len(rows)}, "hash": rows_hash(rows, cfg.output)}
 
 
 def stage_prompts(cfg: FlywheelConfig, k: int, out: str) -> dict:
+    from .prompts import round_prompts
+
+    counts: dict[str, Any] = {}
     if cfg.task is not None:
         rows = task_rows(cfg, "round", k)
     else:  # the k-th disjoint slice of the pool, in a seeded order
-        pool = [r for r in read(cfg.prompts.paths) if isinstance(r, dict)]
-        random.Random(f"flywheel-prompts:{cfg.seed}").shuffle(pool)
-        n = cfg.prompts.per_round
-        rows = pool[(k - 1) * n: k * n]
+        rows, counts = round_prompts(cfg, k)
     write_rows(out, rows)
-    return {"counts": {"rows": len(rows)}, "hash": rows_hash(rows, cfg.output)}
+    return {"counts": {"rows": len(rows), **({"pool": counts} if counts else {})}, "hash": rows_hash(rows, cfg.output)}
 
 
 # ---- samples: the pairs pipeline ----------------------------------------------------------------
 
-def scorers_for(cfg: FlywheelConfig, rm: str | None) -> list[StageSpec]:
-    """The configured scorers, the reward model replaced by the refreshed one when there is one."""
-    return [StageSpec.of(s.stage, s.config.model_copy(update={"model": str(rm)}))
-            if rm is not None and s.stage == "reward_model" else s for s in cfg.scorers]
+POLICY = "policy"  # a judge scorer's backend model naming the current policy: Self-Rewarding's own judge
+
+
+def scorers_for(cfg: FlywheelConfig, rm: str | None, policy: str | None = None) -> list[StageSpec]:
+    """The configured scorers, the reward model replaced by the refreshed one when there is one, and
+    a judge whose backend model is ``policy`` given the round's current policy (Self-Rewarding:
+    the model judges its own samples)."""
+    out = []
+    for s in cfg.scorers:
+        if rm is not None and s.stage == "reward_model":
+            s = StageSpec.of(s.stage, s.config.model_copy(update={"model": str(rm)}))
+        elif s.stage == "judge" and s.config.backend.model == POLICY and policy is not None:
+            backend = s.config.backend.model_copy(update={"model": str(policy)})
+            s = StageSpec.of(s.stage, s.config.model_copy(update={"backend": backend}))
+        out.append(s)
+    return out
 
 
 def pairs_config(cfg: FlywheelConfig, k: int, prompts: str, policy: str, out: str,
@@ -145,7 +158,7 @@ def pairs_config(cfg: FlywheelConfig, k: int, prompts: str, policy: str, out: st
     return PairsPipelineConfig(
         name=f"{cfg.name}-round{k}", round=k, runner=runner or cfg.runner,
         input=InputConfig(paths=[str(prompts)], kind="prompt", batch_rows=cfg.batch_size),
-        output=OutputConfig(path=str(out), format="jsonl"), generate=generate, scorers=scorers_for(cfg, rm),
+        output=OutputConfig(path=str(out), format="jsonl"), generate=generate, scorers=scorers_for(cfg, rm, policy),
         pairs=PairsConfig(method="west_of_n"), best_of_n=BestOfNConfig(field=cfg.pool.field, min_score=cfg.pool.min_score))
 
 
@@ -231,37 +244,3 @@ def stage_curate(cfg: FlywheelConfig, k: int, rows: str, policy: str, out: str) 
               "rejected": {r: n for s in report.stages for r, n in s.rejected.items()},
               "stages": {s.stage: {"in": s.rows_in, "kept": s.kept} for s in report.stages}}
     return {"counts": counts, "hash": rows_hash(kept, cfg.output)}
-
-
-# ---- evaluation (training: train_stages.py) ------------------------------------------------------
-
-def evaluate(cfg: FlywheelConfig, policy: str, rows: list[dict]) -> tuple[list[dict], dict]:
-    """Greedy answers (and pass@k samples when asked) to held-out prompts, verified."""
-    from ..synth.backends.base import Request
-    from ..synth.backends.transformers import TransformersBackend
-    from ..synth.generate import prompt_messages
-    from ..synth.verifiers import verifier_reward
-
-    check = verifier_reward(cfg.prompts.verifier)
-    backend = TransformersBackend(str(policy), batch_size=cfg.batch_size, device="cpu")
-    greedy = Sampling(n=1, temperature=0.0, max_tokens=cfg.sampling.max_tokens, seed=0)
-    reqs = [Request(r["id"], messages=tuple(prompt_messages(r)), sampling=greedy) for r in rows]
-    texts = {res.request_id: res.samples[0].text for res in backend.generate(reqs)}
-    scores = check(rows, [texts[r["id"]] for r in rows])
-    results = [{"id": r["id"], "answer": r.get("answer"), "completion": texts[r["id"]], "correct": s}
-               for r, s in zip(rows, scores)]
-    metrics: dict[str, Any] = {"accuracy": _mean([s or 0.0 for s in scores]), "n": len(rows)}
-    if cfg.eval.pass_at:
-        k = cfg.eval.pass_at
-        sampled = cfg.sampling.model_copy(update={"n": k, "seed": cfg.seed + 7})
-        reqs = [Request(r["id"], messages=tuple(prompt_messages(r)), sampling=sampled) for r in rows]
-        got = {res.request_id: [s.text for s in res.samples] for res in backend.generate(reqs)}
-        hits = [max((v or 0.0) for v in check([r] * k, got[r["id"]])) for r in rows]
-        metrics[f"pass@{k}"] = _mean(hits)
-    return results, metrics
-
-
-def stage_eval(cfg: FlywheelConfig, policy: str, heldout: list[dict], out: str) -> dict:
-    results, metrics = evaluate(cfg, policy, heldout)
-    write_rows(out, results)
-    return {"counts": {"rows": len(results)}, "metrics": metrics, "hash": rows_hash(results, cfg.output)}

@@ -14,12 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..io import fs, read
+from ..io import fs
 from .config import FlywheelConfig
+from .evaluate import stage_eval
+from .prompts import heldout_prompts
 from .round import (
+    read_rows,
     rows_hash,
     stage_curate,
-    stage_eval,
     stage_pool,
     stage_prompts,
     stage_samples,
@@ -39,7 +41,7 @@ def round_dir(run: str, k: int) -> str:
 def heldout_rows(cfg: FlywheelConfig) -> list[dict]:
     if cfg.task is not None:
         return task_rows(cfg, "eval")
-    return [r for r in read(cfg.prompts.eval_paths) if isinstance(r, dict)]
+    return heldout_prompts(cfg)
 
 
 def _summary(marker: dict) -> dict:
@@ -110,10 +112,15 @@ def run_round(cfg: FlywheelConfig, run: str, k: int, prev: dict | None, heldout:
                                         out, fs.join(rd, "prompts"), in_run(run, prev["origin"])),
                 resumable=True, skip_dirs=TRAIN_SKIP, log=log)
     policy_now = stages["train"]["metrics"]["policy"]
+    eval_inputs = {"policy": stages["train"]["output"], "heldout": rows_hash(heldout), "eval": cfg.eval.model_dump(),
+                   "verifier": cfg.prompts.verifier, "max_tokens": cfg.sampling.max_tokens}
+    baseline_dir = fs.join(round_dir(run, 0), "eval")
+    if k > 0:  # judged against round 0's answers
+        eval_inputs["baseline"] = prev["baseline_hash"]
     stages["eval"] = run_stage(
-        rd, "eval", {"policy": stages["train"]["output"], "heldout": rows_hash(heldout), "eval": cfg.eval.model_dump(),
-                     "verifier": cfg.prompts.verifier, "max_tokens": cfg.sampling.max_tokens},
-        lambda out: stage_eval(cfg, in_run(run, policy_now), heldout, out), log=log)
+        rd, "eval", eval_inputs,
+        lambda out: stage_eval(cfg, in_run(run, policy_now), heldout, out, read_rows(baseline_dir) if k else None),
+        log=log)
     record = {
         "round": k, "policy": policy_now, "policy_hash": stages["train"]["output"],  # policy: run-relative
         "seed_hash": stages["seed"]["output"] if k == 0 else prev["seed_hash"],
@@ -122,11 +129,24 @@ def run_round(cfg: FlywheelConfig, run: str, k: int, prev: dict | None, heldout:
         "pool_hash": stages["pool"]["output"] if "pool" in stages else (prev or {}).get("pool_hash"),
         "rm": stages["rm"]["metrics"]["rm"] if "rm" in stages else (prev or {}).get("rm"),
         "rm_hash": stages["rm"]["output"] if "rm" in stages else (prev or {}).get("rm_hash"),
+        "baseline_hash": stages["eval"]["output"] if k == 0 else prev["baseline_hash"],
         "accuracy": stages["eval"]["metrics"].get("accuracy"),
+        # the number a round is judged by: verified accuracy, else the evaluation RM's mean reward
+        "headline": headline(cfg, stages["eval"]["metrics"]),
         "stages": {name: _summary(m) for name, m in stages.items()},
     }
     write_json(fs.join(rd, "manifest.json"), record)
     return record
+
+
+def headline(cfg: FlywheelConfig, metrics: dict) -> tuple[str, float | None]:
+    """(name, value) of a round's main number: accuracy with a verifier, else the mean reward under
+    the evaluation RM, else the judge's length-controlled win rate against round 0 (0.5 in round 0)."""
+    if cfg.prompts.verifier is not None:
+        return "accuracy", metrics.get("accuracy")
+    if cfg.eval.reward_model is not None:
+        return "mean_reward", metrics.get("mean_reward")
+    return "lc_win_rate", metrics.get("lc_win_rate", 0.5)
 
 
 def dry_run_round(cfg: FlywheelConfig, k: int = 1) -> dict[str, Any]:
@@ -173,10 +193,13 @@ def run_rounds(cfg: FlywheelConfig, rounds: int | None = None, only_round: int |
         for k in range(last + 1):
             record = run_round(cfg, run, k, records[-1] if records else None, heldout, log)
             records.append(record)
-            acc = record["accuracy"]
-            log(f"round {k}: held-out accuracy {acc:.3f}" if acc is not None else f"round {k}: no accuracy")
+            name, value = record["headline"]
+            extra = {m: v for m, v in record["stages"]["eval"]["metrics"].items()
+                     if m in ("mean_reward", "win_rate", "lc_win_rate", "mean_tokens") and m != name and v is not None}
+            log(f"round {k}: held-out {name} {value:.3f}" + "".join(f", {m} {v:.3f}" for m, v in extra.items())
+                if value is not None else f"round {k}: no {name}")
             manifest = write_manifest(cfg, run, records, stopped)
-            accs = [r["accuracy"] or 0.0 for r in records]
+            accs = [r["headline"][1] or 0.0 for r in records]
             if until_plateau and k < last and plateaued(accs, cfg.plateau.patience, cfg.plateau.min_delta):
                 stopped = f"plateau after round {k}: no gain of {cfg.plateau.min_delta} in {cfg.plateau.patience} round(s)"
                 log(stopped)
@@ -200,6 +223,7 @@ def write_manifest(cfg: FlywheelConfig, run: str, records: list[dict], stopped: 
                    "samples": f"round-{latest:03d}/samples/scored"}
     card = {"run": cfg.name, "rounds": len(rounds), "config_hash": canonical_hash(cfg.model_dump()),
             "held_out_accuracy": {r["round"]: r["accuracy"] for r in rounds},
+            "held_out": {r["round"]: r["stages"]["eval"]["metrics"] for r in rounds},
             "policies": {r["round"]: r["policy_hash"] for r in rounds},
             "curation": cfg.curate.model_dump(), "pool": cfg.pool.model_dump(), "sampling": cfg.sampling.model_dump(),
             "stage_counts": {r["round"]: {s: m["counts"] for s, m in r["stages"].items()} for r in rounds}}
