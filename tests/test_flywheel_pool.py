@@ -174,3 +174,16 @@ def test_pool_config_errors_say_what_is_missing(models, tmp_path):
         pool_config(rm, tmp_path, eval={"reward_model": None})
     with pytest.raises(ValueError, match="needs prompts.seed_paths"):
         pool_config(rm, tmp_path, prompts={"seed_paths": []})
+
+
+def test_report_shows_the_preference_metrics_and_log_prob_trajectories(models, tmp_path):
+    from dataflywheel.flywheel.report import render_html, table_rows
+
+    rm, _ = models
+    manifest = run_rounds(pool_config(rm, tmp_path / "run", rounds=1), log=lambda _: None)
+    rows = dict(table_rows(manifest))
+    assert rows["win rate vs round 0"][0] == "-" and rows["win rate vs round 0"][1] != "-"
+    assert rows["held-out mean reward (eval RM)"][1] == f"{manifest['rounds'][1]['headline'][1]:.3f}"
+    html = render_html(str(tmp_path / "run"), manifest)
+    assert "Held-out reward and win rate per round" in html and "DPO chosen / rejected log-probs" in html
+    assert 'data-name="dpo_logps"' in html or "dpo_logps" in html

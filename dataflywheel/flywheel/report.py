@@ -93,6 +93,10 @@ def _ratio(kept: Any, n_in: Any) -> str:
     return "-" if kept is None else f"{kept}/{n_in if n_in is not None else '-'}"
 
 
+PREFERENCE = (("mean_reward", "held-out mean reward (eval RM)"), ("win_rate", "win rate vs round 0"),
+              ("lc_win_rate", "length-controlled win rate vs round 0"), ("mean_tokens", "held-out answer tokens"))
+
+
 def table_rows(manifest: dict) -> list[tuple[str, list[str]]]:
     """The summary as (label, one cell per round): shared by the terminal table and the HTML."""
     rounds = manifest.get("rounds") or []
@@ -102,6 +106,8 @@ def table_rows(manifest: dict) -> list[tuple[str, list[str]]]:
 
     rows = [row("held-out accuracy", lambda r: _acc(_accuracy(r)))]
     rows += [row(k, lambda r, k=k: _acc(_get(r, "eval", "metrics", k))) for k in _pass_keys(rounds)]
+    rows += [row(label, lambda r, key=key: _acc(_get(r, "eval", "metrics", key))) for key, label in PREFERENCE
+             if any(_get(r, "eval", "metrics", key) is not None for r in rounds)]
     rows += [
         row("prompts", lambda r: fmt(_get(r, "samples", "metrics", "prompts") or _get(r, "prompts", "counts", "rows"))),
         row("samples", lambda r: fmt(_get(r, "samples", "metrics", "samples"))),
@@ -210,8 +216,8 @@ def pair_stats(folder: str | Path) -> dict[str, list[float]]:
     return out
 
 
-def loss_curve(path: str | Path, cap: int = MAX_POINTS) -> list[tuple[float, float]]:
-    """(step, loss) per logged step of a train loop's metrics.jsonl (train/loop.py), thinned to ``cap``."""
+def loss_curve(path: str | Path, cap: int = MAX_POINTS, key: str = "loss") -> list[tuple[float, float]]:
+    """(step, ``key``) per logged step of a train loop's metrics.jsonl (train/loop.py), thinned to ``cap``."""
     if not fs.isfile(path):
         return []
     points = []
@@ -221,8 +227,8 @@ def loss_curve(path: str | Path, cap: int = MAX_POINTS) -> list[tuple[float, flo
                 m = json.loads(line)
             except ValueError:  # a line torn by a kill: the loop trims it on resume
                 continue
-            if isinstance(m, dict) and isinstance(m.get("loss"), (int, float)) and "step" in m:
-                points.append((float(m["step"]), float(m["loss"])))
+            if isinstance(m, dict) and isinstance(m.get(key), (int, float)) and "step" in m:
+                points.append((float(m["step"]), float(m[key])))
     if len(points) > cap:
         every = -(-len(points) // cap)
         points = points[::every] if points[::every][-1] == points[-1] else [*points[::every], points[-1]]
@@ -275,6 +281,8 @@ def charts_for(run: str, manifest: dict) -> list[tuple[str, str]]:
     rewards, margins, lengths = {}, {}, []
     sft: dict[str, list[tuple[float, float]]] = {}
     dpo: dict[str, list[tuple[float, float]]] = {}
+    prefs: dict[str, list[tuple[float, float]]] = {label: [] for key, label in PREFERENCE[:3]}
+    logps: dict[str, list[tuple[float, float]]] = {}
     for r in rounds:
         k = r.get("round", 0)
         folder = _round_dir(run, r)
@@ -292,8 +300,16 @@ def charts_for(run: str, manifest: dict) -> list[tuple[str, str]]:
             lengths += [(f"r{k}", "chosen", pairs["chosen"]), (f"r{k}", "rejected", pairs["rejected"])]
         for curves, phase in ((sft, "sft"), (dpo, "dpo")):
             append_curve(curves, f"round {k}", loss_curve(fs.join(folder, "train", phase, "metrics.jsonl")))
+        for key, label in PREFERENCE[:3]:
+            value = _get(r, "eval", "metrics", key)
+            if isinstance(value, (int, float)):
+                prefs[label].append((float(k), float(value)))
+        start = max((pts[-1][0] for pts in logps.values() if pts), default=0.0)
+        for side in ("chosen", "rejected"):  # DPO's failure mode: both falling together
+            points = loss_curve(fs.join(folder, "train", "dpo", "metrics.jsonl"), key=f"logps/{side}")
+            logps[f"r{k} {side}"] = [(start + x, y) for x, y in points]
     steps = "step (rounds one after another)"
-    return [
+    out = [
         ("Held-out accuracy per round",
          charts.line_chart("accuracy", "held-out accuracy per round", acc, "round", "accuracy", (0.0, 1.0))),
         ("Reward distribution per round",
@@ -305,6 +321,14 @@ def charts_for(run: str, manifest: dict) -> list[tuple[str, str]]:
         ("SFT training loss", charts.line_chart("sft_loss", "SFT loss per step", sft, steps, "loss", dots=False)),
         ("DPO training loss", charts.line_chart("dpo_loss", "DPO loss per step", dpo, steps, "loss", dots=False)),
     ]
+    if any(prefs.values()):
+        out.insert(1, ("Held-out reward and win rate per round",
+                       charts.line_chart("preference", "eval RM mean reward; win rates vs round 0", prefs, "round",
+                                         "value")))
+    if any(logps.values()):
+        out.append(("DPO chosen / rejected log-probs", charts.line_chart(
+            "dpo_logps", "summed log-prob of chosen and rejected per DPO step", logps, steps, "log-prob", dots=False)))
+    return out
 
 
 def _html_table(manifest: dict) -> str:
