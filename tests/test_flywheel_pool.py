@@ -187,3 +187,37 @@ def test_report_shows_the_preference_metrics_and_log_prob_trajectories(models, t
     html = render_html(str(tmp_path / "run"), manifest)
     assert "Held-out reward and win rate per round" in html and "DPO chosen / rejected log-probs" in html
     assert 'data-name="dpo_logps"' in html or "dpo_logps" in html
+
+
+def test_hh_demo_configs_run_on_hh_rlhf(shared_data, tmp_path, monkeypatch):
+    """configs/train_rm_hh.yaml through `dataflywheel train rm` (cut to a few steps), then
+    configs/flywheel_hh.yaml on the HH-RLHF prompts with that model, cut to one small round."""
+    from dataflywheel.cli import main
+    from dataflywheel.flywheel.config import load_flywheel_config
+
+    hh = shared_data / "hh_rlhf"
+    if not hh.is_dir():
+        pytest.skip(f"no HH-RLHF files under {shared_data}")
+    repo = PREFS.parents[3]
+    monkeypatch.setenv("HH_RLHF", str(hh))
+    assert main(["train", "rm", str(repo / "configs" / "train_rm_hh.yaml"), "--output", str(tmp_path / "rm"),
+                 "--max-steps", "3"]) == 0
+    rm = tmp_path / "rm" / "final"
+    monkeypatch.setenv("HH_RM", str(rm))
+    monkeypatch.setenv("HH_RM_EVAL", str(rm))
+    cfg = load_flywheel_config(repo / "configs" / "flywheel_hh.yaml", {"output": str(tmp_path / "run"), "rounds": 1})
+    cfg = cfg.model_copy(update={  # one small round
+        "prompts": cfg.prompts.model_copy(update={"per_round": 6, "eval_rows": 5}),
+        "policy": cfg.policy.model_copy(update={"steps": 8}),
+        "sampling": cfg.sampling.model_copy(update={"n": 2, "max_tokens": 8}),
+        "train": cfg.train.model_copy(update={"dpo_steps": 2})})
+    manifest = run_rounds(cfg, log=lambda _: None)
+    r1 = manifest["rounds"][1]
+    pool = r1["stages"]["prompts"]["counts"]["pool"]
+    assert pool["read"] == 2749  # helpful-rejection-sampled test: every pair accounted for
+    assert pool["read"] == sum(pool[k] for k in ("usable", "heldout_overlap", "too_long", "duplicate")) + pool.get(
+        "dead_letter", 0)
+    assert r1["stages"]["samples"]["counts"]["sample"]["in"] == 6
+    m = r1["stages"]["eval"]["metrics"]
+    assert m["n"] == 5 and m["judged"] == 5 and m["mean_reward"] is not None
+    assert r1["policy"] == "round-001/train/dpo/final"
