@@ -30,7 +30,7 @@ import xxhash
 
 from .errors import RecordError
 
-KINDS = ("document", "conversation", "preference", "prompt")
+KINDS = ("document", "conversation", "preference", "prompt", "unpaired")
 ROLES = ("system", "user", "assistant")
 ID_HEX_CHARS = 16  # 64 bits of sha256: collisions are negligible below ~10^9 rows
 
@@ -236,6 +236,29 @@ def validate_preference(row: Any) -> dict:
     return _with_id(out, prompt, chosen, rejected)
 
 
+def validate_unpaired(row: Any) -> dict:
+    """TRL's unpaired preference row (KTO's data): ``prompt`` (a string or messages ending with a user
+    turn), ``completion`` (a string or assistant messages) and a boolean ``label`` (True: desirable)."""
+    row = _check_common(row)
+    for key in ("prompt", "completion", "label"):
+        if key not in row:
+            raise RecordError("missing_field", key, "required")
+    if not isinstance(row["label"], bool):
+        raise RecordError("wrong_type", "label", f"expected true or false, got {_type_name(row['label'])}")
+    if isinstance(row["prompt"], str):
+        prompt = [{"role": "user", "content": _require_str(row, "prompt")}]
+    else:
+        prompt = check_messages(row["prompt"], "prompt", final_assistant=False)
+        if prompt[-1]["role"] != "user":
+            raise RecordError("bad_turn_order", f"prompt[{len(prompt) - 1}].role", "prompt must end with a user turn")
+    if isinstance(row["completion"], str):
+        completion = [{"role": "assistant", "content": _require_str(row, "completion")}]
+    else:
+        completion = check_messages(prompt + _as_list(row["completion"], "completion"), "completion")[len(prompt):]
+    out = {**row, "prompt": prompt, "completion": completion}
+    return _with_id(out, prompt, completion, row["label"])
+
+
 def _as_list(value: Any, field: str) -> list:
     if not isinstance(value, list):
         raise RecordError("wrong_type", field, f"expected a list of messages, got {_type_name(value)}")
@@ -249,6 +272,7 @@ VALIDATORS: dict[str, Callable[[Any], dict]] = {
     "conversation": validate_conversation,
     "preference": validate_preference,
     "prompt": validate_prompt,
+    "unpaired": validate_unpaired,
 }
 
 

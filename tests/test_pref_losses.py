@@ -279,3 +279,51 @@ def test_kto_reference_point_is_clamped_detached_and_needed():
     assert float(preference_loss(z, Knobs(beta=0.1), ["kto"]).sum()) == pytest.approx(want, rel=1e-6)
     with pytest.raises(ValueError, match="kto needs the log-ratios of mismatched rows"):
         preference_loss(Pairs(*(torch.zeros(1) for _ in range(4)), torch.ones(1), torch.ones(1)), Knobs(beta=0.1), ["kto"])
+
+
+def test_kto_on_unpaired_rows_equals_trl_with_more_desirable_than_undesirable():
+    """Unpaired rows (4 desirable, 2 undesirable) as our masked pairs: the loss over the count
+    dpo_loss returns equals TRL's KTOTrainer mean over the 6 rows (its formula lines replicated
+    through its own _compute_loss on a stub)."""
+    from dataflywheel.train.losses import dpo_loss
+
+    kto_mod = pytest.importorskip("trl.trainer.kto_trainer")
+    g = torch.Generator().manual_seed(11)
+    pol = -torch.rand(6, generator=g, dtype=torch.float64) * 20
+    ref = pol + torch.randn(6, generator=g, dtype=torch.float64)
+    label = torch.tensor([True, False, True, True, False, True])
+    kl_pol = -torch.rand(6, generator=g, dtype=torch.float64) * 9
+    kl_ref = kl_pol - 0.4
+    good, bad = torch.nonzero(label).view(-1), torch.nonzero(~label).view(-1)
+    # ours: (good0, bad0), (good1, bad1), then good2 and good3 alone, each with its kl row
+    c = torch.cat([good[:2], good[2:]])
+    r = torch.cat([bad, good[2:]])  # the masked copies
+    sides = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    knobs = Knobs(beta=0.3, desirable_weight=1.0, undesirable_weight=1.33)
+    total, count, metrics = dpo_loss(pol[c], pol[r], ref[c], ref[r], knobs, "kto", torch.ones(4), torch.ones(4),
+                                     kl=kl_pol[:4] - kl_ref[:4], sides=sides)
+    assert count == 3.0 and metrics["logps/chosen"][1] == 4 and metrics["logps/rejected"][1] == 2
+
+    def outputs(log_probs):
+        return SimpleNamespace(log_probs=log_probs, entropy=torch.zeros_like(log_probs),
+                               mean_logits=torch.zeros_like(log_probs), aux_loss=None)
+
+    kl_ids = torch.zeros(6, 2, dtype=torch.long)
+    main = outputs(pol.view(-1, 1))
+    stub = SimpleNamespace(
+        model=SimpleNamespace(training=True), calculate_KL=True, precompute_ref_logps=True, loss_type="kto",
+        beta=0.3, desirable_weight=1.0, undesirable_weight=1.33, aux_loss_enabled=False,
+        accelerator=SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x), _metrics={"train": defaultdict(list)},
+        _total_train_tokens=0, _tp_size=1)
+    stub._compute_kl_logps = lambda m, b: kto_mod.KTOTrainer._compute_kl_logps(stub, m, b)
+    ones = torch.ones(6, 2, dtype=torch.long)
+    inputs = {"input_ids": torch.zeros(6, 2, dtype=torch.long), "attention_mask": ones, "completion_mask": ones,
+              "label": label, "KL_input_ids": kl_ids, "KL_attention_mask": ones, "KL_completion_mask": ones,
+              "ref_logps": ref, "ref_KL_logps": torch.cat([kl_ref[:4], kl_ref[:2]])}
+    # TRL's KL rows: our 4 rows' values and 2 repeats of the first two, so both means are the same
+    kl_pol_trl = torch.cat([kl_pol[:4], kl_pol[:2]])
+    model = lambda **kw: outputs(kl_pol_trl.view(-1, 1)) if kw["input_ids"] is kl_ids else main  # noqa: E731
+    kl_ours = (kl_pol[:4] - kl_ref[:4]).mean()
+    assert float((kl_pol_trl - torch.cat([kl_ref[:4], kl_ref[:2]])).mean()) == pytest.approx(float(kl_ours))
+    want = kto_mod.KTOTrainer._compute_loss(stub, model, inputs, False)
+    assert float(total / count) == pytest.approx(float(want), abs=1e-6)

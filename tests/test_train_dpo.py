@@ -210,3 +210,42 @@ def test_train_dpo_config_runs_end_to_end(tmp_path, monkeypatch):
     assert summary["steps"] == 2 and summary["pairs"] + summary["eval_pairs"] == 100
     assert abs(step_metrics(tmp_path / "dpo")[0]["loss"] - math.log(2)) < 1e-6
     assert (tmp_path / "dpo" / "ref_logps.sqlite").is_file() and (tmp_path / "dpo" / "final").is_dir()
+
+
+def test_kto_on_unpaired_rows_trains_as_on_the_pairs_they_came_from(models, tmp_path):
+    """The pairs written as unpaired rows (chosen: label true, rejected: label false, in order) give
+    the same KTO training as the pairs; with rows missing on one side the leftovers train alone."""
+    policy_dir, ref_dir, rows = models
+    unpaired = tmp_path / "unpaired.jsonl"
+    lines = [json.dumps({"id": f"{r['id']}-{side}", "prompt": r["prompt"], "completion": r[side],
+                         "label": side == "chosen"}) for r in rows for side in ("chosen", "rejected")]
+    unpaired.write_text("\n".join(lines) + "\n")
+    common = {"loss_type": "kto", "ref_model": str(ref_dir)}
+    loop = DpoLoop(lr=1e-3, batch_size=4, grad_accum=2, max_steps=3, progress=False)
+    paired = run(DpoConfig(model=str(policy_dir), data=[str(DEMO)], output=str(tmp_path / "paired"), max_length=128,
+                           loop=loop, eval_fraction=0.0, **common))
+    flat = run(DpoConfig(model=str(policy_dir), data=[str(unpaired)], output=str(tmp_path / "flat"), max_length=128,
+                         loop=loop, unpaired=True, eval_fraction=0.0, **common))
+    assert flat["rows"] == {"desirable": paired["pairs"], "undesirable": paired["pairs"]}
+    for x, y in zip(step_metrics(tmp_path / "paired"), step_metrics(tmp_path / "flat")):
+        for key in ("loss", "kl", "rewards/chosen", "logps/rejected"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), key
+    # unbalanced: every third undesirable row dropped; the leftover desirable rows train with no partner
+    unpaired.write_text("\n".join(line for i, line in enumerate(lines) if i % 6 != 1) + "\n")
+    lopsided = run(DpoConfig(model=str(policy_dir), data=[str(unpaired)], output=str(tmp_path / "lop"), max_length=128,
+                             loop=loop, unpaired=True, eval_fraction=0.0, loss_type="kto"))
+    assert lopsided["rows"]["desirable"] == paired["pairs"] > lopsided["rows"]["undesirable"]
+    assert all(math.isfinite(m["loss"]) for m in step_metrics(tmp_path / "lop"))
+
+
+def test_unpaired_rows_are_checked_and_kto_only():
+    from dataflywheel.records import RecordError, validate
+
+    row = validate("unpaired", {"prompt": "hi", "completion": "hello", "label": True})
+    assert row["prompt"][0]["role"] == "user" and row["completion"][0]["role"] == "assistant"
+    with pytest.raises(RecordError, match="label"):
+        validate("unpaired", {"prompt": "hi", "completion": "hello", "label": "yes"})
+    with pytest.raises(RecordError, match="completion"):
+        validate("unpaired", {"prompt": "hi", "label": False})
+    with pytest.raises(ValueError, match="unpaired data trains only with loss_type kto"):
+        DpoConfig(model="m", data=["d"], output="o", unpaired=True, loss_type="sigmoid")

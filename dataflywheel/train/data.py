@@ -217,6 +217,34 @@ class PairExample:
     chosen: Example
     rejected: Example
     kl: Example | None = None  # KTO: this prompt with another pair's chosen completion (with_kl_rows)
+    # which sides are real rows: an unpaired desirable (undesirable) row left over has a copy of
+    # itself on the other side, masked out of the loss (unpaired_examples)
+    sides: tuple[bool, bool] = (True, True)
+
+
+def unpaired_examples(rows: Sequence[dict], tokenizer: Any, max_length: int, lint: Lint,
+                      template: str | None = None) -> list[PairExample]:
+    """KTO's unpaired rows (prompt, completion, label) as pairs: the i-th desirable row with the i-th
+    undesirable row, in file order, and the rows left over (the larger side) each with a masked copy
+    of itself. KTO's loss is a sum of per-row terms plus a batch-level reference point, so which rows
+    share a pair changes nothing; pairs keep one forward shape for every loss. Over-long rows are
+    filtered and counted."""
+    eot = end_of_turn_ids(tokenizer)
+    good: list[Example] = []
+    bad: list[Example] = []
+    for row in rows:
+        prompt = list(row["prompt"])
+        ex, before = tokenize_chat(tokenizer, prompt + list(row["completion"]), max_length, row_id=str(row["id"]),
+                                   train_from=len(prompt), template=template)
+        if ex.truncated:
+            lint.add("pair_too_long", row["id"])
+            continue
+        if lint_example(ex, before, tokenizer, eot, lint):
+            (good if row["label"] else bad).append(ex)
+    out = [PairExample(f"{c.id}+{r.id}", c, r) for c, r in zip(good, bad)]
+    out += [PairExample(c.id, c, c, sides=(True, False)) for c in good[len(bad):]]
+    out += [PairExample(r.id, r, r, sides=(False, True)) for r in bad[len(good):]]
+    return out
 
 
 def with_kl_rows(pairs: Sequence[PairExample], max_length: int) -> list[PairExample]:
@@ -232,7 +260,7 @@ def with_kl_rows(pairs: Sequence[PairExample], max_length: int) -> list[PairExam
         cut, at = split(p.chosen), split(prev)
         ids = (p.chosen.input_ids[:cut] + prev.input_ids[at:])[:max_length]
         labels = ([IGNORE] * cut + prev.labels[at:])[:max_length]
-        out.append(PairExample(p.id, p.chosen, p.rejected, Example(f"{p.id}:kl", ids, labels)))
+        out.append(PairExample(p.id, p.chosen, p.rejected, Example(f"{p.id}:kl", ids, labels), p.sides))
     return out
 
 

@@ -39,7 +39,7 @@ from dataflywheel.models.score_cache import ScoreCache, cache_key
 from . import distributed as dist
 from . import lora
 from .config import LoopConfig, TrainBase
-from .data import Lint, PairExample, load_split, pair_examples, use_chat_template, with_kl_rows
+from .data import Lint, PairExample, load_split, pair_examples, unpaired_examples, use_chat_template, with_kl_rows
 from .loop import LossOut, autocast, index_plan, pick_device, steps_for, train_loop
 from .losses import dpo_loss, sequence_logps
 from .model import load_for_training, resolve_model, save_final, to_device
@@ -64,6 +64,7 @@ class DpoConfig(TrainBase):
     simpo_gamma: float = Field(SIMPO_GAMMA, ge=0)  # SimPO's target margin (a reward gap, after β)
     desirable_weight: float = Field(KTO_WEIGHT, gt=0)  # KTO
     undesirable_weight: float = Field(KTO_WEIGHT, gt=0)
+    unpaired: bool = False  # KTO on unpaired rows {prompt, completion, label} instead of pairs (TRL's KTO data)
     reference: Literal["precompute", "live"] = "precompute"
     ref_model: str | None = None  # a folder or Hub id; None: the starting policy
     ref_cache: str | None = None  # the reference log-prob cache; None: output/ref_logps.sqlite
@@ -95,6 +96,8 @@ class DpoConfig(TrainBase):
         types = self.types
         if self.loss_weights is not None and len(self.loss_weights) != len(types):
             raise ValueError(f"loss_weights has {len(self.loss_weights)} values for {len(types)} loss types")
+        if self.unpaired and types != ["kto"]:
+            raise ValueError("unpaired data trains only with loss_type kto")
         if "exo_pair" in types and self.label_smoothing == 0:
             raise ValueError("exo_pair needs label_smoothing > 0 (its target distribution is (1 - ε, ε))")
         return self
@@ -106,6 +109,8 @@ def pair_batch(pairs: Sequence[PairExample], pad_id: int, ref: torch.Tensor | No
     batch = collate_padded([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     if pairs and pairs[0].kl is not None:
         batch["kl"] = collate_padded([p.kl for p in pairs], pad_id)
+    if any(p.sides != (True, True) for p in pairs):  # KTO's unpaired rows: which sides are real
+        batch["sides"] = torch.tensor([p.sides for p in pairs], dtype=torch.float32)
     if ref is not None:
         batch["ref"] = ref
     return batch
@@ -150,7 +155,7 @@ def pair_loss(model: Any, batch: dict, cfg: DpoConfig, ref_model: Any = None) ->
         ref = ref_pair_logps(model if ref_model is lora.ADAPTER_OFF else ref_model, batch, cfg.logits_chunk)
     kl = kl_logps(model, batch, cfg.logits_chunk) - ref[2] if "kl" in batch else None
     total, n, metrics = dpo_loss(pol_c, pol_r, ref[0], ref[1], cfg.knobs(), cfg.loss_type, len_c, len_r,
-                                 weights=cfg.loss_weights, kl=kl)
+                                 weights=cfg.loss_weights, kl=kl, sides=batch.get("sides"))
     return LossOut(total, n, {**metrics, "tokens": (batch["num_tokens"], 1)})
 
 
@@ -238,8 +243,9 @@ def run(cfg: DpoConfig) -> dict:
     dist.setup(cfg.distributed, device)
     output = RunOutput.start(cfg.output, cfg.resume)  # a bucket output: its latest checkpoint comes here first
     lint = Lint()
-    train_rows, held = load_split(cfg.data, cfg.eval_data, cfg.eval_fraction, "preference", lint)
-    texts = (m["content"] for r in train_rows for k in ("prompt", "chosen", "rejected") for m in r[k])
+    kind, fields = ("unpaired", ("prompt", "completion")) if cfg.unpaired else ("preference", ("prompt", "chosen", "rejected"))
+    train_rows, held = load_split(cfg.data, cfg.eval_data, cfg.eval_fraction, kind, lint)
+    texts = (m["content"] for r in train_rows for k in fields for m in r[k])
     model_name = resolve_model(cfg.model, cfg.tiny, cfg.out, texts)
 
     def load() -> Any:
@@ -249,8 +255,9 @@ def run(cfg: DpoConfig) -> dict:
     model, tok = load()
     engine = dist.wrap(model, cfg.distributed, device, bf16)
     use_chat_template(tok, cfg.chat_template, model_name)
-    pairs = pair_examples(train_rows, tok, cfg.max_length, lint)
-    eval_pairs = pair_examples(held, tok, cfg.max_length, lint)
+    tokenize = unpaired_examples if cfg.unpaired else pair_examples
+    pairs = tokenize(train_rows, tok, cfg.max_length, lint)
+    eval_pairs = tokenize(held, tok, cfg.max_length, lint)
     lint.enforce(cfg.lint, "dpo data")
     if not pairs:
         raise UserError("no training pairs left after the data lint")
@@ -311,6 +318,8 @@ def run(cfg: DpoConfig) -> dict:
         "algorithm": "dpo", "model": model_name, "ref_model": None if cfg.reference_free else ref_name,
         "reference": "none" if cfg.reference_free else cfg.reference,
         "loss_type": cfg.loss_type, "beta": cfg.beta, "pairs": len(pairs), "eval_pairs": len(eval_pairs),
+        **({"rows": {"desirable": sum(p.sides[0] for p in pairs), "undesirable": sum(p.sides[1] for p in pairs)}}
+           if cfg.unpaired else {}),
         "lint": dict(lint.counts), "rows_dropped": lint.rows, "ref_forwards": forwards, "ref_seconds": round(ref_seconds, 2),
         "steps": last["step"], "resumed_from": last["resumed_from"], "train_loss": last.get("loss"), **metrics,
         "seconds": round(seconds, 2),

@@ -262,14 +262,17 @@ def bradley_terry(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torc
 def dpo_loss(pol_c: torch.Tensor, pol_r: torch.Tensor, ref_c: torch.Tensor | None, ref_r: torch.Tensor | None,
              knobs: Knobs, loss_type: str | list[str] = "sigmoid", len_c: torch.Tensor | None = None,
              len_r: torch.Tensor | None = None, *, weights: list[float] | None = None,
-             kl: torch.Tensor | None = None) -> tuple[torch.Tensor, int, dict[str, tuple[float, float]]]:
+             kl: torch.Tensor | None = None,
+             sides: torch.Tensor | None = None) -> tuple[torch.Tensor, float, dict[str, tuple[float, float]]]:
     """DPO-family loss summed over pairs, the number of pairs, and metrics as (sum, count).
 
     Inputs are [P] completion log-probs *summed* over tokens (policy and reference, chosen and
     rejected; TRL, docs/sources.md#dpo) and the [P] completion token counts (ipo, sigmoid_norm, sft,
     simpo and orpo read them). ``loss_type``: one name of ``pref_losses.LOSSES`` or a list, combined
     with ``weights`` (TRL's ``loss_weights``). ``ref_c``/``ref_r`` None: reference-free losses only.
-    ``kl``: KTO's mismatched-row log-ratios. Rewards (metrics) are β·(summed log-ratio), as TRL
+    ``kl``: KTO's mismatched-row log-ratios; ``sides`` [P, 2]: which sides are real rows (KTO's
+    unpaired data: the count is then half the real rows, so a step's loss is TRL's mean over rows,
+    and the chosen / rejected metrics count real rows only). Rewards (metrics) are β·(summed log-ratio), as TRL
     reports them (β·log-prob without a reference, as TRL's CPO and ORPO trainers); the log-probs
     themselves and their change from the reference are reported too, since DPO's failure mode is
     both falling together.
@@ -286,24 +289,31 @@ def dpo_loss(pol_c: torch.Tensor, pol_r: torch.Tensor, ref_c: torch.Tensor | Non
         len_c, len_r = torch.ones_like(pol_c), torch.ones_like(pol_r)
         if {"ipo", "sigmoid_norm", "sft", "simpo", "orpo"} & set(types):
             raise ValueError("ipo, sigmoid_norm, sft, simpo and orpo need the completion lengths len_c and len_r")
-    pairs = Pairs(pol_c, pol_r, ref_c, ref_r, len_c.to(pol_c), len_r.to(pol_r), None if kl is None else kl.float())
+    mask = None if sides is None else sides.to(pol_c)
+    pairs = Pairs(pol_c, pol_r, ref_c, ref_r, len_c.to(pol_c), len_r.to(pol_r), None if kl is None else kl.float(), mask)
     loss = preference_loss(pairs, knobs, types, weights)
     n = pol_c.numel()
+    w_c, w_r = (torch.ones_like(pol_c), torch.ones_like(pol_r)) if mask is None else mask.unbind(-1)
+    n_c, n_r, both = float(w_c.sum()), float(w_r.sum()), w_c * w_r
     ratio_c, ratio_r = (pol_c - ref_c).detach(), (pol_r - ref_r).detach()
     reward_c, reward_r = knobs.beta * ratio_c, knobs.beta * ratio_r
+
+    def total(x: torch.Tensor, w: torch.Tensor) -> float:
+        return float((x.detach().float() * w).sum())
+
     metrics = {
-        "rewards/chosen": (float(reward_c.sum()), n),
-        "rewards/rejected": (float(reward_r.sum()), n),
-        "rewards/margins": (float((reward_c - reward_r).sum()), n),
-        "rewards/accuracies": (float((reward_c > reward_r).float().sum()), n),
-        "logps/chosen": (float(pol_c.detach().sum()), n),
-        "logps/rejected": (float(pol_r.detach().sum()), n),
-        "length/chosen": (float(len_c.sum()), n),
-        "length/rejected": (float(len_r.sum()), n),
+        "rewards/chosen": (total(reward_c, w_c), n_c),
+        "rewards/rejected": (total(reward_r, w_r), n_r),
+        "rewards/margins": (total(reward_c - reward_r, both), float(both.sum())),
+        "rewards/accuracies": (total((reward_c > reward_r).float(), both), float(both.sum())),
+        "logps/chosen": (total(pol_c, w_c), n_c),
+        "logps/rejected": (total(pol_r, w_r), n_r),
+        "length/chosen": (total(len_c, w_c), n_c),
+        "length/rejected": (total(len_r, w_r), n_r),
     }
     if not free:
-        metrics["logratio/chosen"] = (float(ratio_c.sum()), n)  # π_c − ref_c: below 0 means chosen fell
-        metrics["logratio/rejected"] = (float(ratio_r.sum()), n)
+        metrics["logratio/chosen"] = (total(ratio_c, w_c), n_c)  # π_c − ref_c: below 0 means chosen fell
+        metrics["logratio/rejected"] = (total(ratio_r, w_r), n_r)
     if kl is not None:
         metrics["kl"] = (float(kl.detach().mean().clamp(min=0)) * n, n)  # KTO's z0, as TRL logs it
-    return loss.sum(), n, metrics
+    return loss.sum(), n if mask is None else (n_c + n_r) / 2, metrics

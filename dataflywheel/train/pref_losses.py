@@ -31,7 +31,8 @@ a_r = π_r / len_r (per-token means: SimPO's and ORPO's log-likelihoods), odds(a
 and z0 = max(0, mean over the batch of π(y'|x) − ref(y'|x)) on mismatched rows (each prompt with another
 row's completion), detached: KTO's reference point. KTO reads each pair as one desirable and one
 undesirable row (TRL's ``unpair_preference_dataset``), so the mean over pairs of ``kto`` equals TRL's
-mean over those rows.
+mean over those rows. Unpaired data (train/data.unpaired_examples) masks the missing side
+(``Pairs.sides``); the trainer then divides by half the number of real rows, not by pairs.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class Pairs:
     len_c: torch.Tensor
     len_r: torch.Tensor
     kl: torch.Tensor | None = None  # [K] π − ref on KTO's mismatched rows
+    sides: torch.Tensor | None = None  # [P, 2] 1.0 where chosen / rejected is a real row (KTO's unpaired data)
 
     @property
     def a_c(self) -> torch.Tensor:
@@ -195,9 +197,11 @@ def kto(p: Pairs, k: Knobs) -> torch.Tensor:
     if p.kl is None:
         raise ValueError("kto needs the log-ratios of mismatched rows (Pairs.kl) for its reference point")
     z0 = p.kl.detach().mean().clamp(min=0)
-    good = 1 - torch.sigmoid(k.beta * (p.r_c - z0))
-    bad = 1 - torch.sigmoid(k.beta * (z0 - p.r_r))
-    return (k.desirable_weight * good + k.undesirable_weight * bad) / 2
+    good = k.desirable_weight * (1 - torch.sigmoid(k.beta * (p.r_c - z0)))
+    bad = k.undesirable_weight * (1 - torch.sigmoid(k.beta * (z0 - p.r_r)))
+    if p.sides is not None:  # unpaired rows: a masked side is no row at all
+        good, bad = good * p.sides[:, 0], bad * p.sides[:, 1]
+    return (good + bad) / 2
 
 
 LOSSES: dict[str, Callable[[Pairs, Knobs], torch.Tensor]] = {
@@ -212,6 +216,8 @@ def preference_loss(p: Pairs, k: Knobs, types: list[str], weights: list[float] |
     if len(weights) != len(types):
         raise ValueError(f"{len(types)} loss types but {len(weights)} weights")
     unknown = [t for t in types if t not in LOSSES]
+    if p.sides is not None and types != ["kto"]:
+        raise ValueError("unpaired rows (masked sides) train only with kto")
     if unknown:
         raise ValueError(f"unknown DPO loss type {unknown[0]!r}; one of {', '.join(LOSSES)}")
     return sum(w * LOSSES[t](p, k) for t, w in zip(types, weights))  # type: ignore[return-value]
