@@ -104,6 +104,9 @@ def table_rows(manifest: dict) -> list[tuple[str, list[str]]]:
     def row(label: str, fn) -> tuple[str, list[str]]:
         return label, [fn(r) for r in rounds]
 
+    field = ((manifest.get("config") or {}).get("pool") or {}).get("field") or "verifier"
+    verified = field == "verifier"
+
     rows = [row("held-out accuracy", lambda r: _acc(_accuracy(r)))]
     rows += [row(k, lambda r, k=k: _acc(_get(r, "eval", "metrics", k))) for k in _pass_keys(rounds)]
     rows += [row(label, lambda r, key=key: _acc(_get(r, "eval", "metrics", key))) for key, label in PREFERENCE
@@ -111,8 +114,12 @@ def table_rows(manifest: dict) -> list[tuple[str, list[str]]]:
     rows += [
         row("prompts", lambda r: fmt(_get(r, "samples", "metrics", "prompts") or _get(r, "prompts", "counts", "rows"))),
         row("samples", lambda r: fmt(_get(r, "samples", "metrics", "samples"))),
-        row("prompts verified", lambda r: _share(_get(r, "samples", "metrics", "prompts_with_verified"))),
-        row("sample accuracy", lambda r: _acc(_get(r, "samples", "metrics", "sample_accuracy"))),
+        # with a verifier these are accuracies; with a reward model, the mean score and the share of
+        # prompts with a sample at or above pool.min_score
+        row("prompts verified" if verified else "prompts with a sample >= pool.min_score",
+            lambda r: _share(_get(r, "samples", "metrics", "prompts_with_verified"))),
+        row("sample accuracy" if verified else f"mean sample {field}",
+            lambda r: _acc(_get(r, "samples", "metrics", "sample_accuracy"))),
         row("mean sample tokens", lambda r: fmt(_get(r, "samples", "metrics", "mean_tokens"))),
         row("pairs kept", lambda r: fmt(_get(r, "samples", "counts", "pairs", "kept"))),
         row("mean pair margin", lambda r: fmt(_mean(_get(r, "samples", "metrics", "pair_margins")))),
