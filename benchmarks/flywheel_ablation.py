@@ -75,15 +75,18 @@ def run_variant(base: dict, name: str, seed: int, folder: Path, round0: Path | N
     return [r["accuracy"] for r in manifest["rounds"]], time.perf_counter() - start
 
 
-def logp_moves(folder: Path) -> list[tuple[float, float]] | None:
-    """Per round with DPO: how far the mean summed log-prob of chosen and of rejected moved from the
-    first step to the last (logps/chosen, logps/rejected in the DPO run's metrics.jsonl)."""
+def logp_moves(folder: Path, window: int = 5) -> list[tuple[float, float]] | None:
+    """Per round with DPO: how far the summed log-prob of chosen and of rejected moved over the DPO
+    steps: the mean of logps/chosen (logps/rejected) over the last ``window`` steps minus over the
+    first ``window`` (each step's batch is another draw of the round's pairs: averaging damps that).
+    Both falling is DPO's known failure; a loss that keeps chosen up shows a move near 0 or above."""
     moves = []
     for metrics in sorted(folder.glob("round-*/train/dpo/metrics.jsonl")):
         steps = [json.loads(line) for line in metrics.read_text().splitlines() if '"logps/chosen"' in line]
-        if steps:
-            moves.append((steps[-1]["logps/chosen"] - steps[0]["logps/chosen"],
-                          steps[-1]["logps/rejected"] - steps[0]["logps/rejected"]))
+        if len(steps) >= 2 * window:
+            moves.append(tuple(statistics.mean(s[key] for s in steps[-window:])
+                               - statistics.mean(s[key] for s in steps[:window])
+                               for key in ("logps/chosen", "logps/rejected")))
     return moves or None
 
 
@@ -111,7 +114,8 @@ def main() -> int:
     round0: dict[int, Path] = {}
     plan = [(seed, name) for seed in seeds for name in variants if name in ("loop", "control")]
     plan += [(seed, name) for seed in ablation_seeds for name in variants if name not in ("loop", "control")]
-    for seed, name in plan:  # the claim's runs first, then the ablations
+    plan.sort(key=lambda sn: sn[0])  # seed by seed: a stopped run has whole seeds (the folders resume)
+    for seed, name in plan:
         folder = tmp / f"seed{seed}" / name
         accs, secs = run_variant(base, name, seed, folder, round0.get(seed))
         round0.setdefault(seed, folder / "round-000")
@@ -132,7 +136,7 @@ def main() -> int:
             cols.append(f"{statistics.mean(vals):.3f} ± {spread(vals):.3f}" if vals else "-")
         print(f"{name:>13} {len(by_seed):>6} " + " ".join(f"{c:>13}" for c in cols))
     if any(m for by_seed in moves.values() for m in by_seed.values()):
-        print("\nDPO steps of each round: mean change of the summed log-prob of chosen / rejected (first -> last step)")
+        print("\nDPO steps of each round: change of the summed log-prob of chosen / rejected (last 5 steps - first 5)")
         for name, by_seed in moves.items():
             runs = [m for m in by_seed.values() if m]
             if runs:
