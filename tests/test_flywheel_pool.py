@@ -106,7 +106,7 @@ def pool_config(rm: Path, out: Path, **over) -> FlywheelConfig:
         "batch_size": 16,
     }
     for key, value in over.items():
-        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     return FlywheelConfig.model_validate(cfg)
 
 
@@ -160,12 +160,18 @@ def test_rounds_on_a_pool_without_answers(models, tmp_path):
 
 
 def test_a_pool_run_resumed_round_by_round_equals_one_run(models, tmp_path):
+    """Also: the round's pairs as configured (max-min with a length penalty here)."""
     rm, _ = models
-    whole = run_rounds(pool_config(rm, tmp_path / "whole", rounds=1), log=lambda _: None)
-    run_rounds(pool_config(rm, tmp_path / "parts", rounds=1), rounds=0, log=lambda _: None)
-    parts = run_rounds(pool_config(rm, tmp_path / "parts", rounds=1), log=lambda _: None)
+    pairs = {"method": "max_min", "length_penalty": 0.01}
+    whole = run_rounds(pool_config(rm, tmp_path / "whole", rounds=1, pairs=pairs), log=lambda _: None)
+    run_rounds(pool_config(rm, tmp_path / "parts", rounds=1, pairs=pairs), rounds=0, log=lambda _: None)
+    parts = run_rounds(pool_config(rm, tmp_path / "parts", rounds=1, pairs=pairs), log=lambda _: None)
     for a, b in zip(whole["rounds"], parts["rounds"]):
         assert {s: m["output"] for s, m in a["stages"].items()} == {s: m["output"] for s, m in b["stages"].items()}
+    rows = [json.loads(line) for part in (tmp_path / "whole" / "round-001" / "samples" / "pairs").glob("part-*")
+            for line in part.read_text().splitlines()]
+    assert rows and all(r["meta"]["method"] == "max_min" for r in rows)
+    assert all("margin_penalized" in r["scores"] for r in rows)
 
 
 def test_pool_config_errors_say_what_is_missing(models, tmp_path):

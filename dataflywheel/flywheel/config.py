@@ -19,6 +19,7 @@ from ..registry import StageSpec
 from ..runner import RunnerConfig
 from ..synth.backends.base import Sampling
 from ..synth.backends.config import BackendConfig
+from ..synth.pairs import PairsConfig
 from ..train.config import LoopConfig
 from ..train.model import TinyInit
 
@@ -144,6 +145,9 @@ class FlywheelConfig(Strict):
     batch_size: int = Field(128, ge=1)  # generation batch (prompts x samples per forward)
     scorers: list[StageSpec] = Field(  # the samples' scorers
         default_factory=lambda: [StageSpec.of("verify", {"verifier": "exact_match"})])
+    # the round's preference pairs from its scored samples: West-of-N (best vs worst) by default;
+    # max_min, and length control by length_penalty or max_length_ratio (synth/pairs.py)
+    pairs: PairsConfig = PairsConfig()
     pool: PoolConfig = PoolConfig()
     curate: CurateConfig = CurateConfig()
     train: TrainConfig = TrainConfig()

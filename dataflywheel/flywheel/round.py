@@ -38,7 +38,7 @@ from ..selectors.ifd import IFDConfig
 from ..stages import StageConfig
 from ..synth.backends.config import BackendConfig
 from ..synth.generate import GenerateConfig
-from ..synth.pairs import BestOfNConfig, PairsConfig
+from ..synth.pairs import BestOfNConfig
 from .config import FlywheelConfig
 
 VOLATILE = ("cached",)  # sample fields that differ between a fresh and a cache-served (re-)run
@@ -159,7 +159,7 @@ def pairs_config(cfg: FlywheelConfig, k: int, prompts: str, policy: str, out: st
         name=f"{cfg.name}-round{k}", round=k, runner=runner or cfg.runner,
         input=InputConfig(paths=[str(prompts)], kind="prompt", batch_rows=cfg.batch_size),
         output=OutputConfig(path=str(out), format="jsonl"), generate=generate, scorers=scorers_for(cfg, rm, policy),
-        pairs=PairsConfig(method="west_of_n"), best_of_n=BestOfNConfig(field=cfg.pool.field, min_score=cfg.pool.min_score))
+        pairs=cfg.pairs, best_of_n=BestOfNConfig(field=cfg.pool.field, min_score=cfg.pool.min_score))
 
 
 def stage_samples(cfg: FlywheelConfig, k: int, prompts: str, policy: str, out: str, rm: str | None = None) -> dict:

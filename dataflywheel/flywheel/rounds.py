@@ -81,7 +81,7 @@ def run_round(cfg: FlywheelConfig, run: str, k: int, prev: dict | None, heldout:
             stages["samples"] = run_stage(
                 rd, "samples", {"prompts": stages["prompts"]["output"], "policy": prev["policy_hash"],
                                 "sampling": cfg.sampling.model_dump(), "scorers": [s.model_dump() for s in cfg.scorers],
-                                "pool": cfg.pool.model_dump(),
+                                "pool": cfg.pool.model_dump(), "pairs": cfg.pairs.model_dump(),
                                 "rm": prev.get("rm_hash")},
                 lambda out: stage_samples(cfg, k, fs.join(rd, "prompts"), policy, out, rm), log=log)
             if cfg.rm_refresh is not None:
