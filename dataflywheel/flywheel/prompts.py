@@ -1,5 +1,5 @@
 """Prompt pools for rounds without a built-in task: per-round slices, held-out prompts and seed rows
-from files (docs/flywheel.md#prompt-pools).
+from files (docs/flywheel.md#prompt-pools-without-answers).
 
 Pool files hold prompt rows, or preference rows (``prompts.kind: preference``: TRL's shapes and
 HH-RLHF transcripts) whose prompt is taken. A pool prompt that is also a held-out prompt (the same
