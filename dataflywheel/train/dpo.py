@@ -146,13 +146,10 @@ def pair_loss(model: Any, batch: dict, cfg: DpoConfig, ref_model: Any = None) ->
     """The loss of one micro-batch; reference log-probs from ``batch["ref"]`` or a live ``ref_model``
     (``lora.ADAPTER_OFF``: the policy's LoRA base)."""
     pol_c, pol_r, len_c, len_r = pair_logps(model, batch, cfg.logits_chunk)
-    ref: tuple[torch.Tensor | None, ...] = (None, None)
-    if cfg.reference_free:
-        pass
-    elif ref_model is None:
-        ref = batch["ref"].unbind(-1)
-    else:
-        ref = ref_pair_logps(model if ref_model is lora.ADAPTER_OFF else ref_model, batch, cfg.logits_chunk)
+    ref: tuple[torch.Tensor | None, ...] = (None, None)  # reference-free losses read none
+    if not cfg.reference_free:
+        ref = batch["ref"].unbind(-1) if ref_model is None else ref_pair_logps(
+            model if ref_model is lora.ADAPTER_OFF else ref_model, batch, cfg.logits_chunk)
     kl = kl_logps(model, batch, cfg.logits_chunk) - ref[2] if "kl" in batch else None
     total, n, metrics = dpo_loss(pol_c, pol_r, ref[0], ref[1], cfg.knobs(), cfg.loss_type, len_c, len_r,
                                  weights=cfg.loss_weights, kl=kl, sides=batch.get("sides"))
@@ -273,11 +270,10 @@ def run(cfg: DpoConfig) -> dict:
 
     t0 = time.perf_counter()
     live, forwards, ref_logps, eval_ref_logps = None, 0, None, None
-    if cfg.reference_free:
-        pass
-    elif cfg.reference == "live":  # with LoRA and no ref_model: the policy's base, no second model
+    reference = "none" if cfg.reference_free else cfg.reference
+    if reference == "live":  # with LoRA and no ref_model: the policy's base, no second model
         live = load_ref() if cfg.ref_model or cfg.lora is None else lora.ADAPTER_OFF
-    else:
+    elif reference == "precompute":
         cfg.out.mkdir(parents=True, exist_ok=True)
         cache = ScoreCache(cfg.ref_cache or cfg.out / "ref_logps.sqlite") if dist.is_main() else None
         # the starting policy is its own reference: precompute on it before its first update
@@ -306,8 +302,7 @@ def run(cfg: DpoConfig) -> dict:
 
     total = steps_for(len(pairs), loop)
     dist.say(f"dpo: {len(pairs)} pairs, {len(eval_pairs)} held out, {total} steps, {cfg.loss_type} beta {cfg.beta}, "
-             f"reference {'none' if cfg.reference_free else cfg.reference} ({forwards} reference forwards, "
-             f"{ref_seconds:.1f}s)")
+             f"reference {reference} ({forwards} reference forwards, {ref_seconds:.1f}s)")
     t0 = time.perf_counter()
     last = train_loop(model, loop, cfg.out, total_steps=total, step_batches=step_batches, engine=engine,
                       loss_fn=dpo_loss_fn(device, cfg, live), tokenizer=tok, on_checkpoint=output.push_checkpoint,
@@ -316,7 +311,7 @@ def run(cfg: DpoConfig) -> dict:
     metrics = {k: v for k, v in last.items() if k.startswith(("rewards/", "logps/"))}
     summary = {
         "algorithm": "dpo", "model": model_name, "ref_model": None if cfg.reference_free else ref_name,
-        "reference": "none" if cfg.reference_free else cfg.reference,
+        "reference": reference,
         "loss_type": cfg.loss_type, "beta": cfg.beta, "pairs": len(pairs), "eval_pairs": len(eval_pairs),
         **({"rows": {"desirable": sum(p.sides[0] for p in pairs), "undesirable": sum(p.sides[1] for p in pairs)}}
            if cfg.unpaired else {}),

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from dataflywheel.models.label_logps import IGNORE  # the label of a position that is not trained
 
-from .pref_losses import REFERENCE_FREE, Knobs, Pairs, preference_loss
+from .pref_losses import LENGTH_READERS, REFERENCE_FREE, Knobs, Pairs, preference_loss
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -287,8 +287,9 @@ def dpo_loss(pol_c: torch.Tensor, pol_r: torch.Tensor, ref_c: torch.Tensor | Non
     ref_c, ref_r = ref_c.float(), ref_r.float()
     if len_c is None or len_r is None:
         len_c, len_r = torch.ones_like(pol_c), torch.ones_like(pol_r)
-        if {"ipo", "sigmoid_norm", "sft", "simpo", "orpo"} & set(types):
-            raise ValueError("ipo, sigmoid_norm, sft, simpo and orpo need the completion lengths len_c and len_r")
+        if LENGTH_READERS & set(types):
+            raise ValueError(f"{', '.join(sorted(LENGTH_READERS & set(types)))} need the completion lengths len_c "
+                             "and len_r")
     mask = None if sides is None else sides.to(pol_c)
     pairs = Pairs(pol_c, pol_r, ref_c, ref_r, len_c.to(pol_c), len_r.to(pol_r), None if kl is None else kl.float(), mask)
     loss = preference_loss(pairs, knobs, types, weights)
@@ -315,5 +316,5 @@ def dpo_loss(pol_c: torch.Tensor, pol_r: torch.Tensor, ref_c: torch.Tensor | Non
         metrics["logratio/chosen"] = (total(ratio_c, w_c), n_c)  # π_c − ref_c: below 0 means chosen fell
         metrics["logratio/rejected"] = (total(ratio_r, w_r), n_r)
     if kl is not None:
-        metrics["kl"] = (float(kl.detach().mean().clamp(min=0)) * n, n)  # KTO's z0, as TRL logs it
+        metrics["kl"] = (float(pairs.z0) * n, n)  # KTO's z0, as TRL logs it
     return loss.sum(), n if mask is None else (n_c + n_r) / 2, metrics

@@ -48,6 +48,7 @@ DPOP_LAMBDA = 50.0  # the Smaug paper's λ (Pal et al. 2024)
 SIMPO_GAMMA = 0.5  # TRL 1.16 CPOConfig.simpo_gamma
 KTO_WEIGHT = 1.0  # TRL 1.16 KTOConfig desirable_weight and undesirable_weight
 REFERENCE_FREE = frozenset({"simpo", "orpo", "sft"})  # losses that never read ref_c or ref_r
+LENGTH_READERS = frozenset({"ipo", "sigmoid_norm", "sft", "simpo", "orpo"})  # losses that read len_c, len_r
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,13 @@ class Pairs:
     len_r: torch.Tensor
     kl: torch.Tensor | None = None  # [K] π − ref on KTO's mismatched rows
     sides: torch.Tensor | None = None  # [P, 2] 1.0 where chosen / rejected is a real row (KTO's unpaired data)
+
+    @property
+    def z0(self) -> torch.Tensor:
+        """KTO's reference point: the batch's mean mismatched-row log-ratio, at least 0, no gradient."""
+        if self.kl is None:
+            raise ValueError("kto needs the log-ratios of mismatched rows (Pairs.kl) for its reference point")
+        return self.kl.detach().mean().clamp(min=0)
 
     @property
     def a_c(self) -> torch.Tensor:
@@ -194,9 +202,7 @@ def orpo(p: Pairs, k: Knobs) -> torch.Tensor:
 
 
 def kto(p: Pairs, k: Knobs) -> torch.Tensor:
-    if p.kl is None:
-        raise ValueError("kto needs the log-ratios of mismatched rows (Pairs.kl) for its reference point")
-    z0 = p.kl.detach().mean().clamp(min=0)
+    z0 = p.z0
     good = k.desirable_weight * (1 - torch.sigmoid(k.beta * (p.r_c - z0)))
     bad = k.undesirable_weight * (1 - torch.sigmoid(k.beta * (z0 - p.r_r)))
     if p.sides is not None:  # unpaired rows: a masked side is no row at all
