@@ -21,6 +21,7 @@ from typing import Any
 from ..io import write_rows
 from ..synth.backends.base import Sampling
 from .config import FlywheelConfig
+from .round import mean_of, rows_hash
 
 LC_RIDGE = 1e-2  # a weak L2 penalty: an all-wins (separable) round still gets a finite LC estimate
 
@@ -72,14 +73,14 @@ def _accuracy(cfg: FlywheelConfig, backend: Any, rows: list[dict], texts: list[s
 
     check = verifier_reward(cfg.prompts.verifier)
     scores = check(rows, texts)
-    metrics: dict[str, Any] = {"accuracy": _mean([s or 0.0 for s in scores])}
+    metrics: dict[str, Any] = {"accuracy": mean_of([s or 0.0 for s in scores])}
     if cfg.eval.pass_at:
         k = cfg.eval.pass_at
         sampled = cfg.sampling.model_copy(update={"n": k, "seed": cfg.seed + 7})
         reqs = [Request(r["id"], messages=tuple(prompt_messages(r)), sampling=sampled) for r in rows]
         got = {res.request_id: [s.text for s in res.samples] for res in backend.generate(reqs)}
         hits = [max((v or 0.0) for v in check([r] * k, got[r["id"]])) for r in rows]
-        metrics[f"pass@{k}"] = _mean(hits)
+        metrics[f"pass@{k}"] = mean_of(hits)
     return scores, metrics
 
 
@@ -95,9 +96,11 @@ def judge_wins(cfg: FlywheelConfig, rows: list[dict], ours: list[str], base: lis
     return [g["completions"][0]["scores"]["judge"] for g in judge.score(games)]
 
 
-def _mean(xs: list) -> float | None:
-    xs = [float(x) for x in xs if x is not None]
-    return round(sum(xs) / len(xs), 6) if xs else None
+def reward_win(ours: float | None, theirs: float | None) -> float | None:
+    """The evaluation RM as judge of one prompt: 1 when ours has the higher reward, 0.5 on a tie."""
+    if ours is None or theirs is None:
+        return None
+    return 0.5 if ours == theirs else float(ours > theirs)
 
 
 def evaluate(cfg: FlywheelConfig, policy: str, rows: list[dict], baseline: list[dict] | None) -> tuple[list[dict], dict]:
@@ -106,7 +109,7 @@ def evaluate(cfg: FlywheelConfig, policy: str, rows: list[dict], baseline: list[
     backend, samples = _greedy(cfg, policy, rows)
     texts = [samples[r["id"]].text for r in rows]
     results = [{"id": r["id"], "completion": t, "tokens": samples[r["id"]].tokens} for r, t in zip(rows, texts)]
-    metrics: dict[str, Any] = {"n": len(rows), "mean_tokens": _mean([x["tokens"] for x in results])}
+    metrics: dict[str, Any] = {"n": len(rows), "mean_tokens": mean_of([x["tokens"] for x in results])}
     if cfg.prompts.verifier is not None:
         scores, found = _accuracy(cfg, backend, rows, texts)
         metrics.update(found)
@@ -118,7 +121,7 @@ def evaluate(cfg: FlywheelConfig, policy: str, rows: list[dict], baseline: list[
 
         rewards = score_rows(cfg.eval.reward_model, [{"messages": [*r["messages"], {"role": "assistant", "content": t}]}
                                                      for r, t in zip(rows, texts)], device="cpu")
-        metrics["mean_reward"] = _mean(rewards)
+        metrics["mean_reward"] = mean_of(rewards)
         for res, value in zip(results, rewards):
             res["reward"] = value
     if baseline is not None:
@@ -128,21 +131,17 @@ def evaluate(cfg: FlywheelConfig, policy: str, rows: list[dict], baseline: list[
             raise ValueError(f"round 0's evaluation has no answer for held-out prompt {missing[0]}")
         if cfg.eval.judge is not None:
             wins = judge_wins(cfg, rows, texts, [base[r["id"]]["completion"] for r in rows])
-        else:  # the evaluation reward model as the judge: the higher reward wins, equal is a tie
-            wins = [None if res.get("reward") is None else
-                    0.5 if res["reward"] == base[res["id"]]["reward"] else float(res["reward"] > base[res["id"]]["reward"])
-                    for res in results]
+        else:  # the evaluation reward model as the judge
+            wins = [reward_win(res.get("reward"), base[res["id"]].get("reward")) for res in results]
         diffs = [res["tokens"] - base[res["id"]]["tokens"] for res in results]
         for res, w in zip(results, wins):
             res["win"] = w
-        metrics.update(win_rate=_mean(wins), lc_win_rate=lc_win_rate(wins, diffs), mean_token_diff=_mean(diffs),
+        metrics.update(win_rate=mean_of(wins), lc_win_rate=lc_win_rate(wins, diffs), mean_token_diff=mean_of(diffs),
                        judged=sum(w is not None for w in wins))
     return results, metrics
 
 
 def stage_eval(cfg: FlywheelConfig, policy: str, heldout: list[dict], out: str, baseline: list[dict] | None) -> dict:
-    from .round import rows_hash
-
     results, metrics = evaluate(cfg, policy, heldout, baseline)
     write_rows(out, results)
     return {"counts": {"rows": len(results)}, "metrics": metrics, "hash": rows_hash(results, cfg.output)}

@@ -54,13 +54,13 @@ def heldout_prompts(cfg: FlywheelConfig) -> list[dict]:
     return rows
 
 
-def round_prompts(cfg: FlywheelConfig, k: int) -> tuple[list[dict], dict]:
-    """Round ``k``'s slice of the pool (a seeded order, disjoint slices), without held-out prompts;
-    and the counts that account for every pool row."""
+def round_prompts(cfg: FlywheelConfig, k: int, heldout: list[dict]) -> tuple[list[dict], dict]:
+    """Round ``k``'s slice of the pool (a seeded order, disjoint slices), without the ``heldout``
+    prompts; and the counts that account for every pool row."""
     p = cfg.prompts
     counts: Counter = Counter()
     pool = read_prompts(p.paths, p.kind, p.max_prompt_chars, counts)
-    held = {_key(r["messages"]) for r in heldout_prompts(cfg)}
+    held = {_key(r["messages"]) for r in heldout}
     kept = [r for r in pool if _key(r["messages"]) not in held]
     counts["heldout_overlap"] = len(pool) - len(kept)
     random.Random(f"flywheel-prompts:{cfg.seed}").shuffle(kept)

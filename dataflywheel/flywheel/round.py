@@ -40,6 +40,7 @@ from ..synth.backends.config import BackendConfig
 from ..synth.generate import GenerateConfig
 from ..synth.pairs import BestOfNConfig
 from .config import FlywheelConfig
+from .prompts import round_prompts, seed_conversations
 
 VOLATILE = ("cached",)  # sample fields that differ between a fresh and a cache-served (re-)run
 
@@ -109,21 +110,18 @@ def as_conversation(row: dict) -> dict:
 
 
 def stage_seed(cfg: FlywheelConfig, out: str) -> dict:
-    from .prompts import seed_conversations
-
     rows = [as_conversation(r) for r in task_rows(cfg, "seed")] if cfg.task is not None else seed_conversations(cfg)
     write_rows(out, rows)
     return {"counts": {"rows": len(rows)}, "hash": rows_hash(rows, cfg.output)}
 
 
-def stage_prompts(cfg: FlywheelConfig, k: int, out: str) -> dict:
-    from .prompts import round_prompts
-
+def stage_prompts(cfg: FlywheelConfig, k: int, out: str, heldout: list[dict]) -> dict:
+    """Round ``k``'s prompts; ``heldout``: the run's held-out prompts, which a pool's slice leaves out."""
     counts: dict[str, Any] = {}
     if cfg.task is not None:
         rows = task_rows(cfg, "round", k)
     else:  # the k-th disjoint slice of the pool, in a seeded order
-        rows, counts = round_prompts(cfg, k)
+        rows, counts = round_prompts(cfg, k, heldout)
     write_rows(out, rows)
     return {"counts": {"rows": len(rows), **({"pool": counts} if counts else {})}, "hash": rows_hash(rows, cfg.output)}
 
@@ -180,15 +178,16 @@ def stage_samples(cfg: FlywheelConfig, k: int, prompts: str, policy: str, out: s
     verified = sum(1 for r in scored if any(((c.get("scores") or {}).get(cfg.pool.field) or 0) >= cfg.pool.min_score
                                             for c in r.get("completions", [])))
     metrics = {"prompts": len(scored), "samples": len(samples),
-               "sample_accuracy": _mean([x for x in rewards if x is not None]),
+               "sample_accuracy": mean_of([x for x in rewards if x is not None]),
                "prompts_with_verified": verified / max(1, len(scored)),
                "pair_margins": [p["scores"]["margin"] for p in pairs][:2000],
-               "mean_tokens": _mean([c.get("tokens") for c in samples if c.get("tokens") is not None])}
+               "mean_tokens": mean_of([c.get("tokens") for c in samples if c.get("tokens") is not None])}
     h = rows_hash([*scored, *pairs, *read_rows(fs.join(out, "sft"))], cfg.output)
     return {"counts": counts, "metrics": metrics, "hash": h}
 
 
-def _mean(xs: list) -> float | None:
+def mean_of(xs: list) -> float | None:
+    """The mean of the values that are not None, to 6 decimals (None when there are none)."""
     xs = [float(x) for x in xs if x is not None]
     return round(sum(xs) / len(xs), 6) if xs else None
 

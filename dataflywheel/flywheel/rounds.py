@@ -76,7 +76,7 @@ def run_round(cfg: FlywheelConfig, run: str, k: int, prev: dict | None, heldout:
             stages["prompts"] = run_stage(
                 rd, "prompts", {"task": cfg.task and cfg.task.model_dump(), "prompts": cfg.prompts.model_dump(),
                                 "round": k, **common},
-                lambda out: stage_prompts(cfg, k, out), log=log)
+                lambda out: stage_prompts(cfg, k, out, heldout), log=log)
             rm = in_run(run, prev["rm"]) if prev.get("rm") else None  # refreshed in the round before
             stages["samples"] = run_stage(
                 rd, "samples", {"prompts": stages["prompts"]["output"], "policy": prev["policy_hash"],
