@@ -45,6 +45,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def untrained_reward_model(base: Path, out: Path) -> Path:
+    """A 1-logit reward model on the causal LM folder ``base``, saved to ``out``: its new head is drawn
+    once (seed 0) and saved, so every load scores the same."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def demo_tiny(tmp_path_factory) -> Path:
     """A tiny Llama whose tokenizer knows the demo SFT pool and preference pairs (read-only: train from it)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import untrained_reward_model
 
 from dataflywheel.errors import UserError
 from dataflywheel.flywheel.config import FlywheelConfig
@@ -219,16 +220,10 @@ def test_round_trains_with_dpo_alone_or_grpo(tmp_path, algorithm):
 
 
 def test_reward_model_refresh_from_west_of_n_pairs(tmp_path):
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     from dataflywheel.models.tiny_lm import build_tiny_causal_lm
 
     base = build_tiny_causal_lm(tmp_path / "lm", hidden=32, layers=1, heads=2, vocab_size=300)
-    torch.manual_seed(0)  # the 1-logit head is new: save it once so every load scores the same
-    rm = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
-    rm.save_pretrained(tmp_path / "rm")
-    AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "rm")
+    untrained_reward_model(base, tmp_path / "rm")
     over = {"rounds": 2, "scorers": [{"stage": "reward_model", "model": str(tmp_path / "rm"), "device": "cpu"}],
             "pool": {"field": "reward", "min_score": -1e9}, "rm_refresh": {"steps": 2, "batch_size": 4}}
     manifest = run_rounds(_config(tmp_path, **over), log=lambda _: None)

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import untrained_reward_model
 
 from dataflywheel.flywheel.config import FlywheelConfig
 from dataflywheel.flywheel.evaluate import judge_wins, lc_win_rate
@@ -74,20 +75,13 @@ def test_judge_win_rate_asks_both_orders_so_position_bias_cancels(monkeypatch):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny reward model (a tiny LM with a 1-logit head, saved once so every load scores the same)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     from dataflywheel.models.tiny_lm import build_tiny_causal_lm
 
     tmp = tmp_path_factory.mktemp("pool-models")
     rows = [json.loads(line) for line in PREFS.read_text().splitlines()]
     texts = [m["content"] for r in rows for k in ("prompt", "chosen", "rejected") for m in r[k]]
     base = build_tiny_causal_lm(tmp / "lm", texts=texts, hidden=32, layers=1, heads=2, vocab_size=400)
-    torch.manual_seed(0)
-    rm = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
-    rm.save_pretrained(tmp / "rm")
-    AutoTokenizer.from_pretrained(base).save_pretrained(tmp / "rm")
-    return tmp / "rm", tmp
+    return untrained_reward_model(base, tmp / "rm"), tmp
 
 
 def pool_config(rm: Path, out: Path, **over) -> FlywheelConfig:
