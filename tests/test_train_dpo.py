@@ -249,3 +249,22 @@ def test_unpaired_rows_are_checked_and_kto_only():
         validate("unpaired", {"prompt": "hi", "label": False})
     with pytest.raises(ValueError, match="unpaired data trains only with loss_type kto"):
         DpoConfig(model="m", data=["d"], output="o", unpaired=True, loss_type="sigmoid")
+
+
+def test_unpaired_rows_reconcile_with_bad_and_over_long_rows(models, tmp_path):
+    """Every unpaired row in is trained (desirable or undesirable) or dropped with its reason:
+    in == desirable + undesirable + rows_dropped."""
+    policy_dir, _, rows = models
+    good = [{"id": f"{r['id']}-{side}", "prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+            for r in rows[:10] for side in ("chosen", "rejected")]
+    bad = [{"id": "no-label", "prompt": "hi", "completion": "hello"},
+           {"id": "long", "prompt": "hi", "completion": "word " * 400, "label": True}]
+    data = tmp_path / "unpaired.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in good + bad) + "not json\n")
+    loop = DpoLoop(lr=1e-3, batch_size=4, max_steps=1, progress=False)
+    summary = run(DpoConfig(model=str(policy_dir), data=[str(data)], output=str(tmp_path / "out"), max_length=128,
+                            loop=loop, unpaired=True, loss_type="kto", eval_fraction=0.0, lint="drop"))
+    kept = summary["rows"]["desirable"] + summary["rows"]["undesirable"]
+    assert kept == len(good) and summary["rows_dropped"] == 3  # a row without label, an over-long one, a bad line
+    assert kept + summary["rows_dropped"] == len(good) + len(bad) + 1
+    assert summary["lint"]["pair_too_long"] == 1 and summary["lint"]["unreadable"] == 2
